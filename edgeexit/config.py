@@ -1,0 +1,53 @@
+"""Configuration dataclasses: what model.pt records and what `edgeexit train` takes."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild an exit-augmented model from its state_dict."""
+
+    backbone: str = "resnet20"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    method: str = "eenet"
+    exit_type: str = "pool"
+    exit_args: dict[str, Any] = field(default_factory=dict)
+    cuts: list[str] = field(default_factory=list)
+    num_classes: int = 10
+    input_shape: tuple[int, int, int] = (1, 32, 32)
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+    class_names: list[str] = field(default_factory=list)
+    policy: dict[str, Any] = field(default_factory=lambda: {"kind": "confidence", "threshold": 0.5, "args": {}})
+    frozen_backbone: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["input_shape"] = list(self.input_shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        config = cls(**known)
+        config.input_shape = tuple(config.input_shape)
+        return config
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings of one training run."""
+
+    data: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    loss: str = "v2"
+    lam: float = 1.0
+    seed: int = 0
+    num_workers: int = 0

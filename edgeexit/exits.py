@@ -1,0 +1,73 @@
+"""Exit-head registry: name -> module taking a feature map and returning named outputs.
+
+Every exit returns a tuple in the order of its `outputs` attribute (e.g. logits then
+confidence); the exporter writes them as the stage's exit outputs under those roles, and
+the runtime's policies read them by role.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from edgeexit.runtime.errors import ConfigError
+
+EXITS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_exit(name: str) -> Callable:
+    """Decorator adding an exit constructor(feature_shape, num_classes, **args) to EXITS."""
+
+    def add(cls: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        EXITS[name] = cls
+        return cls
+
+    return add
+
+
+class ConfidenceExit(nn.Module):
+    """EENets exit block: a trunk, then a softmax (classifier) branch and a sigmoid confidence branch."""
+
+    outputs: tuple[str, ...] = ("logits", "confidence")
+
+    def __init__(self, trunk: nn.Module, features: int, num_classes: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.classifier = nn.Linear(features, num_classes)
+        self.confidence = nn.Linear(features, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(x)
+        return self.classifier(h), torch.sigmoid(self.confidence(h))
+
+
+@register_exit("plain")
+def plain_exit(feature_shape: Sequence[int], num_classes: int) -> ConfidenceExit:
+    """EENets Plain: the feature map flattened straight into both branches."""
+    channels, height, width = feature_shape
+    return ConfidenceExit(nn.Flatten(1), channels * height * width, num_classes)
+
+
+@register_exit("pool")
+def pool_exit(feature_shape: Sequence[int], num_classes: int) -> ConfidenceExit:
+    """EENets Pool: global average pooling, then both branches."""
+    return ConfidenceExit(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)), feature_shape[0], num_classes)
+
+
+@register_exit("bnpool")
+def bnpool_exit(feature_shape: Sequence[int], num_classes: int) -> ConfidenceExit:
+    """EENets Bnpool: batch norm and ReLU before global average pooling."""
+    channels = feature_shape[0]
+    trunk = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    return ConfidenceExit(trunk, channels, num_classes)
+
+
+def build_exit(name: str, feature_shape: Sequence[int], num_classes: int, **args) -> nn.Module:
+    """Construct a registered exit head, with an error listing the valid names."""
+    if name not in EXITS:
+        raise ConfigError(f"unknown exit type '{name}'; choose from: {', '.join(EXITS)}")
+    try:
+        return EXITS[name](tuple(feature_shape), num_classes, **args)
+    except TypeError as exc:
+        raise ConfigError(f"bad arguments for exit type '{name}': {exc}") from None

@@ -1,0 +1,128 @@
+"""Exit-augmented models: a backbone split at cut points, an exit head after each, and model.pt I/O."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgeexit import __version__
+from edgeexit.backbones import build_backbone
+from edgeexit.config import ModelConfig
+from edgeexit.cuts import CutGraph
+from edgeexit.exits import build_exit
+from edgeexit.macs import count_macs
+from edgeexit.runtime.errors import ConfigError, InputError
+
+MODEL_FORMAT = "edgeexit-model"
+MODEL_VERSION = 1
+
+
+class EarlyExitModel(nn.Module):
+    """Backbone segments with exit heads; `forward` returns every exit's outputs and the final logits.
+
+    The segments are fx graphs that share the backbone's modules, so `backbone` holds the
+    single copy of its weights and its state_dict keys are the plain backbone's.
+    """
+
+    def __init__(self, config: ModelConfig, backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        channels = config.input_shape[0]
+        self.backbone = backbone if backbone is not None else build_backbone(
+            config.backbone, config.num_classes, channels, **config.backbone_args
+        )
+        self.cut_graph = CutGraph(self.backbone, config.input_shape)
+        if not config.cuts:
+            raise ConfigError("a model needs at least one exit (cut point)")
+        self._segments = self.cut_graph.split(config.cuts)
+        self.cut_shapes = [self.cut_graph.resolve(name).shape for name in config.cuts]
+        self.exits = nn.ModuleList(
+            build_exit(config.exit_type, shape, config.num_classes, **config.exit_args) for shape in self.cut_shapes
+        )
+        if config.frozen_backbone:
+            self.backbone.requires_grad_(False)
+
+    @property
+    def segments(self) -> list[nn.Module]:
+        return self._segments
+
+    def train(self, mode: bool = True) -> "EarlyExitModel":
+        """Train mode; a frozen backbone stays in eval so its BatchNorm statistics never change."""
+        super().train(mode)
+        if self.config.frozen_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
+        exit_outputs = []
+        for segment, head in zip(self._segments[:-1], self.exits):
+            x = segment(x)
+            exit_outputs.append(head(x))
+        return exit_outputs, self._segments[-1](x)
+
+    def exit_costs(self) -> list[float]:
+        """Relative MACs of leaving at each exit (segments and heads passed so far), final = all."""
+        full = self.cut_graph.full_macs
+        costs, running = [], 0
+        in_shapes = [self.config.input_shape, *self.cut_shapes]
+        for segment, head, in_shape, out_shape in zip(self._segments, self.exits, in_shapes, self.cut_shapes):
+            running += count_macs(segment, in_shape) + count_macs(head, out_shape)
+            costs.append(running / full)
+        running += count_macs(self._segments[-1], in_shapes[-1])
+        return [*costs, running / full]
+
+
+def checkpoint_dict(model: EarlyExitModel, extra: dict | None = None) -> dict:
+    """The plain dict written as model.pt: format, version, config and tensors only."""
+    return {
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "edgeexit_version": __version__,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": extra or {},
+    }
+
+
+def save_model(model: EarlyExitModel, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write model.pt atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(checkpoint_dict(model, extra), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load model.pt safely (weights_only) and check its format; InputError on anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model file not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"refusing to load {path}: not a plain edgeexit checkpoint ({first[:200]})") from None
+    if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
+        raise InputError(f"{path} is not an edgeexit model.pt (missing format '{MODEL_FORMAT}')")
+    if data.get("version") != MODEL_VERSION:
+        raise InputError(f"{path} has model format version {data.get('version')}; this edgeexit reads {MODEL_VERSION}")
+    if not isinstance(data.get("config"), dict) or not isinstance(data.get("state_dict"), dict):
+        raise InputError(f"{path} lacks its config or state_dict")
+    return data
+
+
+def load_model(path: str | os.PathLike) -> EarlyExitModel:
+    """Rebuild an EarlyExitModel from model.pt in eval mode."""
+    data = read_checkpoint(path)
+    model = EarlyExitModel(ModelConfig.from_dict(data["config"]))
+    try:
+        model.load_state_dict(data["state_dict"])
+    except RuntimeError as exc:
+        raise InputError(f"weights in {path} do not match the architecture: {str(exc).splitlines()[0]}") from None
+    return model.eval()

@@ -1,0 +1,135 @@
+"""Training loop for exit-augmented models, with a progress bar and seeded, repeatable runs."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from edgeexit.config import ModelConfig, TrainConfig
+from edgeexit.cuts import CutGraph
+from edgeexit.data import DataSplits
+from edgeexit.losses import get_loss
+from edgeexit.models import EarlyExitModel
+from edgeexit.placement import place_exits
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so a run is repeatable on the same machine."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class History:
+    """Per-epoch training loss and validation metrics."""
+
+    loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    val_exit_rate: list[float] = field(default_factory=list)
+
+
+def choose_cuts(
+    backbone: torch.nn.Module, input_shape: Sequence[int], placement: str, num_exits: int, exit_at: Sequence[str] | None
+) -> list[str]:
+    """Cut names: explicit `exit_at`, or picked by a placement scheme on the cumulative-cost curve."""
+    graph = CutGraph(backbone, input_shape)
+    if exit_at:
+        return [graph.resolve(name).name for name in exit_at]
+    return [point.name for point in place_exits(placement, num_exits, graph.candidates)]
+
+
+@torch.no_grad()
+def evaluate(model: EarlyExitModel, dataset: Dataset, threshold: float = 0.5, batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, early-exit rate) of the confidence cascade at `threshold`, computed in PyTorch."""
+    model.eval()
+    correct = exited = total = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        exit_outputs, final = model(x)
+        prediction = final.argmax(1)
+        decided = torch.zeros_like(y, dtype=torch.bool)
+        for outputs in exit_outputs:
+            logits, score = outputs[0], outputs[-1].reshape(len(y), -1)[:, 0]
+            take = ~decided & (score >= threshold)
+            prediction = torch.where(take, logits.argmax(1), prediction)
+            decided |= take
+        correct += int((prediction == y).sum())
+        exited += int(decided.sum())
+        total += len(y)
+    return correct / total, exited / total
+
+
+def train_model(
+    model: EarlyExitModel, data: DataSplits, config: TrainConfig, progress: bool = True
+) -> History:
+    """Train the exits (and the backbone unless frozen) jointly with the configured loss."""
+    seed_everything(config.seed)
+    loss_fn = get_loss(config.loss)
+    costs = model.exit_costs()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * len(loader)))
+    threshold = float(model.config.policy.get("threshold", 0.5))
+    history = History()
+    bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress)
+    for _ in bar:
+        model.train()
+        total, count = 0.0, 0
+        for x, y in loader:
+            exit_outputs, final = model(x)
+            loss = loss_fn(exit_outputs, final, y, costs, config.lam)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(y)
+            count += len(y)
+        accuracy, exit_rate = evaluate(model, data.val, threshold)
+        history.loss.append(total / max(count, 1))
+        history.val_accuracy.append(accuracy)
+        history.val_exit_rate.append(exit_rate)
+        bar.set_postfix(loss=f"{history.loss[-1]:.3f}", val_acc=f"{accuracy:.3f}", early=f"{exit_rate:.2f}")
+    model.eval()
+    return history
+
+
+def build_model(
+    data: DataSplits,
+    backbone: str,
+    exit_type: str,
+    placement: str,
+    num_exits: int,
+    exit_at: Sequence[str] | None = None,
+    method: str = "eenet",
+    threshold: float = 0.5,
+    backbone_args: dict | None = None,
+    exit_args: dict | None = None,
+) -> EarlyExitModel:
+    """Construct an untrained exit-augmented model sized for `data`."""
+    from edgeexit.backbones import build_backbone
+
+    info = data.info
+    net = build_backbone(backbone, info.num_classes, info.input_shape[0], **(backbone_args or {}))
+    cuts = choose_cuts(net, info.input_shape, placement, num_exits, exit_at)
+    config = ModelConfig(
+        backbone=backbone,
+        backbone_args=backbone_args or {},
+        method=method,
+        exit_type=exit_type,
+        exit_args=exit_args or {},
+        cuts=cuts,
+        num_classes=info.num_classes,
+        input_shape=info.input_shape,
+        mean=info.mean,
+        std=info.std,
+        class_names=info.class_names,
+        policy={"kind": "confidence", "threshold": threshold, "args": {}},
+    )
+    return EarlyExitModel(config, backbone=net)

@@ -1,0 +1,176 @@
+"""model.pt -> bundle/: fused stage graphs, full.onnx and manifest.json, verified, written atomically."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnxruntime
+import torch
+
+from edgeexit import __version__
+from edgeexit.export.onnx_graphs import DEFAULT_OPSET, FusedStage, SingleOutput, export_graph, graph_io
+from edgeexit.export.verify import verify_bundle_against_model
+from edgeexit.macs import count_macs, count_params
+from edgeexit.models import EarlyExitModel, load_model
+from edgeexit.runtime.errors import BundleError
+from edgeexit.runtime.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    FULL_NAME,
+    MANIFEST_NAME,
+    save_manifest,
+    sha256_file,
+    stage_file,
+)
+
+INPUT_NAME = "input"
+
+
+def _features_name(index: int) -> str:
+    return f"features_{index}"
+
+
+def _exit_names(index: int, roles: tuple[str, ...]) -> list[str]:
+    return [f"exit_{index}_{role}" for role in roles]
+
+
+def write_graphs(model: EarlyExitModel, folder: Path, opset: int, progress: Callable[[str], None]) -> dict:
+    """Export every stage and full.onnx into `folder`; return the manifest's stage and full entries."""
+    config = model.config
+    example = torch.zeros(2, *config.input_shape)
+    stages = []
+    in_name, in_shape = INPUT_NAME, tuple(config.input_shape)
+    cumulative = 0
+    heads = list(model.exits)
+    for index, segment in enumerate(model.segments):
+        final = index == len(model.segments) - 1
+        if final:
+            module, outputs, head_macs, exit_spec = SingleOutput(segment), ["logits"], 0, None
+        else:
+            head = heads[index]
+            roles = tuple(head.outputs)
+            module = FusedStage(segment, head)
+            outputs = [_features_name(index), *_exit_names(index, roles)]
+            head_macs = count_macs(head, model.cut_shapes[index])
+            exit_spec = {
+                "outputs": dict(zip(roles, outputs[1:])),
+                "policy": {"kind": config.policy["kind"], "threshold": config.policy["threshold"], "args": dict(config.policy.get("args", {}))},
+                "cut": config.cuts[index],
+            }
+        progress(f"exporting {stage_file(index)}")
+        graph = export_graph(module, example, folder / stage_file(index), in_name, outputs, opset)
+        inputs, outs = graph_io(graph)
+        segment_macs = count_macs(segment, in_shape)
+        cumulative += segment_macs + head_macs
+        stages.append(
+            {
+                "index": index,
+                "file": stage_file(index),
+                "sha256": sha256_file(folder / stage_file(index)),
+                "inputs": inputs,
+                "outputs": outs,
+                "macs": {"segment": segment_macs, "head": head_macs, "cumulative": cumulative},
+                "params": count_params(module),
+                "exit": exit_spec,
+            }
+        )
+        with torch.no_grad():
+            example = segment.eval()(example) if not final else example
+        if not final:
+            in_name, in_shape = outputs[0], model.cut_shapes[index]
+    progress(f"exporting {FULL_NAME}")
+    export_graph(SingleOutput(model.backbone), torch.zeros(2, *config.input_shape), folder / FULL_NAME, INPUT_NAME, ["logits"], opset)
+    full = {
+        "file": FULL_NAME,
+        "sha256": sha256_file(folder / FULL_NAME),
+        "macs": model.cut_graph.full_macs,
+        "params": count_params(model.backbone),
+    }
+    return {"stages": stages, "full": full}
+
+
+def build_manifest(model: EarlyExitModel, graphs: dict, opset: int) -> dict:
+    """The manifest dict for an exported model (see DESIGN.md, 'bundle/')."""
+    config = model.config
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "producer": {
+            "edgeexit": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "opset": opset,
+            "host": platform.machine(),
+        },
+        "model": {
+            "method": config.method,
+            "backbone": config.backbone,
+            "exit_type": config.exit_type,
+            "cuts": list(config.cuts),
+        },
+        "num_classes": config.num_classes,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", *config.input_shape],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "mean": list(config.mean),
+            "std": list(config.std),
+            "class_names": list(config.class_names) or [str(i) for i in range(config.num_classes)],
+        },
+        "full": graphs["full"],
+        "stages": graphs["stages"],
+        "calibration": None,
+    }
+
+
+def _replace_dir(staged: Path, out: Path) -> None:
+    """Move a finished bundle into place; an earlier bundle at `out` survives any failure."""
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
+            raise BundleError(f"refusing to overwrite {out}: it exists and is not an edgeexit bundle")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        try:
+            os.replace(staged, out)
+        except OSError:
+            os.replace(old / out.name, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, out)
+
+
+def export_bundle(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Export model.pt to a verified bundle folder; returns the manifest (plus 'verification')."""
+    out = Path(out).resolve()
+    model = load_model(model_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"refusing to overwrite {out}: it is a file, not a bundle folder")
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staged.chmod(0o755)
+    try:
+        graphs = write_graphs(model, staged, opset, progress)
+        manifest = build_manifest(model, graphs, opset)
+        save_manifest(staged, manifest)
+        verification = None
+        if verify:
+            progress("verifying against PyTorch")
+            verification = verify_bundle_against_model(staged, model)
+        _replace_dir(staged, out)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return {**manifest, "verification": verification}

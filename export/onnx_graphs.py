@@ -1,0 +1,103 @@
+"""PyTorch modules -> simplified ONNX graphs with a symbolic batch dimension."""
+from __future__ import annotations
+
+import io
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import torch
+from torch import nn
+
+from edgeexit.runtime.errors import VerificationError
+from edgeexit.runtime.manifest import BATCH_DIM
+
+DEFAULT_OPSET = 18
+
+
+class FusedStage(nn.Module):
+    """One early stage as a single graph: backbone segment, then its exit head on the features."""
+
+    def __init__(self, segment: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.segment = segment
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.segment(x)
+        return (features, *self.head(features))
+
+
+class SingleOutput(nn.Module):
+    """Wraps a module whose output is one tensor so every graph is exported the same way."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def _name_batch_dims(model: onnx.ModelProto) -> None:
+    """Give the first dim of every graph input and output the one symbolic name 'batch'."""
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = BATCH_DIM
+
+
+def export_graph(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    input_name: str,
+    output_names: Sequence[str],
+    opset: int = DEFAULT_OPSET,
+    simplify: bool = True,
+) -> onnx.ModelProto:
+    """Export `module` with torch.onnx's dynamo exporter, simplify with onnxsim, check, save."""
+    module = module.eval()
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            (example,),
+            None,
+            input_names=[input_name],
+            output_names=list(output_names),
+            dynamic_shapes={"x": {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    model = program.model_proto
+    if simplify:
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(model)
+        if not ok:
+            raise VerificationError(f"onnxsim could not validate the simplified graph for {path.name}")
+        model = simplified
+    _name_batch_dims(model)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return model
+
+
+def graph_io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    """Names and shapes of a graph's inputs and outputs, in manifest form."""
+
+    def describe(values) -> list[dict]:
+        out = []
+        for value in values:
+            dims = value.type.tensor_type.shape.dim
+            shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in dims]
+            out.append({"name": value.name, "shape": shape})
+        return out
+
+    return describe(model.graph.input), describe(model.graph.output)

@@ -1,0 +1,61 @@
+"""Export verification: every graph against PyTorch in eval mode, and the chain against full.onnx."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeexit.models import EarlyExitModel
+from edgeexit.runtime.cascade import CascadeRunner
+from edgeexit.runtime.consistency import TOLERANCE, check_chain, max_abs_diff
+from edgeexit.runtime.datasets import digits_split, normalize
+from edgeexit.runtime.errors import VerificationError
+
+
+def verification_inputs(model: EarlyExitModel, count: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random normal inputs and real digits images (normalized with the model's mean/std)."""
+    shape = model.config.input_shape
+    rng = np.random.default_rng(seed)
+    random = rng.standard_normal((count, *shape)).astype(np.float32)
+    digits, _ = digits_split("test", shape)
+    real = normalize(digits[:count], model.config.mean, model.config.std)
+    return {"random": random, "real": real}
+
+
+@torch.no_grad()
+def torch_stage_outputs(model: EarlyExitModel, x: np.ndarray) -> list[list[np.ndarray]]:
+    """Per stage, the PyTorch outputs in bundle order: [features, *exit outputs], final [logits]."""
+    model.eval()
+    h = torch.from_numpy(x)
+    stages = []
+    for segment, head in zip(model.segments[:-1], model.exits):
+        h = segment(h)
+        stages.append([h.numpy(), *(t.numpy() for t in head(h))])
+    stages.append([model.segments[-1](h).numpy()])
+    return stages
+
+
+def verify_bundle_against_model(bundle: Path, model: EarlyExitModel, tolerance: float = TOLERANCE) -> dict:
+    """Compare each stage and full.onnx with PyTorch, then the chain with full.onnx; raise on mismatch."""
+    runner = CascadeRunner(bundle, device="cpu")
+    report: dict[str, dict[str, float]] = {}
+    for kind, x in verification_inputs(model).items():
+        expected = torch_stage_outputs(model, x)
+        diffs = {}
+        for index, reference in enumerate(expected):
+            stage_input = x if index == 0 else expected[index - 1][0]
+            got = runner.run_stage(index, stage_input)
+            for name, a, b in zip(runner.output_names[index], got, reference):
+                diff = max_abs_diff(a, b)
+                diffs[name] = diff
+                if diff > tolerance:
+                    raise VerificationError(f"stage_{index}.onnx output '{name}' differs from PyTorch by {diff:.2e} on {kind} inputs")
+        with torch.no_grad():
+            full_ref = model.backbone.eval()(torch.from_numpy(x)).numpy()
+        diffs["full"] = max_abs_diff(runner.predict_full(x), full_ref)
+        if diffs["full"] > tolerance:
+            raise VerificationError(f"full.onnx differs from PyTorch by {diffs['full']:.2e} on {kind} inputs")
+        diffs["chain_vs_full"] = check_chain(runner, x, tolerance)
+        report[kind] = {k: float(v) for k, v in diffs.items()}
+    return report

@@ -1,0 +1,33 @@
+"""Torch-free runtime: load a bundle, run the early-exit cascade on onnxruntime, measure latency.
+
+Imports only numpy and onnxruntime (and Pillow for image files), so it installs on a
+Raspberry Pi or a Jetson without PyTorch.
+"""
+from edgeexit.runtime.errors import (
+    BundleError,
+    ConfigError,
+    DeviceError,
+    EdgeExitError,
+    InputError,
+    MissingExtraError,
+    VerificationError,
+)
+from edgeexit.runtime.manifest import Manifest, load_manifest
+from edgeexit.runtime.cascade import CascadeResult, CascadeRunner
+from edgeexit.runtime.policies import POLICIES, get_policy
+
+__all__ = [
+    "BundleError",
+    "CascadeResult",
+    "CascadeRunner",
+    "ConfigError",
+    "DeviceError",
+    "EdgeExitError",
+    "InputError",
+    "Manifest",
+    "MissingExtraError",
+    "POLICIES",
+    "VerificationError",
+    "get_policy",
+    "load_manifest",
+]

@@ -1,0 +1,209 @@
+"""The early-exit cascade on onnxruntime: one session per stage, survivors compacted per exit."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edgeexit.runtime.errors import BundleError, ConfigError, InputError
+from edgeexit.runtime.manifest import FULL_NAME, Manifest, load_manifest
+from edgeexit.runtime.policies import Policy, get_policy
+from edgeexit.runtime.providers import resolve_providers
+
+DEFAULT_CHUNK = 256
+
+
+@dataclass
+class CascadeResult:
+    """Per-input predictions and the exit each input left at (last index = final stage)."""
+
+    predictions: np.ndarray
+    exit_index: np.ndarray
+    num_stages: int
+
+    def exit_counts(self) -> list[int]:
+        return np.bincount(self.exit_index, minlength=self.num_stages).tolist()
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Session options shared by every graph: full graph optimization, fixed thread count."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+def check_batch(x: object, input_shape: Sequence[int]) -> np.ndarray:
+    """Validate a model-ready batch: float32 ndarray (N, C, H, W), N >= 1, finite values."""
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"input must be a numpy array, got {type(x).__name__}")
+    expected = tuple(input_shape)
+    if x.dtype != np.float32:
+        raise InputError(f"input dtype must be float32, got {x.dtype}")
+    if x.ndim != 4:
+        raise InputError(f"input must have shape (N, {', '.join(map(str, expected))}), got rank {x.ndim} {x.shape}")
+    if tuple(x.shape[1:]) != expected:
+        raise InputError(f"input sample shape must be {expected}, got {tuple(x.shape[1:])}")
+    if x.shape[0] == 0:
+        raise InputError("input batch is empty")
+    if not np.isfinite(x).all():
+        raise InputError("input contains NaN or infinite values")
+    return np.ascontiguousarray(x)
+
+
+class CascadeRunner:
+    """Runs a bundle's stages in order and stops each input at its first accepted exit.
+
+    >>> runner = CascadeRunner("bundle/", device="cpu")
+    >>> result = runner.predict(batch)          # float32 (N, C, H, W), normalized
+    >>> result.predictions, result.exit_index
+    """
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike | Manifest,
+        device: str = "cpu",
+        threads: int | None = None,
+        thresholds: float | Sequence[float] | None = None,
+        policy_args: dict | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle)
+        self.device = device
+        self.threads = threads
+        self.chunk_size = chunk_size
+        self.providers = resolve_providers(device, cache_dir=self.manifest.root / "cache")
+        self._options = session_options(threads)
+        self.sessions = [self._session(stage["file"]) for stage in self.manifest.stages]
+        self.output_names = [[t["name"] for t in stage["outputs"]] for stage in self.manifest.stages]
+        self._input_names = [stage["inputs"][0]["name"] for stage in self.manifest.stages]
+        self._roles = [list(exit_spec["outputs"].items()) for exit_spec in self.manifest.exits]
+        self._full: ort.InferenceSession | None = None
+        self.policies: list[Policy] = []
+        for exit_spec in self.manifest.exits:
+            policy = exit_spec["policy"]
+            cls = get_policy(policy["kind"])
+            args = {**policy.get("args", {}), **(policy_args or {})}
+            self.policies.append(cls(policy["threshold"], args))
+            missing = set(cls.roles) - set(exit_spec["outputs"])
+            if missing:
+                raise BundleError(f"policy '{cls.name}' needs exit outputs {sorted(missing)} the bundle lacks")
+        if thresholds is not None:
+            self.set_thresholds(thresholds)
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        path = self.manifest.path(name)
+        try:
+            return ort.InferenceSession(str(path), self._options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises several private exception types
+            raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.policies)
+
+    @property
+    def active_providers(self) -> list[str]:
+        return self.sessions[0].get_providers()
+
+    @property
+    def thresholds(self) -> list[float]:
+        return [p.threshold for p in self.policies]
+
+    def set_thresholds(self, thresholds: float | Sequence[float]) -> None:
+        """Change the exit thresholds in place (one for all exits, or one per exit); no reload."""
+        values = [thresholds] * self.num_exits if np.isscalar(thresholds) else list(thresholds)
+        if len(values) != self.num_exits:
+            raise ConfigError(f"got {len(values)} thresholds for {self.num_exits} exits")
+        checked = [policy.check_threshold(value) for policy, value in zip(self.policies, values)]
+        for policy, value in zip(self.policies, checked):
+            policy.threshold = value
+
+    def run_stage(self, index: int, x: np.ndarray) -> list[np.ndarray]:
+        """One session run of stage `index` on its input; outputs in manifest order."""
+        return self.sessions[index].run(self.output_names[index], {self._input_names[index]: x})
+
+    def _exit_outputs(self, index: int, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {role: outputs[1 + i] for i, (role, _) in enumerate(self._roles[index])}
+
+    def predict(self, x: np.ndarray, use_exits: bool = True) -> CascadeResult:
+        """Predict a batch; large batches run in chunks so memory stays bounded."""
+        x = check_batch(x, self.manifest.input_shape)
+        parts = [self._predict_chunk(x[i : i + self.chunk_size], use_exits) for i in range(0, len(x), self.chunk_size)]
+        if len(parts) == 1:
+            return parts[0]
+        return CascadeResult(
+            np.concatenate([p.predictions for p in parts]),
+            np.concatenate([p.exit_index for p in parts]),
+            len(self.sessions),
+        )
+
+    def _predict_chunk(self, x: np.ndarray, use_exits: bool) -> CascadeResult:
+        n = len(x)
+        last = len(self.sessions) - 1
+        predictions = np.empty(n, dtype=np.int64)
+        exit_index = np.full(n, last, dtype=np.int64)
+        alive = np.arange(n)
+        states = [p.start(n, self.manifest.num_classes) for p in self.policies]
+        state = states[0] if states else None
+        features = x
+        for index, policy in enumerate(self.policies):
+            outputs = self.run_stage(index, features)
+            features = outputs[0]
+            if not use_exits:
+                continue
+            exits, preds, state = policy.decide(self._exit_outputs(index, outputs), state)
+            if exits.any():
+                predictions[alive[exits]] = preds[exits]
+                exit_index[alive[exits]] = index
+                keep = ~exits
+                if not keep.any():
+                    return CascadeResult(predictions, exit_index, last + 1)
+                alive = alive[keep]
+                features = features[keep]
+                state = None if state is None else state[keep]
+        logits = self.run_stage(last, features)[0]
+        final_policy = self.policies[-1] if self.policies else None
+        predictions[alive] = final_policy.final(logits, state if use_exits else None) if final_policy else logits.argmax(1)
+        return CascadeResult(predictions, exit_index, last + 1)
+
+    def stage_outputs(self, x: np.ndarray) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+        """Every exit's outputs and the final logits for all inputs (no exiting): for calibration."""
+        x = check_batch(x, self.manifest.input_shape)
+        exits: list[list[dict[str, np.ndarray]]] = [[] for _ in self.policies]
+        finals = []
+        for start in range(0, len(x), self.chunk_size):
+            features = x[start : start + self.chunk_size]
+            for index in range(len(self.policies)):
+                outputs = self.run_stage(index, features)
+                features = outputs[0]
+                exits[index].append(self._exit_outputs(index, outputs))
+            finals.append(self.run_stage(len(self.sessions) - 1, features)[0])
+        merged = [{role: np.concatenate([part[role] for part in parts]) for role in parts[0]} for parts in exits]
+        return merged, np.concatenate(finals)
+
+    def full_session(self) -> ort.InferenceSession:
+        """The session of full.onnx (the plain backbone), created on first use."""
+        if self._full is None:
+            self._full = self._session(FULL_NAME)
+        return self._full
+
+    def predict_full(self, x: np.ndarray) -> np.ndarray:
+        """Logits of full.onnx for a batch: the no-early-exit baseline."""
+        x = check_batch(x, self.manifest.input_shape)
+        session = self.full_session()
+        name = session.get_inputs()[0].name
+        return np.concatenate([session.run(None, {name: x[i : i + self.chunk_size]})[0] for i in range(0, len(x), self.chunk_size)])
+
+    def relative_macs(self, result: CascadeResult) -> float:
+        """Average MACs spent per input relative to full.onnx."""
+        costs = np.asarray(self.manifest.exit_costs())
+        return float(costs[result.exit_index].mean())
+

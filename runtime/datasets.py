@@ -1,0 +1,141 @@
+"""Torch-free input data: the embedded digits set, its fixed split, and image/.npy loading.
+
+Both the trainer and the runtime read digits through this module, so the split a model
+was tested on is the split `edgeexit run --data digits` evaluates.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgeexit.runtime.errors import ConfigError, InputError
+
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+SPLIT_SEED = 0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+DIGITS_CLASSES = [str(i) for i in range(10)]
+
+
+def load_digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's load_digits (1,797 8x8 images, values 0..16), shipped in this package."""
+    with resources.files("edgeexit.runtime").joinpath("digits.npz").open("rb") as fh:
+        data = np.load(fh)
+        return data["images"].astype(np.float32), data["target"].astype(np.int64)
+
+
+def split_indices(n: int, split: str, seed: int = SPLIT_SEED) -> np.ndarray:
+    """Indices of `split` in a fixed seeded 70/15/15 permutation of n samples."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'; choose from: {', '.join(SPLITS)}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_train = int(round(SPLIT_FRACTIONS[0] * n))
+    n_val = int(round(SPLIT_FRACTIONS[1] * n))
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
+    start, stop = bounds[split]
+    return np.sort(order[start:stop])
+
+
+def _interp_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) bilinear interpolation weights, align_corners=False convention."""
+    scale = size_in / size_out
+    centers = (np.arange(size_out) + 0.5) * scale - 0.5
+    centers = np.clip(centers, 0, size_in - 1)
+    low = np.floor(centers).astype(int)
+    high = np.minimum(low + 1, size_in - 1)
+    frac = centers - low
+    weights = np.zeros((size_out, size_in), dtype=np.float32)
+    weights[np.arange(size_out), low] += 1 - frac
+    weights[np.arange(size_out), high] += frac
+    return weights
+
+
+def resize(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of (..., H, W) arrays with two small matrix products."""
+    rows = _interp_matrix(images.shape[-2], height)
+    cols = _interp_matrix(images.shape[-1], width)
+    return np.einsum("hi,...ij,wj->...hw", rows, images, cols).astype(np.float32)
+
+
+def digits_split(split: str, input_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Digits of one split as float32 (N, C, H, W) in [0, 1], resized to `input_shape`, and labels."""
+    channels, height, width = input_shape
+    images, labels = load_digits_raw()
+    index = split_indices(len(images), split)
+    x = resize(images[index] / 16.0, height, width)[:, None]
+    x = np.repeat(x, channels, axis=1) if channels > 1 else x
+    return np.ascontiguousarray(x, dtype=np.float32), labels[index]
+
+
+def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Per-channel (x - mean) / std on NCHW float32."""
+    mean_arr = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std_arr = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return ((x - mean_arr) / std_arr).astype(np.float32)
+
+
+def _read_image(path: Path, input_shape: Sequence[int]) -> np.ndarray:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise InputError("reading image files needs Pillow: pip install pillow") from None
+    channels, height, width = input_shape
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from None
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def load_images(paths: Sequence[Path], input_shape: Sequence[int]) -> np.ndarray:
+    """Image files -> float32 (N, C, H, W) in [0, 1] at the model's input size."""
+    return np.stack([_read_image(p, input_shape) for p in paths]).astype(np.float32)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_input(path: str | Path, spec: dict) -> tuple[np.ndarray, list[str]]:
+    """Load `--input` (an image, a folder of images, or a .npy) as a model-ready batch plus names.
+
+    A float32 .npy of shape (N, C, H, W) or (C, H, W) is taken as already preprocessed.
+    A uint8 .npy of shape (N, H, W) or (N, H, W, C) is treated as raw images (0..255).
+    Images are resized to the input size, scaled to [0, 1] and normalized with the
+    bundle's mean/std.
+    """
+    path = Path(path)
+    shape = tuple(spec["shape"][1:])
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if path.is_dir():
+        files = image_files(path)
+        if not files:
+            raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+        return normalize(load_images(files, shape), spec["mean"], spec["std"]), [f.name for f in files]
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {path} as a numpy array: {exc}") from None
+        if arr.dtype == np.uint8:
+            if arr.ndim == 4 and arr.shape[-1] == shape[0]:
+                arr = arr.transpose(0, 3, 1, 2)
+            elif arr.ndim == 3 and shape[0] == 1:
+                arr = arr[:, None]
+            else:
+                raise InputError(f"uint8 images in {path} must be (N, H, W[, C]), got {arr.shape}")
+            arr = resize(arr.astype(np.float32) / 255.0, shape[1], shape[2])
+            arr = normalize(arr, spec["mean"], spec["std"])
+        elif arr.ndim == 3:
+            arr = arr[None]
+        return arr, [f"{path.name}[{i}]" for i in range(len(arr))]
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return normalize(load_images([path], shape), spec["mean"], spec["std"]), [path.name]
+    raise InputError(f"unsupported input {path}: give an image, a folder of images or a .npy file")
