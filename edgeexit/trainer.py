@@ -14,6 +14,7 @@ from edgeexit.config import ModelConfig, TrainConfig
 from edgeexit.cuts import CutGraph
 from edgeexit.data import DataSplits
 from edgeexit.losses import get_loss
+from edgeexit.methods import get_method
 from edgeexit.models import EarlyExitModel
 from edgeexit.placement import place_exits
 
@@ -108,13 +109,14 @@ def build_model(
     num_exits: int,
     exit_at: Sequence[str] | None = None,
     method: str = "eenet",
-    threshold: float = 0.5,
+    threshold: float | None = None,
     backbone_args: dict | None = None,
     exit_args: dict | None = None,
 ) -> EarlyExitModel:
     """Construct an untrained exit-augmented model sized for `data`."""
     from edgeexit.backbones import build_backbone
 
+    spec = get_method(method)
     info = data.info
     net = build_backbone(backbone, info.num_classes, info.input_shape[0], **(backbone_args or {}))
     cuts = choose_cuts(net, info.input_shape, placement, num_exits, exit_at)
@@ -130,6 +132,7 @@ def build_model(
         mean=info.mean,
         std=info.std,
         class_names=info.class_names,
-        policy={"kind": "confidence", "threshold": threshold, "args": {}},
+        policy={"kind": spec.policy, "threshold": spec.threshold if threshold is None else threshold, "args": {}},
+        frozen_backbone=spec.frozen_backbone,
     )
     return EarlyExitModel(config, backbone=net)

@@ -139,3 +139,33 @@ def load_input(path: str | Path, spec: dict) -> tuple[np.ndarray, list[str]]:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return normalize(load_images([path], shape), spec["mean"], spec["std"]), [path.name]
     raise InputError(f"unsupported input {path}: give an image, a folder of images or a .npy file")
+
+
+def load_labeled_folder(root: Path, spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """root/CLASS/*.png with CLASS among the bundle's class names -> normalized batch and labels."""
+    names = list(spec["class_names"])
+    files, labels = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if folder.name not in names:
+            raise InputError(f"folder {folder} is not one of the bundle's classes: {', '.join(names)}")
+        found = image_files(folder)
+        files += found
+        labels += [names.index(folder.name)] * len(found)
+    if not files:
+        raise InputError(f"no labeled images under {root} (expected {root}/CLASS/image.png)")
+    x = normalize(load_images(files, tuple(spec["shape"][1:])), spec["mean"], spec["std"])
+    return x, np.asarray(labels, dtype=np.int64)
+
+
+def load_eval_data(spec_name: str, split: str, input_spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Labeled evaluation data without torch: `digits` (a split) or `folder:PATH` (class subfolders)."""
+    if spec_name == "digits":
+        x, y = digits_split(split, tuple(input_spec["shape"][1:]))
+        return normalize(x, input_spec["mean"], input_spec["std"]), y
+    if spec_name.startswith("folder:"):
+        root = Path(spec_name[len("folder:") :])
+        if not root.is_dir():
+            raise InputError(f"image folder not found: {root}")
+        sub = root / split
+        return load_labeled_folder(sub if sub.is_dir() else root, input_spec)
+    raise ConfigError(f"unknown data set '{spec_name}' for the runtime; use digits or folder:PATH")

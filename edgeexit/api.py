@@ -1,0 +1,136 @@
+"""Training-side entry points behind the CLI: train, cuts, demo, and torchvision evaluation data."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from edgeexit.backbones import build_backbone
+from edgeexit.config import TrainConfig
+from edgeexit.cuts import CutGraph
+from edgeexit.data import load_data
+from edgeexit.methods import get_method
+from edgeexit.models import save_model
+from edgeexit.placement import SCHEMES, place_exits
+from edgeexit.runtime.errors import ConfigError
+from edgeexit.trainer import build_model, train_model
+
+
+def _split_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def train(
+    data: str = "digits",
+    data_dir: str | None = None,
+    download: bool = False,
+    input_size: int | None = None,
+    backbone: str = "resnet20",
+    method: str = "eenet",
+    exit_type: str | None = None,
+    num_exits: int = 2,
+    placement: str = "pareto",
+    exit_at: str | None = None,
+    loss: str | None = None,
+    lam: float = 1.0,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    threshold: float | None = None,
+    seed: int = 0,
+    out: str = "model.pt",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build, train and save a model; returns a summary (cuts, final validation metrics)."""
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    spec = get_method(method)
+    torch.manual_seed(seed)
+    splits = load_data(data, data_dir=data_dir, download=download, input_size=input_size)
+    model = build_model(
+        splits,
+        backbone,
+        exit_type or spec.exit_type,
+        placement,
+        num_exits,
+        exit_at=_split_list(exit_at),
+        method=method,
+        threshold=threshold,
+    )
+    config = TrainConfig(data=data, data_dir=data_dir, download=download, epochs=epochs, batch_size=batch_size,
+                         lr=lr, loss=loss or spec.loss, lam=lam, seed=seed)
+    history = train_model(model, splits, config, progress=progress)
+    save_model(model, out, extra={"train": vars(config), "history": vars(history)})
+    return {
+        "cuts": model.config.cuts,
+        "val_accuracy": history.val_accuracy[-1],
+        "val_exit_rate": history.val_exit_rate[-1],
+        "model": model,
+        "data": splits,
+    }
+
+
+def eval_arrays(name: str, split: str, input_spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A torchvision data set split as normalized numpy arrays at the bundle's input size."""
+    shape = tuple(input_spec["shape"][1:])
+    splits = load_data(name, input_size=shape[1], channels=shape[0])
+    dataset = getattr(splits, split)
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in DataLoader(dataset, batch_size=512)])
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+
+
+def describe_cuts(backbone: str, input_size: int, channels: int | None, num_exits: int) -> list[str]:
+    """Lines listing candidate cut points, cumulative MACs and which placement schemes pick each."""
+    channels = channels or (1 if backbone.startswith(("resnet", "eenet")) else 3)
+    net = build_backbone(backbone, 10, channels)
+    graph = CutGraph(net, (channels, input_size, input_size))
+    picks: dict[str, list[str]] = {}
+    for scheme in SCHEMES:
+        try:
+            for point in place_exits(scheme, num_exits, graph.candidates):
+                picks.setdefault(point.name, []).append(scheme)
+        except ConfigError:
+            continue
+    lines = [f"{backbone} at {channels}x{input_size}x{input_size}: {graph.full_macs / 1e6:.2f} MMACs, "
+             f"{len(graph.candidates)} cut points (schemes pick {num_exits} exits)"]
+    lines.append(f"{'cut point':<22}{'feature shape':<16}{'cum. MMACs':>11}{'fraction':>10}  schemes")
+    for point in graph.candidates:
+        shape = "x".join(map(str, point.shape))
+        lines.append(f"{point.name:<22}{shape:<16}{point.cumulative_macs / 1e6:>11.2f}{point.fraction:>10.3f}  "
+                     f"{', '.join(picks.get(point.name, []))}")
+    return lines
+
+
+def demo(out: str, epochs: int = 8) -> dict[str, dict]:
+    """Train resnet20 with EENets exits on digits, export, and compare cascade vs full.onnx."""
+    from edgeexit.export import export_bundle
+    from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.datasets import load_eval_data
+    from edgeexit.runtime.manifest import write_json_atomic
+    from edgeexit.runtime.report import full_report, run_report
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    train(epochs=epochs, out=str(root / "model.pt"), **DEMO_TRAINING)
+    export_bundle(root / "model.pt", root / "bundle")
+    runner = CascadeRunner(root / "bundle", device="cpu", threads=1)
+    x, y = load_eval_data("digits", "test", runner.manifest.input_spec)
+    cascade, _ = run_report(runner, x, y, batch_size=1)
+    full = full_report(runner, x, y, batch_size=1)
+    report = {**cascade, "full_onnx": full}
+    write_json_atomic(root / "report.json", report)
+    return {"full.onnx": full, "cascade (T=%.2g)" % runner.thresholds[0]: cascade}
+
+
+DEMO_TRAINING: dict[str, Any] = {
+    "backbone": "resnet20",
+    "method": "eenet",
+    "exit_type": "pool",
+    "num_exits": 2,
+    "placement": "pareto",
+    "loss": "v2",
+    "lam": 1.0,
+}

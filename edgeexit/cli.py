@@ -1,0 +1,266 @@
+"""The `edgeexit` command line: train, export, run, info, cuts, demo.
+
+Runtime commands import only edgeexit.runtime; training-side commands import torch lazily
+and say which extra to install when it is missing. Every error the project raises is
+printed as one line with its own exit code, never as a traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgeexit import __version__
+from edgeexit.runtime.errors import ConfigError, EdgeExitError, MissingExtraError
+
+DEBUG_ENV = "EDGEEXIT_DEBUG"
+
+
+def train_side(module: str) -> Any:
+    """Import a training-side module, or raise MissingExtraError naming the [train] extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise MissingExtraError(
+            f"this command needs the training extra ({missing} is not installed): pip install \"edgeexit[train]\""
+        ) from None
+
+
+class Group(click.Group):
+    """click group that turns project errors and unexpected failures into one-line messages."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgeExitError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # last line of defence: no traceback unless asked for
+            if os.environ.get(DEBUG_ENV):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"error: unexpected {type(exc).__name__}: {message} (set {DEBUG_ENV}=1 for details)", err=True)
+            sys.exit(1)
+
+
+def parse_thresholds(value: str | None) -> float | list[float] | None:
+    """'0.7' -> 0.7; '0.6,0.8' -> [0.6, 0.8]; None stays None."""
+    if value is None:
+        return None
+    try:
+        parts = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise ConfigError(f"--threshold takes a number or comma-separated numbers, got '{value}'") from None
+    return parts[0] if len(parts) == 1 else parts
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write a report atomically."""
+    from edgeexit.runtime.manifest import write_json_atomic
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target, data)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeexit")
+def main() -> None:
+    """edgeexit: early-exit CNNs for edge devices.
+
+    \b
+    Typical flow:
+      edgeexit train --data digits --backbone resnet20 --out model.pt
+      edgeexit export model.pt bundle/
+      edgeexit run bundle/ --device cpu --data digits
+    """
+
+
+@main.command()
+@click.option("--data", default="digits", show_default=True, help="digits, mnist, cifar10, cifar100, svhn or folder:PATH.")
+@click.option("--data-dir", default=None, help="Where torchvision data sets live.")
+@click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
+@click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
+@click.option("--backbone", default="resnet20", show_default=True, help="Backbone name (see `edgeexit cuts --list`).")
+@click.option("--method", default="eenet", show_default=True, help="Training method: eenet, ...")
+@click.option("--exit-type", default=None, help="Exit head type (default: the method's).")
+@click.option("--num-exits", type=int, default=2, show_default=True, help="Number of early exits.")
+@click.option("--placement", default="pareto", show_default=True, help="Exit placement scheme.")
+@click.option("--exit-at", default=None, help="Explicit cut points, comma separated (overrides --placement).")
+@click.option("--loss", default=None, help="Loss (default: the method's), e.g. v1 or v2.")
+@click.option("--lambda", "lam", type=float, default=1.0, show_default=True, help="Weight of the cost term.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--threshold", type=float, default=None, help="Default exit threshold written into the model.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="model.pt", show_default=True, type=click.Path(dir_okay=False), help="Output model.pt.")
+def train(**opts: Any) -> None:
+    """Train an exit-augmented model and write model.pt.
+
+    Example: edgeexit train --data digits --backbone resnet20 --num-exits 2 --epochs 10 --out model.pt
+    """
+    api = train_side("edgeexit.api")
+    summary = api.train(**opts, progress=True)
+    click.echo(
+        f"wrote {opts['out']}: cuts {', '.join(summary['cuts'])}; val accuracy {summary['val_accuracy']:.4f}, "
+        f"early-exit rate {summary['val_exit_rate']:.2f}"
+    )
+
+
+@main.command("export")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--no-verify", is_flag=True, help="Skip the PyTorch parity checks (not recommended).")
+def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:
+    """Export model.pt to a bundle of per-stage ONNX graphs plus manifest.json.
+
+    Example: edgeexit export model.pt bundle/
+    """
+    exporter = train_side("edgeexit.export")
+    manifest = exporter.export_bundle(model, out, opset=opset, verify=not no_verify, progress=lambda m: click.echo(m, err=True))
+    worst = None
+    if manifest["verification"]:
+        worst = max(v for kind in manifest["verification"].values() for v in kind.values())
+    checked = "not verified" if worst is None else f"verified, max diff {worst:.1e}"
+    click.echo(f"wrote {out}: {len(manifest['stages'])} stages + full.onnx ({checked})")
+
+
+def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str) -> tuple[Any, Any]:
+    from edgeexit.runtime.datasets import load_eval_data, load_input
+
+    spec = runner.manifest.input_spec
+    if input_path is not None:
+        x, _ = load_input(input_path, spec)
+        return x, None
+    name = data or "digits"
+    if name == "digits" or name.startswith("folder:"):
+        return load_eval_data(name, split, spec)
+    return train_side("edgeexit.api").eval_arrays(name, split, spec)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, jetson, coreml, openvino, ...")
+@click.option("--data", default=None, help="Labeled data: digits (default), folder:PATH, or a torchvision set.")
+@click.option("--input", "input_path", default=None, help="An image, a folder of images or a .npy array.")
+@click.option("--split", default="test", show_default=True, help="Data split to evaluate.")
+@click.option("--threshold", default=None, help="Override thresholds: T or T1,T2,...")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
+def run(bundle: str, device: str, data: str | None, input_path: str | None, split: str, threshold: str | None,
+        batch_size: int, threads: int | None, json_path: str | None) -> None:
+    """Run a bundle as an early-exit cascade and report accuracy, MACs, exits and latency.
+
+    Example: edgeexit run bundle/ --device cpu --data digits --json report.json
+    """
+    from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.report import run_report
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    runner = CascadeRunner(bundle, device=device, threads=threads, thresholds=parse_thresholds(threshold))
+    x, labels = _load_run_data(runner, data, input_path, split)
+    report, result = run_report(runner, x, labels, batch_size)
+    if labels is None:
+        report["predictions"] = result.predictions.tolist()
+        report["exit_index"] = result.exit_index.tolist()
+        names = runner.manifest.input_spec["class_names"]
+        for i, (p, e) in enumerate(zip(result.predictions, result.exit_index)):
+            click.echo(f"{i}\t{names[p]}\texit {e}")
+    if json_path:
+        write_json(json_path, report)
+    click.echo(format_report(report))
+
+
+def format_report(report: dict) -> str:
+    """One readable line of a run report."""
+    acc = "n/a" if report.get("accuracy") is None else f"{report['accuracy']:.4f}"
+    lat = report["latency_ms"]
+    return (
+        f"accuracy {acc}  relative MACs {report['relative_macs']:.3f}  exits {report['exit_counts']}  "
+        f"latency p50 {lat['p50']:.3f} ms p95 {lat['p95']:.3f} ms p99 {lat['p99']:.3f} ms (batch {report['batch_size']})"
+    )
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info(bundle: str, as_json: bool) -> None:
+    """Describe a bundle: input, stages, MACs, exit policies.
+
+    Example: edgeexit info bundle/
+    """
+    from edgeexit.runtime.manifest import load_manifest
+
+    manifest = load_manifest(bundle)
+    if as_json:
+        click.echo(json.dumps(manifest.data, indent=2))
+        return
+    data = manifest.data
+    spec = data["input"]
+    model = data.get("model", {})
+    click.echo(f"bundle {bundle}: {model.get('method', '?')} on {model.get('backbone', '?')}, {data['num_classes']} classes")
+    click.echo(f"input {spec['name']} {spec['shape']} {spec['dtype']} {spec['layout']}")
+    click.echo(f"full.onnx {data['full']['macs'] / 1e6:.2f} MMACs")
+    for stage, cost in zip(data["stages"], manifest.exit_costs()):
+        line = f"  {stage['file']}: segment {stage['macs']['segment'] / 1e6:.2f} M + head {stage['macs']['head'] / 1e6:.3f} M"
+        line += f", leaving here costs {cost:.3f} of full"
+        if stage.get("exit"):
+            policy = stage["exit"]["policy"]
+            line += f"; exit at {stage['exit'].get('cut', '?')}: {policy['kind']} threshold {policy['threshold']}"
+        click.echo(line)
+    if data.get("calibration"):
+        click.echo(f"calibrated: {json.dumps(data['calibration'].get('chosen', {}))}")
+
+
+@main.command()
+@click.option("--backbone", default="resnet20", show_default=True, help="Backbone name.")
+@click.option("--input-size", type=int, default=32, show_default=True)
+@click.option("--channels", type=int, default=None, help="Input channels (default: 1 for CIFAR-style nets, 3 otherwise).")
+@click.option("--num-exits", type=int, default=2, show_default=True, help="Exits each scheme places.")
+def cuts(backbone: str, input_size: int, channels: int | None, num_exits: int) -> None:
+    """List a backbone's candidate cut points with cumulative MACs and the schemes that pick them.
+
+    Example: edgeexit cuts --backbone resnet20
+    """
+    api = train_side("edgeexit.api")
+    for line in api.describe_cuts(backbone, input_size, channels, num_exits):
+        click.echo(line)
+
+
+@main.command()
+@click.option("--out", default="edgeexit-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--epochs", type=int, default=8, show_default=True)
+def demo(out: str, epochs: int) -> None:
+    """Train on digits, export, run the cascade and full.onnx, and print a comparison table.
+
+    Example: edgeexit demo --out demo/
+    """
+    api = train_side("edgeexit.api")
+    rows = api.demo(out, epochs=epochs)
+    click.echo(f"{'model':<18}{'accuracy':>10}{'rel. MACs':>11}{'exits':>16}{'p50 ms':>9}{'p95 ms':>9}")
+    for name, row in rows.items():
+        exits = "-" if row.get("exit_counts") is None else "/".join(map(str, row["exit_counts"]))
+        click.echo(
+            f"{name:<18}{row['accuracy']:>10.4f}{row['relative_macs']:>11.3f}{exits:>16}"
+            f"{row['latency_ms']['p50']:>9.3f}{row['latency_ms']['p95']:>9.3f}"
+        )
+    click.echo(f"wrote {out}/model.pt, {out}/bundle/, {out}/report.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models and bundles trained once per session so the suite stays fast."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY = {"backbone": "resnet8", "input_size": 16, "epochs": 3, "num_exits": 2, "placement": "linear"}
+
+
+def tiny_train(tmp: Path, **overrides) -> Path:
+    """Train a tiny model on digits (a few seconds) and return its model.pt path."""
+    from edgeexit import api
+
+    opts = {**TINY, **overrides}
+    out = tmp / "model.pt"
+    api.train(out=str(out), progress=False, **opts)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """A resnet8 EENets model (pool exits, v2 loss) on 16x16 digits."""
+    return tiny_train(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_model_path) -> Path:
+    """The tiny model exported (and verified) to a bundle."""
+    from edgeexit.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    export_bundle(tiny_model_path, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_test(tiny_bundle) -> tuple[np.ndarray, np.ndarray]:
+    """The digits test split, normalized for the tiny bundle."""
+    from edgeexit.runtime.datasets import load_eval_data
+    from edgeexit.runtime.manifest import load_manifest
+
+    return load_eval_data("digits", "test", load_manifest(tiny_bundle).input_spec)
