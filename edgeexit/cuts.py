@@ -122,7 +122,13 @@ class CutGraph:
         return points
 
     def _mid_layer(self, node: fx.Node) -> bool:
-        """True inside a conv-bn-act run: the only user normalizes or activates this output."""
+        """True inside a conv-bn-act run: a conv or norm output whose only user normalizes or activates it.
+
+        A block output feeding the next block's norm (DenseNet's dense block before its
+        transition) is not mid-layer: it is a real boundary.
+        """
+        if node.op != "call_module" or not isinstance(self.module.get_submodule(node.target), (nn.Conv2d, nn.BatchNorm2d)):
+            return False
         users = list(node.users)
         if len(users) != 1 or users[0].op != "call_module":
             return False
