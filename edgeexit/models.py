@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -104,8 +106,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise InputError(f"model file not found: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler met code, a custom object or junk
+        blocked = [line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        detail = blocked[0].strip() if blocked else "objects outside tensors and plain data"
+        raise InputError(
+            f"refusing to load {path}: the safe weights-only loader rejected it ({detail[:200]}); "
+            "model.pt must be a plain checkpoint (tensors and plain data, no code) written by `edgeexit train`"
+        ) from None
+    except Exception as exc:  # corrupt zips, truncated files and the like come in many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"refusing to load {path}: not a plain edgeexit checkpoint ({first[:200]})") from None
     if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:

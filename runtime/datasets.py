@@ -79,7 +79,7 @@ def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.
 
 def _read_image(path: Path, input_shape: Sequence[int]) -> np.ndarray:
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
     except ImportError:
         raise InputError("reading image files needs Pillow: pip install pillow") from None
     channels, height, width = input_shape
@@ -87,7 +87,7 @@ def _read_image(path: Path, input_shape: Sequence[int]) -> np.ndarray:
         with Image.open(path) as img:
             img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's many failure types
         raise InputError(f"cannot read image {path}: {exc}") from None
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
@@ -102,10 +102,38 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _read_npy(path: Path, spec: dict) -> np.ndarray:
+    """A .npy as a batch: float32 memory-mapped (huge files stay on disk), other floats cast,
+    uint8 treated as raw images; any other dtype is an InputError."""
+    shape = tuple(spec["shape"][1:])
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"cannot read {path} as a numpy array: {str(exc)[:200]}") from None
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"{path} holds several arrays; give a single-array .npy")
+    if arr.dtype == np.uint8:
+        if arr.ndim == 4 and arr.shape[-1] == shape[0]:
+            arr = arr.transpose(0, 3, 1, 2)
+        elif arr.ndim == 3 and shape[0] == 1:
+            arr = arr[:, None]
+        else:
+            raise InputError(f"uint8 images in {path} must be (N, H, W[, {shape[0]}]), got {arr.shape}")
+        return normalize(resize(arr.astype(np.float32) / 255.0, shape[1], shape[2]), spec["mean"], spec["std"])
+    if arr.dtype.kind != "f":
+        raise InputError(f"{path} has dtype {arr.dtype}; give float32 (preprocessed) or uint8 (raw images)")
+    if arr.ndim not in (3, 4):
+        raise InputError(f"{path} must hold (N, C, H, W) or (C, H, W) = {shape}, got shape {arr.shape}")
+    if arr.dtype != np.float32:
+        arr = arr.astype(np.float32)
+    return arr[None] if arr.ndim == 3 else arr
+
+
 def load_input(path: str | Path, spec: dict) -> tuple[np.ndarray, list[str]]:
     """Load `--input` (an image, a folder of images, or a .npy) as a model-ready batch plus names.
 
-    A float32 .npy of shape (N, C, H, W) or (C, H, W) is taken as already preprocessed.
+    A float .npy of shape (N, C, H, W) or (C, H, W) is taken as already preprocessed (cast
+    to float32; a float32 file is memory-mapped, so a huge batch is read chunk by chunk).
     A uint8 .npy of shape (N, H, W) or (N, H, W, C) is treated as raw images (0..255).
     Images are resized to the input size, scaled to [0, 1] and normalized with the
     bundle's mean/std.
@@ -120,21 +148,7 @@ def load_input(path: str | Path, spec: dict) -> tuple[np.ndarray, list[str]]:
             raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path}")
         return normalize(load_images(files, shape), spec["mean"], spec["std"]), [f.name for f in files]
     if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read {path} as a numpy array: {exc}") from None
-        if arr.dtype == np.uint8:
-            if arr.ndim == 4 and arr.shape[-1] == shape[0]:
-                arr = arr.transpose(0, 3, 1, 2)
-            elif arr.ndim == 3 and shape[0] == 1:
-                arr = arr[:, None]
-            else:
-                raise InputError(f"uint8 images in {path} must be (N, H, W[, C]), got {arr.shape}")
-            arr = resize(arr.astype(np.float32) / 255.0, shape[1], shape[2])
-            arr = normalize(arr, spec["mean"], spec["std"])
-        elif arr.ndim == 3:
-            arr = arr[None]
+        arr = _read_npy(path, spec)
         return arr, [f"{path.name}[{i}]" for i in range(len(arr))]
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return normalize(load_images([path], shape), spec["mean"], spec["std"]), [path.name]

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from edgeexit.runtime.errors import BundleError
 
@@ -20,6 +21,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FULL_NAME = "full.onnx"
 BATCH_DIM = "batch"
+GRAPH_DTYPE = "tensor(float)"
 
 
 def stage_file(index: int) -> str:
@@ -55,6 +57,16 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     if isinstance(kind, tuple):
         return " or ".join(k.__name__ for k in kind)
     return kind.__name__
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_sha256(entry: dict, where: str) -> None:
+    value = _require(entry, "sha256", str, where)
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise _fail(f"{where}.sha256", "must be 64 lowercase hex digits")
 
 
 def _check_shape(shape: Any, where: str) -> None:
@@ -94,24 +106,28 @@ def validate(data: Any) -> None:
     _check_shape(_require(spec, "shape", list, "input"), "input.shape")
     if _require(spec, "dtype", str, "input") != "float32":
         raise _fail("input.dtype", "only float32 inputs are supported")
+    if len(spec["shape"]) != 4 or _require(spec, "layout", str, "input") != "NCHW":
+        raise _fail("input", "only NCHW image inputs [batch, C, H, W] are supported")
     channels = spec["shape"][1]
     for key in ("mean", "std"):
         values = _require(spec, key, list, "input")
-        if len(values) != channels or not all(isinstance(v, (int, float)) for v in values):
-            raise _fail(f"input.{key}", f"must be {channels} numbers (one per channel)")
+        if len(values) != channels or not all(_is_number(v) for v in values):
+            raise _fail(f"input.{key}", f"must be {channels} finite numbers (one per channel)")
     if any(v <= 0 for v in spec["std"]):
         raise _fail("input.std", "must be positive")
     num_classes = _require(data, "num_classes", int, "manifest")
     if num_classes < 2:
         raise _fail("num_classes", "must be >= 2")
     names = _require(spec, "class_names", list, "input")
-    if len(names) != num_classes:
-        raise _fail("input.class_names", f"has {len(names)} names for {num_classes} classes")
+    if len(names) != num_classes or not all(isinstance(n, str) for n in names):
+        raise _fail("input.class_names", f"must be {num_classes} strings (one per class)")
 
     full = _require(data, "full", dict, "manifest")
-    for key in ("file", "sha256"):
-        _require(full, key, str, "full")
-    _require(full, "macs", int, "full")
+    if _require(full, "file", str, "full") != FULL_NAME:
+        raise _fail("full.file", f"expected '{FULL_NAME}'")
+    _check_sha256(full, "full")
+    if _require(full, "macs", int, "full") <= 0:
+        raise _fail("full.macs", "must be a positive int")
 
     stages = _require(data, "stages", list, "manifest")
     if len(stages) < 2:
@@ -124,14 +140,15 @@ def validate(data: Any) -> None:
             raise _fail(f"{where}.index", f"expected {index}")
         if _require(stage, "file", str, where) != stage_file(index):
             raise _fail(f"{where}.file", f"expected '{stage_file(index)}'")
-        _require(stage, "sha256", str, where)
+        _check_sha256(stage, where)
         inputs = _check_tensors(_require(stage, "inputs", list, where), f"{where}.inputs")
         outputs = _check_tensors(_require(stage, "outputs", list, where), f"{where}.outputs")
         if len(inputs) != 1 or inputs[0]["name"] != previous_output or inputs[0]["shape"] != previous_shape:
             raise _fail(f"{where}.inputs", f"must be the single tensor '{previous_output}' {previous_shape}")
         macs = _require(stage, "macs", dict, where)
         for key in ("segment", "head", "cumulative"):
-            _require(macs, key, int, f"{where}.macs")
+            if _require(macs, key, int, f"{where}.macs") < 0:
+                raise _fail(f"{where}.macs.{key}", "must be >= 0")
         final = index == len(stages) - 1
         exit_spec = stage.get("exit")
         if final:
@@ -142,11 +159,12 @@ def validate(data: Any) -> None:
             raise _fail(f"{where}.exit", "early stages need an exit description")
         roles = _require(exit_spec, "outputs", dict, f"{where}.exit")
         names_out = [t["name"] for t in outputs]
-        if sorted(roles.values()) != sorted(names_out[1:]):
+        if not all(isinstance(v, str) for v in roles.values()) or sorted(roles.values()) != sorted(names_out[1:]):
             raise _fail(f"{where}.exit.outputs", "must name every output after the features")
         policy = _require(exit_spec, "policy", dict, f"{where}.exit")
         _require(policy, "kind", str, f"{where}.exit.policy")
-        _require(policy, "threshold", (int, float), f"{where}.exit.policy")
+        if not _is_number(_require(policy, "threshold", (int, float), f"{where}.exit.policy")):
+            raise _fail(f"{where}.exit.policy.threshold", "must be a finite number")
         if not isinstance(policy.get("args", {}), dict):
             raise _fail(f"{where}.exit.policy.args", "must be an object")
         previous_output = outputs[0]["name"]
@@ -154,6 +172,36 @@ def validate(data: Any) -> None:
     calibration = data.get("calibration")
     if calibration is not None and not isinstance(calibration, dict):
         raise _fail("calibration", "must be an object or null")
+
+
+def _dims_match(declared: list, actual: Sequence[Any]) -> bool:
+    """A declared shape matches a graph's: same rank, symbolic batch, equal fixed dims."""
+    if len(declared) != len(actual):
+        return False
+    batch, *rest = actual
+    return (batch is None or isinstance(batch, str)) and list(rest) == list(declared[1:])
+
+
+def check_graph_io(
+    file: str,
+    expected_inputs: Sequence[dict],
+    expected_outputs: Sequence[dict],
+    inputs: Sequence[Any],
+    outputs: Sequence[Any],
+) -> None:
+    """Check a loaded graph's inputs/outputs (objects with .name, .shape, .type, e.g. onnxruntime
+    NodeArgs) against the manifest's tensors, in order; a tensor without "name" matches any name."""
+    for kind, expected, actual in (("inputs", expected_inputs, inputs), ("outputs", expected_outputs, outputs)):
+        if len(expected) != len(actual):
+            raise BundleError(f"{file} has {len(actual)} {kind}, the manifest declares {len(expected)}")
+        for want, got in zip(expected, actual):
+            label = want.get("name", got.name)
+            if got.name != label:
+                raise BundleError(f"{file}: {kind[:-1]} '{got.name}' is declared as '{label}' in the manifest")
+            if getattr(got, "type", GRAPH_DTYPE) != GRAPH_DTYPE:
+                raise BundleError(f"{file}: {kind[:-1]} '{got.name}' has type {got.type}, expected {GRAPH_DTYPE}")
+            if not _dims_match(want["shape"], list(got.shape)):
+                raise BundleError(f"{file}: {kind[:-1]} '{got.name}' has shape {list(got.shape)}, the manifest declares {want['shape']}")
 
 
 @dataclass(frozen=True)
@@ -193,6 +241,15 @@ class Manifest:
         """Relative MACs spent by an input that leaves at each exit (last = final stage)."""
         return [stage["macs"]["cumulative"] / self.full_macs for stage in self.stages]
 
+    def files(self) -> list[dict]:
+        """Manifest entries (file, sha256) of every graph: the stages, then full.onnx."""
+        return [*self.stages, self.data["full"]]
+
+    def full_tensors(self) -> tuple[list[dict], list[dict]]:
+        """What full.onnx must look like: the bundle's input in, [batch, num_classes] logits out."""
+        spec = self.input_spec
+        return [{"name": spec["name"], "shape": spec["shape"]}], [{"shape": [BATCH_DIM, self.num_classes]}]
+
     def path(self, name: str) -> Path:
         return self.root / name
 
@@ -207,8 +264,8 @@ def read_manifest(root: str | os.PathLike) -> dict:
         raise BundleError(f"not a bundle: {path} is missing")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"cannot read {path}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError covers JSON and Unicode errors
+        raise BundleError(f"cannot read {path}: {str(exc)[:200] or type(exc).__name__}") from None
 
 
 def load_manifest(root: str | os.PathLike, check_hashes: bool = True) -> Manifest:
@@ -218,13 +275,22 @@ def load_manifest(root: str | os.PathLike, check_hashes: bool = True) -> Manifes
     validate(data)
     manifest = Manifest(root=root, data=data)
     if check_hashes:
-        for entry in [*data["stages"], data["full"]]:
-            path = root / entry["file"]
-            if not path.is_file():
-                raise BundleError(f"bundle file missing: {path}")
-            if sha256_file(path) != entry["sha256"]:
-                raise BundleError(f"bundle file {path} does not match its sha256 in the manifest (tampered or corrupt)")
+        for entry in manifest.files():
+            check_file_hash(root, entry)
     return manifest
+
+
+def check_file_hash(root: Path, entry: dict) -> None:
+    """Refuse a graph file that is missing, unreadable or differs from its manifest sha256."""
+    path = root / entry["file"]
+    if not path.is_file():
+        raise BundleError(f"bundle file missing: {path}")
+    try:
+        digest = sha256_file(path)
+    except OSError as exc:
+        raise BundleError(f"cannot read bundle file {path}: {exc.strerror or exc}") from None
+    if digest != entry["sha256"]:
+        raise BundleError(f"bundle file {path} does not match its sha256 in the manifest (tampered or corrupt)")
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

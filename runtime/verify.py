@@ -1,0 +1,115 @@
+"""Bundle self-check for `edgeexit verify`: schema, sha256 of every graph, ONNX checker, chain vs full.
+
+Runs on the device (no torch). The ONNX checker needs the `onnx` package, which a runtime-only
+install lacks: it is then reported as skipped, not failed, because onnxruntime parses and
+validates every graph when the sessions are created, which the graph and chain checks do anyway.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+from edgeexit.runtime.cascade import CascadeRunner
+from edgeexit.runtime.consistency import TOLERANCE, check_chain
+from edgeexit.runtime.errors import ConfigError, EdgeExitError
+from edgeexit.runtime.manifest import FORMAT_VERSION, Manifest, check_file_hash, load_manifest
+
+OK, FAIL, SKIP = "ok", "FAIL", "skip"
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one check: status is ok, FAIL or skip."""
+
+    name: str
+    status: str
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAIL
+
+    def line(self) -> str:
+        return f"{self.status:<4} {self.name}" + (f": {self.detail}" if self.detail else "")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def _optional_onnx() -> ModuleType | None:
+    """The onnx package if installed (the [train] extra); the runtime never needs it."""
+    try:
+        return importlib.import_module("onnx")
+    except ImportError:
+        return None
+
+
+def hash_checks(manifest: Manifest) -> list[Check]:
+    """One check per graph file: present, readable, and equal to its manifest sha256."""
+    checks = []
+    for entry in manifest.files():
+        try:
+            check_file_hash(manifest.root, entry)
+            checks.append(Check(f"sha256 {entry['file']}", OK))
+        except EdgeExitError as exc:
+            checks.append(Check(f"sha256 {entry['file']}", FAIL, str(exc)))
+    return checks
+
+
+def onnx_checks(manifest: Manifest) -> list[Check]:
+    """onnx.checker (with shape inference) on every graph, or one skip line when onnx is absent."""
+    onnx = _optional_onnx()
+    if onnx is None:
+        return [Check("onnx checker", SKIP, 'the onnx package is not installed (runtime-only install); pip install onnx to run it')]
+    checks = []
+    for entry in manifest.files():
+        try:
+            onnx.checker.check_model(str(manifest.path(entry["file"])), full_check=True)
+            checks.append(Check(f"onnx checker {entry['file']}", OK))
+        except Exception as exc:  # onnx raises checker, inference and protobuf decode errors
+            checks.append(Check(f"onnx checker {entry['file']}", FAIL, _first_line(exc)))
+    return checks
+
+
+def runtime_checks(manifest: Manifest, device: str, samples: int, seed: int, tolerance: float) -> list[Check]:
+    """Load every graph in onnxruntime against the manifest's names/shapes, then chain vs full.onnx."""
+    try:
+        runner = CascadeRunner(manifest, device=device)
+        runner.full_session()
+    except EdgeExitError as exc:
+        return [Check("graphs load and match the manifest", FAIL, str(exc)), Check("chain vs full.onnx", SKIP, "graphs did not load")]
+    checks = [Check("graphs load and match the manifest", OK, f"{len(runner.sessions)} stages + full.onnx")]
+    x = np.random.default_rng(seed).standard_normal((samples, *manifest.input_shape)).astype(np.float32)
+    try:
+        diff = check_chain(runner, x, tolerance)
+        checks.append(Check("chain vs full.onnx", OK, f"max diff {diff:.1e} on {samples} random inputs"))
+    except EdgeExitError as exc:
+        checks.append(Check("chain vs full.onnx", FAIL, str(exc)))
+    except Exception as exc:  # a graph that loads but fails to run raises onnxruntime's own types
+        checks.append(Check("chain vs full.onnx", FAIL, f"onnxruntime failed: {_first_line(exc)}"))
+    return checks
+
+
+def verify_bundle(
+    root: str | os.PathLike,
+    device: str = "cpu",
+    samples: int = 8,
+    seed: int = 0,
+    tolerance: float = TOLERANCE,
+) -> list[Check]:
+    """Every check of a bundle, in order; BundleError if the manifest itself cannot be read or validated."""
+    if samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    manifest = load_manifest(root, check_hashes=False)
+    checks = [Check("manifest", OK, f"schema of format version {FORMAT_VERSION} holds")]
+    checks += hash_checks(manifest)
+    checks += onnx_checks(manifest)
+    if any(check.failed for check in checks):
+        return checks + [Check("graphs and chain", SKIP, "earlier checks failed: tampered or corrupt graphs are not run")]
+    return checks + runtime_checks(manifest, device, samples, seed, tolerance)
