@@ -1,4 +1,4 @@
-"""The `edgeexit` command line: train, export, run, info, cuts, demo.
+"""The `edgeexit` command line: train, export, run, info, verify, cuts, demo.
 
 Runtime commands import only edgeexit.runtime; training-side commands import torch lazily
 and say which extra to install when it is missing. Every error the project raises is
@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from edgeexit import __version__
-from edgeexit.runtime.errors import ConfigError, EdgeExitError, MissingExtraError
+from edgeexit.runtime.errors import ConfigError, EdgeExitError, MissingExtraError, VerificationError
 
 DEBUG_ENV = "EDGEEXIT_DEBUG"
 
@@ -225,6 +225,29 @@ def info(bundle: str, as_json: bool) -> None:
         click.echo(line)
     if data.get("calibration"):
         click.echo(f"calibrated: {json.dumps(data['calibration'].get('chosen', {}))}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--device", default="cpu", show_default=True, help="Device whose execution providers load the graphs.")
+@click.option("--samples", type=int, default=8, show_default=True, help="Random inputs for the chain vs full.onnx check.")
+def verify(bundle: str, device: str, samples: int) -> None:
+    """Check a bundle: manifest schema, sha256 of every graph, ONNX checker, chained stages vs full.onnx.
+
+    Prints one line per check (ok, FAIL, or skip: the ONNX checker is skipped when the onnx
+    package is not installed). Exit code 0 only if no check failed.
+
+    Example: edgeexit verify bundle/
+    """
+    from edgeexit.runtime.verify import verify_bundle
+
+    checks = verify_bundle(bundle, device=device, samples=samples)
+    for check in checks:
+        click.echo(check.line())
+    failed = [check for check in checks if check.failed]
+    if failed:
+        raise VerificationError(f"{len(failed)} of {len(checks)} checks failed for {bundle}")
+    click.echo(f"bundle {bundle} verified")
 
 
 @main.command()

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeexit.runtime.errors import BundleError, ConfigError, InputError
-from edgeexit.runtime.manifest import FULL_NAME, Manifest, load_manifest
+from edgeexit.runtime.manifest import FULL_NAME, Manifest, check_graph_io, load_manifest
 from edgeexit.runtime.policies import Policy, get_policy
 from edgeexit.runtime.providers import resolve_providers
 
@@ -46,15 +46,17 @@ def check_batch(x: object, input_shape: Sequence[int]) -> np.ndarray:
         raise InputError(f"input must be a numpy array, got {type(x).__name__}")
     expected = tuple(input_shape)
     if x.dtype != np.float32:
-        raise InputError(f"input dtype must be float32, got {x.dtype}")
+        raise InputError(f"input dtype must be float32, got {x.dtype} (convert with x.astype(np.float32))")
     if x.ndim != 4:
         raise InputError(f"input must have shape (N, {', '.join(map(str, expected))}), got rank {x.ndim} {x.shape}")
     if tuple(x.shape[1:]) != expected:
         raise InputError(f"input sample shape must be {expected}, got {tuple(x.shape[1:])}")
     if x.shape[0] == 0:
         raise InputError("input batch is empty")
-    if not np.isfinite(x).all():
-        raise InputError("input contains NaN or infinite values")
+    for start in range(0, len(x), DEFAULT_CHUNK):  # chunked so a huge batch needs no full-size mask
+        finite = np.isfinite(x[start : start + DEFAULT_CHUNK]).all(axis=(1, 2, 3))
+        if not finite.all():
+            raise InputError(f"input sample {start + int(np.argmin(finite))} contains NaN or infinite values")
     return np.ascontiguousarray(x)
 
 
@@ -81,7 +83,7 @@ class CascadeRunner:
         self.chunk_size = chunk_size
         self.providers = resolve_providers(device, cache_dir=self.manifest.root / "cache")
         self._options = session_options(threads)
-        self.sessions = [self._session(stage["file"]) for stage in self.manifest.stages]
+        self.sessions = [self._session(stage["file"], stage["inputs"], stage["outputs"]) for stage in self.manifest.stages]
         self.output_names = [[t["name"] for t in stage["outputs"]] for stage in self.manifest.stages]
         self._input_names = [stage["inputs"][0]["name"] for stage in self.manifest.stages]
         self._roles = [list(exit_spec["outputs"].items()) for exit_spec in self.manifest.exits]
@@ -98,12 +100,15 @@ class CascadeRunner:
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
-    def _session(self, name: str) -> ort.InferenceSession:
+    def _session(self, name: str, inputs: list[dict], outputs: list[dict]) -> ort.InferenceSession:
+        """A session for one graph, refused unless its inputs/outputs match the manifest's."""
         path = self.manifest.path(name)
         try:
-            return ort.InferenceSession(str(path), self._options, providers=self.providers)
+            session = ort.InferenceSession(str(path), self._options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises several private exception types
-            raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+            raise BundleError(f"onnxruntime cannot load {path}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+        check_graph_io(name, inputs, outputs, session.get_inputs(), session.get_outputs())
+        return session
 
     @property
     def num_exits(self) -> int:
@@ -192,7 +197,7 @@ class CascadeRunner:
     def full_session(self) -> ort.InferenceSession:
         """The session of full.onnx (the plain backbone), created on first use."""
         if self._full is None:
-            self._full = self._session(FULL_NAME)
+            self._full = self._session(FULL_NAME, *self.manifest.full_tensors())
         return self._full
 
     def predict_full(self, x: np.ndarray) -> np.ndarray:
