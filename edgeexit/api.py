@@ -14,7 +14,7 @@ from edgeexit.cuts import CutGraph
 from edgeexit.data import load_data
 from edgeexit.methods import get_method
 from edgeexit.models import save_model
-from edgeexit.placement import SCHEMES, place_exits
+from edgeexit.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
 from edgeexit.runtime.errors import ConfigError
 from edgeexit.trainer import build_model, train_model
 
@@ -83,17 +83,22 @@ def eval_arrays(name: str, split: str, input_spec: dict) -> tuple[np.ndarray, np
 
 
 def describe_cuts(backbone: str, input_size: int, channels: int | None, num_exits: int) -> list[str]:
-    """Lines listing candidate cut points, cumulative MACs and which placement schemes pick each."""
+    """Lines listing candidate cut points, cumulative MACs, and each placement scheme's targets and picks."""
     channels = channels or (1 if backbone.startswith(("resnet", "eenet")) else 3)
     net = build_backbone(backbone, 10, channels)
     graph = CutGraph(net, (channels, input_size, input_size))
+    check_exit_count(num_exits, graph.candidates)
     picks: dict[str, list[str]] = {}
+    schemes = []
     for scheme in SCHEMES:
+        targets = ", ".join(f"{t:.3f}" for t in scheme_targets(scheme, num_exits))
         try:
-            for point in place_exits(scheme, num_exits, graph.candidates):
-                picks.setdefault(point.name, []).append(scheme)
-        except ConfigError:
-            continue
+            points, why = [p.name for p in place_exits(scheme, num_exits, graph.candidates)], ""
+        except ConfigError as exc:
+            points, why = [], f"none ({str(exc).split(': ', 1)[1]})"
+        for name in points:
+            picks.setdefault(name, []).append(scheme)
+        schemes.append(f"  {scheme:<10} targets {targets} -> {', '.join(points) or why}")
     lines = [f"{backbone} at {channels}x{input_size}x{input_size}: {graph.full_macs / 1e6:.2f} MMACs, "
              f"{len(graph.candidates)} cut points (schemes pick {num_exits} exits)"]
     lines.append(f"{'cut point':<22}{'feature shape':<16}{'cum. MMACs':>11}{'fraction':>10}  schemes")
@@ -101,7 +106,8 @@ def describe_cuts(backbone: str, input_size: int, channels: int | None, num_exit
         shape = "x".join(map(str, point.shape))
         lines.append(f"{point.name:<22}{shape:<16}{point.cumulative_macs / 1e6:>11.2f}{point.fraction:>10.3f}  "
                      f"{', '.join(picks.get(point.name, []))}")
-    return lines
+    lines.append("schemes (exit i at the first cut point after exit i-1 whose fraction reaches target i):")
+    return lines + schemes
 
 
 def demo(out: str, epochs: int = 8) -> dict[str, dict]:

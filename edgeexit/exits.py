@@ -27,7 +27,11 @@ def register_exit(name: str) -> Callable:
 
 
 class ConfidenceExit(nn.Module):
-    """EENets exit block: a trunk, then a softmax (classifier) branch and a sigmoid confidence branch."""
+    """EENets exit block: a trunk, then a softmax (classifier) branch and a sigmoid confidence branch.
+
+    Each branch is one linear layer on the trunk's features, as in the paper. The classifier
+    returns logits; the softmax is applied where probabilities are used (loss, runtime).
+    """
 
     outputs: tuple[str, ...] = ("logits", "confidence")
 
@@ -57,7 +61,7 @@ def pool_exit(feature_shape: Sequence[int], num_classes: int) -> ConfidenceExit:
 
 @register_exit("bnpool")
 def bnpool_exit(feature_shape: Sequence[int], num_classes: int) -> ConfidenceExit:
-    """EENets Bnpool: batch norm and ReLU before global average pooling."""
+    """EENets Bnpool: batch norm and ReLU, then global average pooling, then both branches."""
     channels = feature_shape[0]
     trunk = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
     return ConfidenceExit(trunk, channels, num_classes)

@@ -1,8 +1,9 @@
 """Loss registry: name -> training objective over all exits' outputs.
 
 A loss takes the exits' outputs (tuples in each exit's `outputs` order), the final
-logits, the targets, each exit's relative cost (last = 1.0 for the final classifier)
-and lambda, and returns a scalar.
+logits, the targets, each exit's relative cost (EarlyExitModel.exit_costs: MACs of the
+segments and heads run up to that exit / full backbone MACs, the exporter's numbers; the
+last entry is the final classifier's) and lambda, and returns a scalar.
 """
 from __future__ import annotations
 
@@ -50,14 +51,22 @@ def _nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @register_loss("v1")
 def eenet_v1(exit_outputs, final_logits, target, costs, lam):
-    """EENets v1: L = CE(P_0) + lambda * mean(C_0); can leave later exits dead."""
+    """EENets L_v1 = CE(P_0) + lambda * mean(C_0) on the full mixture only.
+
+    Once an early confidence saturates near 1, every later term is multiplied by ~0: those
+    exits (and the final classifier) get no gradient and become dead exits.
+    """
     probs, cost = _cascade_terms(exit_outputs, final_logits, costs)[0]
     return _nll(probs, target) + lam * cost.mean()
 
 
 @register_loss("v2")
 def eenet_v2(exit_outputs, final_logits, target, costs, lam):
-    """EENets v2: the v1 terms summed over every exit's mixture, so each exit gets its own signal."""
+    """EENets L_v2 = sum over i = 0..N of CE(P_i) + lambda * mean(C_i) (eenets.pytorch loss_v2).
+
+    Each exit's mixture of itself and what follows is trained as if it were the first, so
+    later exits and the final classifier keep their own gradient: no dead exits.
+    """
     return sum(_nll(probs, target) + lam * cost.mean() for probs, cost in _cascade_terms(exit_outputs, final_logits, costs))
 
 

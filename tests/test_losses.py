@@ -1,0 +1,102 @@
+"""EENets losses v1/v2: the recursive mixtures on hand-made tensors, and v2's cure for dead exits."""
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgeexit.cli import main
+from edgeexit.losses import LOSSES, get_loss
+from edgeexit.runtime.errors import ConfigError
+
+# two exits and the final classifier, one input of true class 0, probabilities given as log-logits
+P0, P1, PF = [0.9, 0.1], [0.6, 0.4], [0.2, 0.8]
+H0, H1 = 0.5, 0.25
+COSTS = [0.2, 0.5, 1.0]
+LAM = 0.5
+
+
+def hand_made(h0: float = H0, h1: float = H1) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Exit outputs (logits, confidence) and final logits whose softmaxes are P0, P1, PF."""
+    logits = [torch.tensor([p]).log().requires_grad_() for p in (P0, P1, PF)]
+    confidences = [torch.tensor([[h]], requires_grad=True) for h in (h0, h1)]
+    exits = [(logits[0], confidences[0]), (logits[1], confidences[1])]
+    return exits, logits[2], torch.tensor([0])
+
+
+def test_v1_is_ce_and_cost_of_the_full_recursive_mixture():
+    exits, final, target = hand_made()
+    # P_1 = h1 p1 + (1 - h1) pF ; P_0 = h0 p0 + (1 - h0) P_1 ; same recursion for the cost
+    p1_mix = H1 * P1[0] + (1 - H1) * PF[0]
+    p0_mix = H0 * P0[0] + (1 - H0) * p1_mix
+    c1_mix = H1 * COSTS[1] + (1 - H1) * COSTS[2]
+    c0_mix = H0 * COSTS[0] + (1 - H0) * c1_mix
+    assert (p1_mix, p0_mix, c0_mix) == pytest.approx((0.3, 0.6, 0.5375))
+    loss = get_loss("v1")(exits, final, target, COSTS, LAM)
+    assert loss.item() == pytest.approx(-math.log(p0_mix) + LAM * c0_mix, rel=1e-6)
+
+
+def test_v2_sums_the_loss_of_every_exits_mixture_and_the_final():
+    exits, final, target = hand_made()
+    p1_mix = H1 * P1[0] + (1 - H1) * PF[0]
+    p0_mix = H0 * P0[0] + (1 - H0) * p1_mix
+    c1_mix = H1 * COSTS[1] + (1 - H1) * COSTS[2]
+    c0_mix = H0 * COSTS[0] + (1 - H0) * c1_mix
+    expected = sum(-math.log(p) + LAM * c for p, c in [(p0_mix, c0_mix), (p1_mix, c1_mix), (PF[0], COSTS[2])])
+    loss = get_loss("v2")(exits, final, target, COSTS, LAM)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_batch_terms_are_means_over_inputs():
+    single = [get_loss("v1")(*hand_made(h0, h1), COSTS, LAM) for h0, h1 in [(0.5, 0.25), (0.9, 0.1)]]
+    exits_a, final, _ = hand_made(0.5, 0.25)
+    exits_b, _, _ = hand_made(0.9, 0.1)
+    batched = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(exits_a, exits_b)]
+    loss = get_loss("v1")(batched, torch.cat([final, final]), torch.tensor([0, 0]), COSTS, LAM)
+    assert loss.item() == pytest.approx(sum(s.item() for s in single) / 2, rel=1e-6)
+
+
+def test_v1_starves_later_exits_once_the_first_is_sure_and_v2_does_not():
+    """With h_0 = 1 the v1 mixture is exit 0 alone: exit 1 and the final get no gradient (dead)."""
+    grads = {}
+    for name in ("v1", "v2"):
+        exits, final, target = hand_made(h0=1.0)
+        get_loss(name)(exits, final, target, COSTS, LAM).backward()
+        grads[name] = [exits[1][0].grad.abs().sum().item(), exits[1][1].grad.abs().sum().item(),
+                       final.grad.abs().sum().item()]
+    assert grads["v1"] == [0.0, 0.0, 0.0]
+    assert all(g > 1e-3 for g in grads["v2"])
+
+
+def test_cost_term_pulls_confidence_up_when_predictions_are_equal():
+    """Same prediction everywhere: only the cost differs, so leaving early must lower the loss."""
+    exits, final, target = hand_made()
+    same = [(final.detach().clone(), conf) for _, conf in exits]
+    get_loss("v1")(same, final.detach(), target, COSTS, LAM).backward()
+    assert all(conf.grad.item() < 0 for _, conf in same)
+
+
+def test_lambda_zero_leaves_only_the_classification_term():
+    exits, final, target = hand_made()
+    with_cost = get_loss("v2")(exits, final, target, COSTS, 1.0).item()
+    without = get_loss("v2")(exits, final, target, COSTS, 0.0).item()
+    c1_mix = H1 * COSTS[1] + (1 - H1) * COSTS[2]
+    c0_mix = H0 * COSTS[0] + (1 - H0) * c1_mix
+    assert with_cost - without == pytest.approx(c0_mix + c1_mix + COSTS[2], rel=1e-6)
+
+
+def test_unknown_loss_lists_the_registry():
+    with pytest.raises(ConfigError, match="unknown loss 'v9'.*v1, v2"):
+        get_loss("v9")
+    assert {"v1", "v2"} <= set(LOSSES)
+
+
+def test_cli_unknown_loss_is_one_line_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "model.pt"
+    result = CliRunner().invoke(main, ["train", "--backbone", "resnet8", "--input-size", "16", "--epochs", "1",
+                                       "--loss", "v9", "--out", str(out)])
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown loss 'v9'")
+    assert all(name in lines[0] for name in ("v1", "v2"))
+    assert not out.exists()
