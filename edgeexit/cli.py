@@ -106,10 +106,17 @@ def main() -> None:
 @click.option("--threshold", type=float, default=None, help="Default exit threshold written into the model.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default="model.pt", show_default=True, type=click.Path(dir_okay=False), help="Output model.pt.")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False),
+              help="Pre-trained backbone weights (a state_dict file, or a checkpoint with 'state_dict'/'model'); never downloaded.")
+@click.option("--branch-channels", type=int, default=None, help="Branch exits: conv channels (default: the cut's).")
+@click.option("--branch-depth", type=int, default=None, help="Branch exits: conv-BN-ReLU blocks (default 2).")
 def train(**opts: Any) -> None:
     """Train an exit-augmented model and write model.pt.
 
+    \b
     Example: edgeexit train --data digits --backbone resnet20 --num-exits 2 --epochs 10 --out model.pt
+    PTEENet (branches on a frozen pre-trained backbone, see `edgeexit pretrain`):
+      edgeexit train --method pteenet --backbone torchvision:resnet18 --weights backbone.pt --data digits
     """
     api = train_side("edgeexit.api")
     summary = api.train(**opts, progress=True)
@@ -117,6 +124,27 @@ def train(**opts: Any) -> None:
         f"wrote {opts['out']}: cuts {', '.join(summary['cuts'])}; val accuracy {summary['val_accuracy']:.4f}, "
         f"early-exit rate {summary['val_exit_rate']:.2f}"
     )
+
+
+@main.command()
+@click.option("--backbone", required=True, help="Backbone name, e.g. resnet20 or torchvision:resnet18.")
+@click.option("--data", default="digits", show_default=True, help="digits, mnist, cifar10, cifar100, svhn or folder:PATH.")
+@click.option("--data-dir", default=None, help="Where torchvision data sets live.")
+@click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
+@click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="backbone.pt", show_default=True, type=click.Path(dir_okay=False), help="Output state_dict.")
+def pretrain(**opts: Any) -> None:
+    """Train a plain backbone (no exits) and write its state_dict, the input of `train --weights`.
+
+    Example: edgeexit pretrain --backbone torchvision:resnet18 --data digits --input-size 32 --out backbone.pt
+    """
+    pretrained = train_side("edgeexit.pretrained")
+    summary = pretrained.pretrain_backbone(**opts, progress=True)
+    click.echo(f"wrote {opts['out']}: val accuracy {summary['val_accuracy']:.4f}, test accuracy {summary['test_accuracy']:.4f}")
 
 
 @main.command("export")
@@ -158,11 +186,12 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
 @click.option("--input", "input_path", default=None, help="An image, a folder of images or a .npy array.")
 @click.option("--split", default="test", show_default=True, help="Data split to evaluate.")
 @click.option("--threshold", default=None, help="Override thresholds: T or T1,T2,...")
+@click.option("--beta", type=float, default=None, help="Class-exclusion bundles: override the dynamic-threshold beta in [0, 1].")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
 def run(bundle: str, device: str, data: str | None, input_path: str | None, split: str, threshold: str | None,
-        batch_size: int, threads: int | None, json_path: str | None) -> None:
+        beta: float | None, batch_size: int, threads: int | None, json_path: str | None) -> None:
     """Run a bundle as an early-exit cascade and report accuracy, MACs, exits and latency.
 
     Example: edgeexit run bundle/ --device cpu --data digits --json report.json
@@ -172,7 +201,8 @@ def run(bundle: str, device: str, data: str | None, input_path: str | None, spli
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    runner = CascadeRunner(bundle, device=device, threads=threads, thresholds=parse_thresholds(threshold))
+    policy_args = None if beta is None else {"beta": beta}
+    runner = CascadeRunner(bundle, device=device, threads=threads, thresholds=parse_thresholds(threshold), policy_args=policy_args)
     x, labels = _load_run_data(runner, data, input_path, split)
     report, result = run_report(runner, x, labels, batch_size)
     if labels is None:
@@ -283,6 +313,93 @@ def demo(out: str, epochs: int) -> None:
             f"{row['latency_ms']['p50']:>9.3f}{row['latency_ms']['p95']:>9.3f}"
         )
     click.echo(f"wrote {out}/model.pt, {out}/bundle/, {out}/report.json")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--data", default="digits", show_default=True, help="Labeled data: digits, folder:PATH, or a torchvision set.")
+@click.option("--split", default="val", show_default=True, help="Data split to calibrate on (keep test for evaluation).")
+@click.option("--target-drop", type=float, default=None, help="Lowest MACs within this accuracy drop (percentage points vs the final classifier).")
+@click.option("--budget", type=float, default=None, help="Best accuracy within this fraction of the full model's MACs.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+def calibrate(bundle: str, data: str, split: str, target_drop: float | None, budget: float | None,
+              threads: int | None) -> None:
+    """Choose per-exit thresholds for an accuracy-drop or MACs-budget target and write them into the manifest.
+
+    Example: edgeexit calibrate bundle/ --data digits --split val --target-drop 1.0
+    """
+    from edgeexit.runtime.calibrate import apply_calibration, calibrate as run_calibration, describe, stderr_progress
+    from edgeexit.runtime.cascade import CascadeRunner
+
+    if (target_drop is None) == (budget is None):
+        raise ConfigError("give exactly one of --target-drop POINTS or --budget FRACTION")
+    objective = ("target_drop", target_drop) if target_drop is not None else ("budget", budget)
+    runner = CascadeRunner(bundle, threads=threads)
+    x, labels = _load_run_data(runner, data, None, split)
+    record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress)
+    apply_calibration(bundle, record)
+    chosen = record["chosen"]
+    status = "met" if chosen["met"] else "NOT met (closest point chosen)"
+    click.echo(f"reference accuracy {record['reference_accuracy']:.4f} on {data}/{split}; target {status}")
+    click.echo(f"operating point: {describe(chosen)}")
+    click.echo(f"wrote thresholds and calibration curve into {bundle}/manifest.json")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--data", default="digits", show_default=True, help="Labeled data: digits, folder:PATH, or a torchvision set.")
+@click.option("--split", default="test", show_default=True, help="Data split to benchmark on.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, ...")
+@click.option("--threads", type=int, default=None, help="onnxruntime (and PyTorch) intra-op threads.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
+              help="model.pt the bundle was exported from: adds a PyTorch eager baseline (needs torch).")
+@click.option("--limit", type=int, default=None, help="Use only the first N inputs.")
+@click.option("--sweep-points", type=int, default=6, show_default=True, help="Thresholds timed in the sweep.")
+@click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json and PNGs.")
+def bench(bundle: str, data: str, split: str, device: str, threads: int | None, batch_size: int,
+          model_path: str | None, limit: int | None, sweep_points: int, out: str) -> None:
+    """Measure full.onnx vs the cascade (and PyTorch eager) on the same inputs; write bench.json and plots.
+
+    Example: edgeexit bench bundle/ --data digits --threads 1 --batch-size 1 --model model.pt --out bench/
+    """
+    from edgeexit.runtime.bench import run_bench
+    from edgeexit.runtime.bench_plots import write_plots
+    from edgeexit.runtime.calibrate import stderr_progress
+    from edgeexit.runtime.cascade import CascadeRunner
+
+    if sweep_points < 2:
+        raise ConfigError(f"--sweep-points must be >= 2, got {sweep_points}")
+    runner = CascadeRunner(bundle, device=device, threads=threads)
+    x, labels = _load_run_data(runner, data, None, split)
+    if limit is not None:
+        x, labels = x[:limit], labels[:limit]
+    baselines = {}
+    if model_path is not None:
+        baselines["pytorch_eager"] = train_side("edgeexit.eager").eager_predictor(model_path, threads)
+    report = run_bench(runner, x, labels, batch_size, baselines, sweep_points, progress=stderr_progress)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    plots = write_plots(report, out)
+    write_json(Path(out) / "bench.json", report)
+    click.echo(format_bench(report))
+    click.echo(f"wrote {Path(out) / 'bench.json'} and {', '.join(p.name for p in plots)}")
+
+
+def format_bench(report: dict) -> str:
+    """A small table of a bench report."""
+    rows = [name for name in ("full_onnx", "cascade", "cascade_no_exit", "pytorch_eager") if name in report]
+    lines = [f"{'variant':<17}{'accuracy':>9}{'rel. MACs':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'inputs/s':>10}"]
+    for name in rows:
+        row, lat = report[name], report[name]["latency_ms"]
+        acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        lines.append(f"{name:<17}{acc:>9}{row['relative_macs']:>10.3f}{lat['p50']:>9.3f}{lat['p95']:>9.3f}"
+                     f"{lat['p99']:>9.3f}{row['throughput_per_s']:>10.0f}")
+    speed = report["speedup"]
+    lines.append(f"speedup realized {speed['realized']:.2f}x vs MACs-predicted {speed['macs_predicted']:.2f}x "
+                 f"(ratio {speed['realized_over_predicted']:.2f}); no-exit/full {speed['no_exit_over_full']:.3f}")
+    if "oracle" in report:
+        lines.append(f"oracle: accuracy {report['oracle']['accuracy']:.4f} at relative MACs {report['oracle']['relative_macs']:.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,23 @@
+"""PyTorch eager baseline for `edgeexit bench`: the plain backbone of model.pt as a numpy -> logits callable."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgeexit.models import load_model
+
+
+def eager_predictor(model_path: str | os.PathLike, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The same computation as full.onnx (backbone, eval mode, no grad) run by PyTorch eager."""
+    if threads:
+        torch.set_num_threads(threads)
+    backbone = load_model(model_path).backbone.eval()
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return backbone(torch.from_numpy(x)).numpy()
+
+    return predict

@@ -1,0 +1,241 @@
+"""Threshold calibration: choose per-exit thresholds for an accuracy-drop or a MACs-budget target.
+
+The bundle runs once over the calibration data with every exit's outputs kept
+(CascadeRunner.stage_outputs); after that the cascade is simulated in numpy with the
+runtime's own Policy objects, so what calibration picks is exactly what `run` does, for
+every policy in POLICIES (stateful ones such as class exclusion included).
+
+Search (direction-agnostic: it never assumes whether a policy exits above or below T):
+1. Candidate grid per exit: GRIDS[policy kind] if registered, else quantiles of the
+   policy's score on the calibration data (plus the finite ends of its threshold range),
+   else an even grid over a finite threshold range. Exits of the same policy kind share
+   one pooled grid so that step 2 is a sweep of one shared threshold, the `--threshold T`
+   knob users have at run time.
+2. Shared sweep: every grid value applied to all exits; this is the recorded curve.
+3. Coordinate descent from the best shared point: per exit, try each of its candidates
+   with the other exits fixed, keep the best, repeat until a round changes nothing.
+   Decisions at exit k depend only on thresholds 0..k (the policy state flows forward),
+   so they are cached by that prefix and a pass over a late exit reuses the early ones.
+Every evaluated point feeds the Pareto front (accuracy vs relative MACs) stored too.
+
+Calibrated numbers are measured on the calibration data itself (in-sample): calibrate on
+`val`, evaluate on `test`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edgeexit.runtime.cascade import CascadeRunner
+from edgeexit.runtime.errors import ConfigError
+from edgeexit.runtime.manifest import load_manifest, save_manifest
+from edgeexit.runtime.policies import Policy
+
+GRID_SIZE = 41
+MAX_ROUNDS = 4
+Objective = tuple[str, float]  # ("target_drop", points) or ("budget", fraction)
+GRIDS: dict[str, Callable[[Policy, Sequence[dict[str, np.ndarray]], int], np.ndarray]] = {}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One simulated operating point of the cascade."""
+
+    thresholds: tuple[float, ...]
+    accuracy: float
+    relative_macs: float
+    exit_counts: tuple[int, ...]
+
+    def as_dict(self) -> dict:
+        return {"thresholds": list(self.thresholds), "accuracy": self.accuracy,
+                "relative_macs": self.relative_macs, "exit_counts": list(self.exit_counts)}
+
+
+def score_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]], size: int = GRID_SIZE) -> np.ndarray:
+    """Default candidates: score quantiles over the data, or an even grid over a finite range."""
+    low, high = policy.threshold_range
+    try:
+        scores = np.concatenate([policy.scores(o) for o in outputs]).astype(np.float64)
+    except NotImplementedError:  # a policy without a single per-input score (e.g. stateful)
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ConfigError(f"policy '{policy.name}' needs a calibration grid in calibrate.GRIDS") from None
+        return np.linspace(low, high, size)
+    values = np.quantile(scores, np.linspace(0.0, 1.0, size - 2))
+    ends = [v for v in (low, high) if np.isfinite(v)]
+    return np.unique(np.clip(np.concatenate([values, ends]), low, high))
+
+
+def candidate_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+    """The thresholds calibration tries for a policy (a registered grid wins over the default)."""
+    return np.asarray(GRIDS.get(policy.name, score_grid)(policy, outputs, GRID_SIZE), dtype=np.float64)
+
+
+class CascadeSimulator:
+    """The cascade's exit decisions replayed in numpy from stored per-exit outputs."""
+
+    def __init__(self, policies: Sequence[Policy], exit_outputs: Sequence[dict[str, np.ndarray]],
+                 final_logits: np.ndarray, labels: np.ndarray, exit_costs: Sequence[float]) -> None:
+        self.policies = list(policies)
+        self.exit_outputs = list(exit_outputs)
+        self.final_logits = final_logits
+        self.labels = labels
+        self.costs = np.asarray(exit_costs, dtype=np.float64)
+        self.num_classes = final_logits.shape[1]
+        self._cache: dict[tuple[float, ...], tuple[np.ndarray, np.ndarray, object]] = {}
+        self.evaluated: dict[tuple[float, ...], Point] = {}
+
+    def _decide(self, thresholds: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, object]:
+        """(exits, predictions, state) at exit len(thresholds)-1 for every input, cached by prefix."""
+        if thresholds not in self._cache:
+            k = len(thresholds) - 1
+            state = self.policies[0].start(len(self.labels), self.num_classes) if k == 0 else self._decide(thresholds[:-1])[2]
+            policy = dataclasses.replace(self.policies[k], threshold=thresholds[k])
+            self._cache[thresholds] = policy.decide(self.exit_outputs[k], state)
+        return self._cache[thresholds]
+
+    def evaluate(self, thresholds: Sequence[float]) -> Point:
+        """Accuracy, relative MACs and exit counts of the cascade at these thresholds."""
+        key = tuple(float(t) for t in thresholds)
+        if key in self.evaluated:
+            return self.evaluated[key]
+        n = len(self.labels)
+        last = len(self.policies)
+        exit_index = np.full(n, last, dtype=np.int64)
+        predictions = np.empty(n, dtype=np.int64)
+        alive = np.ones(n, dtype=bool)
+        state = None
+        for k in range(last):
+            exits, preds, state = self._decide(key[: k + 1])
+            leaving = exits & alive
+            exit_index[leaving] = k
+            predictions[leaving] = preds[leaving]
+            alive &= ~exits
+        if alive.any():
+            final = dataclasses.replace(self.policies[-1], threshold=key[-1]).final(self.final_logits, state)
+            predictions[alive] = final[alive]
+        point = Point(key, float((predictions == self.labels).mean()), float(self.costs[exit_index].mean()),
+                      tuple(np.bincount(exit_index, minlength=last + 1).tolist()))
+        self.evaluated[key] = point
+        return point
+
+    def pareto(self) -> list[Point]:
+        """Evaluated points no other point beats on both accuracy and MACs, by rising MACs."""
+        front, best = [], -1.0
+        for point in sorted(self.evaluated.values(), key=lambda p: (p.relative_macs, -p.accuracy)):
+            if point.accuracy > best:
+                front.append(point)
+                best = point.accuracy
+        return front
+
+
+def objective_key(objective: Objective, reference_accuracy: float) -> Callable[[Point], tuple]:
+    """Sort key (smaller is better): constraint violation first, then the objective, then the other metric."""
+    kind, value = objective
+    if kind == "target_drop":
+        floor = reference_accuracy - value / 100.0
+        return lambda p: (max(0.0, floor - p.accuracy - 1e-12), p.relative_macs, -p.accuracy)
+    if kind == "budget":
+        return lambda p: (max(0.0, p.relative_macs - value - 1e-12), -p.accuracy, p.relative_macs)
+    raise ConfigError(f"unknown calibration objective '{kind}'")
+
+
+def shared_grids(policies: Sequence[Policy], outputs: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """One candidate grid per exit; exits of the same policy kind share a grid pooled over them."""
+    by_kind: dict[str, list[int]] = {}
+    for index, policy in enumerate(policies):
+        by_kind.setdefault(policy.name, []).append(index)
+    grids: list[np.ndarray] = [np.empty(0)] * len(policies)
+    for indices in by_kind.values():
+        grid = candidate_grid(policies[indices[0]], [outputs[i] for i in indices])
+        for i in indices:
+            grids[i] = grid
+    return grids
+
+
+def search(sim: CascadeSimulator, grids: Sequence[np.ndarray], key: Callable[[Point], tuple],
+           progress: Callable[[str], None]) -> tuple[Point, list[Point]]:
+    """Shared sweep then per-exit coordinate descent; returns the chosen point and the sweep curve."""
+    levels = max(len(g) for g in grids)
+    curve = []
+    for level in range(levels):
+        thresholds = [g[round(level * (len(g) - 1) / max(levels - 1, 1))] for g in grids]
+        curve.append(sim.evaluate(thresholds))
+    best = min(curve, key=key)
+    progress(f"shared sweep: {len(curve)} points, best {describe(best.as_dict())}")
+    for round_index in range(MAX_ROUNDS):
+        start = best
+        for k, grid in enumerate(grids):
+            trials = [sim.evaluate([*best.thresholds[:k], t, *best.thresholds[k + 1 :]]) for t in grid]
+            best = min([best, *trials], key=key)
+        progress(f"refinement round {round_index + 1}: {describe(best.as_dict())}")
+        if best == start:
+            break
+    return best, sorted(curve, key=lambda p: p.relative_macs)
+
+
+def describe(point: dict) -> str:
+    """One line of an operating point (Point.as_dict()) for progress output and the CLI."""
+    thresholds = ",".join(f"{t:.4g}" for t in point["thresholds"])
+    return (f"thresholds {thresholds}  accuracy {point['accuracy']:.4f}  relative MACs {point['relative_macs']:.3f}  "
+            f"exits {point['exit_counts']}")
+
+
+def stderr_progress(message: str) -> None:
+    """Progress lines on stderr (runtime code has no tqdm)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def calibrate(
+    runner: CascadeRunner,
+    x: np.ndarray,
+    labels: np.ndarray,
+    objective: Objective,
+    data: dict | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Choose thresholds for `objective` on (x, labels); returns the calibration record."""
+    if len(x) != len(labels):
+        raise ConfigError(f"calibration data has {len(x)} inputs but {len(labels)} labels")
+    kind, value = objective
+    if kind == "target_drop" and not value >= 0:
+        raise ConfigError(f"--target-drop must be >= 0 percentage points, got {value}")
+    if kind == "budget" and not 0 < value <= 1:
+        raise ConfigError(f"--budget must be a fraction of the full model's MACs in (0, 1], got {value}")
+    started = time.perf_counter()
+    progress(f"running {len(runner.sessions)} stages over {len(x)} calibration inputs")
+    exit_outputs, final_logits = runner.stage_outputs(x)
+    reference = float((final_logits.argmax(axis=1) == labels).mean())
+    sim = CascadeSimulator(runner.policies, exit_outputs, final_logits, labels, runner.manifest.exit_costs())
+    grids = shared_grids(runner.policies, exit_outputs)
+    key = objective_key(objective, reference)
+    chosen, curve = search(sim, grids, key, progress)
+    met = key(chosen)[0] == 0.0
+    if not met:
+        progress("warning: no candidate meets the target; chose the closest point")
+    return {
+        "data": {**(data or {}), "samples": int(len(x))},
+        "objective": {kind: value},
+        "reference_accuracy": reference,
+        "policies": [p.name for p in runner.policies],
+        "search": {"method": "shared sweep + per-exit coordinate descent", "grid_sizes": [len(g) for g in grids],
+                   "evaluated": len(sim.evaluated), "seconds": round(time.perf_counter() - started, 3)},
+        "curve": [p.as_dict() for p in curve],
+        "pareto": [p.as_dict() for p in sim.pareto()],
+        "chosen": {**chosen.as_dict(), "met": met},
+    }
+
+
+def apply_calibration(bundle: str, record: dict) -> dict:
+    """Write the chosen thresholds into each exit's policy plus the record, atomically; returns the manifest."""
+    manifest = load_manifest(bundle, check_hashes=False)
+    data = manifest.data
+    for stage, threshold in zip(data["stages"][:-1], record["chosen"]["thresholds"]):
+        stage["exit"]["policy"]["threshold"] = float(threshold)
+    data["calibration"] = record
+    save_manifest(bundle, data)
+    return data

@@ -1,0 +1,70 @@
+"""`edgeexit bench` on the tiny bundle: valid JSON, consistent variants, real PNGs."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeexit.cli import main
+from edgeexit.runtime.bench import oracle
+from edgeexit.runtime.bench_plots import PLOTS, write_plots
+from edgeexit.runtime.errors import MissingExtraError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tiny_bundle, tiny_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = CliRunner().invoke(main, [
+        "bench", str(tiny_bundle), "--data", "digits", "--threads", "1", "--batch-size", "4", "--limit", "48",
+        "--sweep-points", "3", "--model", str(tiny_model_path), "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "speedup realized" in result.output
+    return out
+
+
+def test_bench_json_is_complete_and_consistent(bench_dir):
+    report = json.loads((bench_dir / "bench.json").read_text())
+    for key in ("accuracy", "relative_macs", "exit_counts", "latency_ms", "device", "providers", "threads", "batch_size"):
+        assert key in report
+    assert report["samples"] == 48 and report["batch_size"] == 4 and report["threads"] == 1
+    for variant in ("full_onnx", "cascade", "cascade_no_exit", "pytorch_eager"):
+        lat = report[variant]["latency_ms"]
+        assert lat["calls"] == 12 and 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    no_exit = report["cascade_no_exit"]
+    assert no_exit["exit_counts"][:-1] == [0] * (len(no_exit["exit_counts"]) - 1)
+    assert no_exit["relative_macs"] >= 1.0
+    # the ONNX graphs and PyTorch eager compute the same backbone
+    assert abs(report["pytorch_eager"]["accuracy"] - report["full_onnx"]["accuracy"]) <= 1 / 48
+    assert report["oracle"]["accuracy"] >= report["full_onnx"]["accuracy"]
+    assert report["oracle"]["relative_macs"] <= 1.0
+    speed = report["speedup"]
+    assert speed["macs_predicted"] == pytest.approx(1 / report["relative_macs"])
+    assert len(report["sweep"]["measured"]) == 3 and report["sweep"]["simulated"]
+
+
+def test_bench_writes_pngs(bench_dir):
+    for name in PLOTS:
+        assert (bench_dir / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_oracle_takes_first_correct_exit():
+    labels = np.array([0, 1, 1])
+    exit_outputs = [{"logits": np.array([[9.0, 0], [9, 0], [9, 0]])}, {"logits": np.array([[0, 9.0], [0, 9], [9, 0]])}]
+    final = np.array([[9.0, 0], [0, 9], [0, 9]])
+    result = oracle(exit_outputs, final, labels, [0.2, 0.5, 1.0])
+    assert result["exit_counts"] == [1, 1, 1]
+    assert result["relative_macs"] == pytest.approx((0.2 + 0.5 + 1.0) / 3)
+    assert result["accuracy"] == 1.0
+
+
+def test_plots_without_matplotlib_is_one_line_error(bench_dir, monkeypatch, tmp_path):
+    report = json.loads((bench_dir / "bench.json").read_text())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingExtraError, match="matplotlib"):
+        write_plots(report, tmp_path)
