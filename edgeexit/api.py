@@ -38,16 +38,28 @@ def train(
     lam: float = 1.0,
     epochs: int = 10,
     batch_size: int = 64,
-    lr: float = 0.05,
+    lr: float = 3e-3,
+    warmup_epochs: int = 1,
     threshold: float | None = None,
     seed: int = 0,
     out: str = "model.pt",
     progress: bool = True,
+    weights: str | None = None,
+    branch_channels: int | None = None,
+    branch_depth: int | None = None,
 ) -> dict[str, Any]:
-    """Build, train and save a model; returns a summary (cuts, final validation metrics)."""
+    """Build, train and save a model; returns a summary (cuts, final validation metrics).
+
+    `weights` loads the backbone from a local file first (PTEENet post-trains a frozen,
+    pre-trained backbone and refuses to start without it); `branch_channels` and
+    `branch_depth` size the conv branches of exit type "branch".
+    """
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     spec = get_method(method)
+    if spec.frozen_backbone and not weights:
+        raise ConfigError(f"--method {method} post-trains a frozen backbone: pass its pre-trained weights with --weights FILE")
+    exit_args = {k: v for k, v in (("channels", branch_channels), ("depth", branch_depth)) if v is not None}
     torch.manual_seed(seed)
     splits = load_data(data, data_dir=data_dir, download=download, input_size=input_size)
     model = build_model(
@@ -59,11 +71,14 @@ def train(
         exit_at=_split_list(exit_at),
         method=method,
         threshold=threshold,
+        exit_args=exit_args,
+        weights=weights,
     )
     config = TrainConfig(data=data, data_dir=data_dir, download=download, epochs=epochs, batch_size=batch_size,
-                         lr=lr, loss=loss or spec.loss, lam=lam, seed=seed)
+                         lr=lr, loss=loss or spec.loss, lam=lam, seed=seed, warmup_epochs=warmup_epochs,
+                         warmup_loss=spec.warmup_loss)
     history = train_model(model, splits, config, progress=progress)
-    save_model(model, out, extra={"train": vars(config), "history": vars(history)})
+    save_model(model, out, extra={"train": vars(config), "history": vars(history), "backbone_weights": weights})
     return {
         "cuts": model.config.cuts,
         "val_accuracy": history.val_accuracy[-1],
@@ -134,7 +149,7 @@ def demo(out: str, epochs: int = 8) -> dict[str, dict]:
 DEMO_TRAINING: dict[str, Any] = {
     "backbone": "resnet20",
     "method": "eenet",
-    "exit_type": "pool",
+    "exit_type": "plain",
     "num_exits": 2,
     "placement": "pareto",
     "loss": "v2",

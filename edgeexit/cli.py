@@ -102,7 +102,9 @@ def main() -> None:
 @click.option("--lambda", "lam", type=float, default=1.0, show_default=True, help="Weight of the cost term.")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate (cosine schedule).")
+@click.option("--warmup-epochs", type=int, default=1, show_default=True,
+              help="Epochs of the method's warm-up loss (EENets: v0, classifiers only) before the main loss.")
 @click.option("--threshold", type=float, default=None, help="Default exit threshold written into the model.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default="model.pt", show_default=True, type=click.Path(dir_okay=False), help="Output model.pt.")

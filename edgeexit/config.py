@@ -45,9 +45,11 @@ class TrainConfig:
     download: bool = False
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float = 3e-3
     weight_decay: float = 5e-4
     loss: str = "v2"
     lam: float = 1.0
+    warmup_epochs: int = 1
+    warmup_loss: str | None = None
     seed: int = 0
     num_workers: int = 0

@@ -49,6 +49,16 @@ def _nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.nll_loss(torch.log(probs.clamp_min(EPS)), target)
 
 
+@register_loss("v0")
+def eenet_v0(exit_outputs, final_logits, target, costs, lam):
+    """EENets v0: the sum of every classifier's own CE, no confidence or cost (first stage of two-stage training).
+
+    Used as a warm-up: a confidence head trained jointly with a still-random classifier
+    learns to say 'never exit' and saturates before its classifier becomes useful.
+    """
+    return F.cross_entropy(final_logits, target) + sum(F.cross_entropy(outputs[0], target) for outputs in exit_outputs)
+
+
 @register_loss("v1")
 def eenet_v1(exit_outputs, final_logits, target, costs, lam):
     """EENets L_v1 = CE(P_0) + lambda * mean(C_0) on the full mixture only.
@@ -68,6 +78,36 @@ def eenet_v2(exit_outputs, final_logits, target, costs, lam):
     later exits and the final classifier keep their own gradient: no dead exits.
     """
     return sum(_nll(probs, target) + lam * cost.mean() for probs, cost in _cascade_terms(exit_outputs, final_logits, costs))
+
+
+@register_loss("exclusion")
+def class_exclusion(exit_outputs, final_logits, target, costs, lam):
+    """Class-exclusion-aware objective: L = CE(final logits, y) + lambda * sum over exits k of L_ex(s_k).
+
+    L_ex(s) = mean over inputs of sum_c w_c * BCE(s_c, y_c), y = one-hot target, with
+    w = C - 1 for the true class and 1 for the others: per-class binary cross-entropy on the
+    exclusion heads' sigmoid scores (the authors' code trains them with BCE), weighted so that
+    excluding the true class, which no later stage can undo, costs as much as keeping all
+    C - 1 wrong classes, which only costs compute. `costs` is unused: every exit is trained alike.
+    """
+    num_classes = final_logits.shape[1]
+    onehot = F.one_hot(target, num_classes).to(final_logits.dtype)
+    weight = 1 + (num_classes - 2) * onehot
+    exclusion = sum(
+        F.binary_cross_entropy(scores, onehot, weight=weight, reduction="none").sum(1).mean() for (scores,) in exit_outputs
+    )
+    return F.cross_entropy(final_logits, target) + lam * exclusion
+
+
+@register_loss("pteenet")
+def pteenet(exit_outputs, final_logits, target, costs, lam):
+    """PTEENet: EENets v1 against the frozen backbone's own predictions, not the labels.
+
+    The branches learn to agree with the model they shortcut (the authors' code trains
+    them with --use-main-targets and loss v1), so leaving early trades agreement with the
+    original model, not with the labels, for MACs.
+    """
+    return eenet_v1(exit_outputs, final_logits, final_logits.detach().argmax(1), costs, lam)
 
 
 def get_loss(name: str) -> LossFn:

@@ -1,7 +1,7 @@
 """Training-method registry: name -> the defaults that define a method (exit type, loss, policy)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgeexit.runtime.errors import ConfigError
 
@@ -17,6 +17,8 @@ class Method:
     threshold: float
     frozen_backbone: bool = False
     summary: str = ""
+    warmup_loss: str | None = None
+    policy_args: dict = field(default_factory=dict)
 
 
 METHODS: dict[str, Method] = {}
@@ -29,7 +31,21 @@ def register_method(method: Method) -> Method:
 
 
 register_method(
-    Method("eenet", "pool", "v2", "confidence", 0.5, summary="EENets: exit blocks with confidence branches, cost-aware loss")
+    Method("eenet", "pool", "v2", "confidence", 0.5, warmup_loss="v0",
+           summary="EENets: exit blocks with confidence branches, cost-aware loss")
+)
+
+register_method(
+    Method(
+        "exclusion", "exclusion", "exclusion", "exclusion", 0.0,
+        summary="Class exclusion: per-class exclusion heads, exit when one class is left",
+        policy_args={"beta": 0.5},
+    )
+)
+
+register_method(
+    Method("pteenet", "branch", "pteenet", "confidence", 0.5, frozen_backbone=True,
+           summary="PTEENet: conv branches with confidence heads post-trained on a frozen pre-trained backbone")
 )
 
 

@@ -17,6 +17,9 @@ from edgeexit.losses import get_loss
 from edgeexit.methods import get_method
 from edgeexit.models import EarlyExitModel
 from edgeexit.placement import place_exits
+from edgeexit.runtime.calibrate import CascadeSimulator
+from edgeexit.runtime.errors import ConfigError
+from edgeexit.runtime.policies import get_policy
 
 
 def seed_everything(seed: int) -> None:
@@ -46,23 +49,30 @@ def choose_cuts(
 
 
 @torch.no_grad()
-def evaluate(model: EarlyExitModel, dataset: Dataset, threshold: float = 0.5, batch_size: int = 256) -> tuple[float, float]:
-    """(accuracy, early-exit rate) of the confidence cascade at `threshold`, computed in PyTorch."""
+def evaluate(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, early-exit rate) of the model's exit policy (model.config.policy) on `dataset`.
+
+    The exit decisions are the runtime's own numpy policies replayed on the PyTorch outputs
+    (the calibration simulator), so any policy works and training-time numbers cannot
+    disagree with `edgeexit run` about what a policy does.
+    """
     model.eval()
-    correct = exited = total = 0
+    spec = model.config.policy
+    policy = get_policy(spec["kind"])(spec["threshold"], dict(spec.get("args", {})))
+    batches, finals, labels = [], [], []
     for x, y in DataLoader(dataset, batch_size=batch_size):
         exit_outputs, final = model(x)
-        prediction = final.argmax(1)
-        decided = torch.zeros_like(y, dtype=torch.bool)
-        for outputs in exit_outputs:
-            logits, score = outputs[0], outputs[-1].reshape(len(y), -1)[:, 0]
-            take = ~decided & (score >= threshold)
-            prediction = torch.where(take, logits.argmax(1), prediction)
-            decided |= take
-        correct += int((prediction == y).sum())
-        exited += int(decided.sum())
-        total += len(y)
-    return correct / total, exited / total
+        batches.append(exit_outputs)
+        finals.append(final)
+        labels.append(y)
+    outputs = [
+        {role: torch.cat([batch[k][i] for batch in batches]).numpy() for i, role in enumerate(head.outputs)}
+        for k, head in enumerate(model.exits)
+    ]
+    policies = [policy] * len(model.exits)
+    simulator = CascadeSimulator(policies, outputs, torch.cat(finals).numpy(), torch.cat(labels).numpy(), model.exit_costs())
+    point = simulator.evaluate([policy.threshold] * len(policies))
+    return point.accuracy, 1.0 - point.exit_counts[-1] / sum(point.exit_counts)
 
 
 def train_model(
@@ -70,17 +80,18 @@ def train_model(
 ) -> History:
     """Train the exits (and the backbone unless frozen) jointly with the configured loss."""
     seed_everything(config.seed)
-    loss_fn = get_loss(config.loss)
+    main_loss = get_loss(config.loss)
+    warmup_loss = get_loss(config.warmup_loss) if config.warmup_loss else None
     costs = model.exit_costs()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay, nesterov=True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=config.num_workers)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * len(loader)))
-    threshold = float(model.config.policy.get("threshold", 0.5))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * len(loader)))
     history = History()
     bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress)
-    for _ in bar:
+    for epoch in bar:
+        loss_fn = warmup_loss if warmup_loss is not None and epoch < config.warmup_epochs else main_loss
         model.train()
         total, count = 0.0, 0
         for x, y in loader:
@@ -92,7 +103,7 @@ def train_model(
             scheduler.step()
             total += loss.item() * len(y)
             count += len(y)
-        accuracy, exit_rate = evaluate(model, data.val, threshold)
+        accuracy, exit_rate = evaluate(model, data.val)
         history.loss.append(total / max(count, 1))
         history.val_accuracy.append(accuracy)
         history.val_exit_rate.append(exit_rate)
@@ -112,13 +123,17 @@ def build_model(
     threshold: float | None = None,
     backbone_args: dict | None = None,
     exit_args: dict | None = None,
+    weights: str | None = None,
 ) -> EarlyExitModel:
-    """Construct an untrained exit-augmented model sized for `data`."""
+    """Construct an untrained exit-augmented model sized for `data`, its backbone loaded from `weights` if given."""
     from edgeexit.backbones import build_backbone
+    from edgeexit.pretrained import load_backbone_weights
 
     spec = get_method(method)
     info = data.info
     net = build_backbone(backbone, info.num_classes, info.input_shape[0], **(backbone_args or {}))
+    if weights:
+        load_backbone_weights(net, weights, backbone)
     cuts = choose_cuts(net, info.input_shape, placement, num_exits, exit_at)
     config = ModelConfig(
         backbone=backbone,
@@ -132,7 +147,11 @@ def build_model(
         mean=info.mean,
         std=info.std,
         class_names=info.class_names,
-        policy={"kind": spec.policy, "threshold": spec.threshold if threshold is None else threshold, "args": {}},
+        policy={"kind": spec.policy, "threshold": spec.threshold if threshold is None else threshold, "args": dict(spec.policy_args)},
         frozen_backbone=spec.frozen_backbone,
     )
-    return EarlyExitModel(config, backbone=net)
+    model = EarlyExitModel(config, backbone=net)
+    missing = set(get_policy(spec.policy).roles) - set(model.exits[0].outputs)
+    if missing:
+        raise ConfigError(f"exit type '{exit_type}' lacks the outputs {sorted(missing)} that method '{method}' needs")
+    return model

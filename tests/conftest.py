@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-TINY = {"backbone": "resnet8", "input_size": 16, "epochs": 3, "num_exits": 2, "placement": "linear"}
+TINY = {"backbone": "resnet8", "input_size": 16, "epochs": 3, "num_exits": 2, "placement": "linear", "exit_type": "plain"}
 
 
 def tiny_train(tmp: Path, **overrides) -> Path:
@@ -24,7 +24,7 @@ def tiny_train(tmp: Path, **overrides) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
-    """A resnet8 EENets model (pool exits, v2 loss) on 16x16 digits."""
+    """A resnet8 EENets model (plain exits, v2 loss) on 16x16 digits."""
     return tiny_train(tmp_path_factory.mktemp("tiny"))
 
 
@@ -45,3 +45,11 @@ def digits_test(tiny_bundle) -> tuple[np.ndarray, np.ndarray]:
     from edgeexit.runtime.manifest import load_manifest
 
     return load_eval_data("digits", "test", load_manifest(tiny_bundle).input_spec)
+
+
+@pytest.fixture
+def bundle_copy(tmp_path, tiny_bundle) -> Path:
+    """A private copy of the tiny bundle that a test may tamper with."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
