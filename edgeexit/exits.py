@@ -67,6 +67,33 @@ def bnpool_exit(feature_shape: Sequence[int], num_classes: int) -> ConfidenceExi
     return ConfidenceExit(trunk, channels, num_classes)
 
 
+class ExclusionExit(nn.Module):
+    """Class-exclusion head (Wang et al. 2023): global average pooling, then one sigmoid unit per class.
+
+    Output role "exclusion": s_c in (0, 1) per class c, trained towards 1 for the input's class
+    and 0 for the others; the runtime's exclusion policy removes classes with low s_c. One
+    Linear over the pooled features is the paper's per-class GAP + sigmoid networks side by
+    side (each class has its own weight row). No logits: the final classifier decides among
+    the classes left in play.
+    """
+
+    outputs: tuple[str, ...] = ("exclusion",)
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.scores = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.sigmoid(self.scores(self.pool(x))),)
+
+
+@register_exit("exclusion")
+def exclusion_exit(feature_shape: Sequence[int], num_classes: int) -> ExclusionExit:
+    """Class-exclusion head on a feature map of `feature_shape` channels."""
+    return ExclusionExit(feature_shape[0], num_classes)
+
+
 def build_exit(name: str, feature_shape: Sequence[int], num_classes: int, **args) -> nn.Module:
     """Construct a registered exit head, with an error listing the valid names."""
     if name not in EXITS:

@@ -89,7 +89,7 @@ class CascadeRunner:
         self._roles = [list(exit_spec["outputs"].items()) for exit_spec in self.manifest.exits]
         self._full: ort.InferenceSession | None = None
         self.policies: list[Policy] = []
-        for exit_spec in self.manifest.exits:
+        for exit_spec, stage in zip(self.manifest.exits, self.manifest.stages):
             policy = exit_spec["policy"]
             cls = get_policy(policy["kind"])
             args = {**policy.get("args", {}), **(policy_args or {})}
@@ -97,6 +97,7 @@ class CascadeRunner:
             missing = set(cls.roles) - set(exit_spec["outputs"])
             if missing:
                 raise BundleError(f"policy '{cls.name}' needs exit outputs {sorted(missing)} the bundle lacks")
+            cls.check_outputs(stage, self.manifest.num_classes)
         if thresholds is not None:
             self.set_thresholds(thresholds)
 

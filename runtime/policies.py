@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.runtime.errors import BundleError, ConfigError
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -20,6 +20,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     expo = np.exp(shifted)
     return expo / expo.sum(axis=1, keepdims=True)
+
+
+def check_range(label: str, value: object, bounds: tuple[float, float]) -> float:
+    """`value` as float, or ConfigError naming `label` if it is not a number within `bounds`."""
+    low, high = bounds
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{label} must be a number, got {value!r}") from None
+    if not (low <= number <= high):
+        raise ConfigError(f"{label} must be in [{low}, {high}], got {number}")
+    return number
 
 
 @dataclass
@@ -31,22 +43,37 @@ class Policy:
 
     name: ClassVar[str] = ""
     roles: ClassVar[tuple[str, ...]] = ("logits",)
+    per_class_roles: ClassVar[tuple[str, ...]] = ("logits",)  # outputs that must be [batch, num_classes]
+    arg_names: ClassVar[tuple[str, ...]] = ()
     threshold_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         self.threshold = self.check_threshold(self.threshold)
+        self.check_args()
 
     @classmethod
     def check_threshold(cls, value: float) -> float:
         """Return the threshold as float or raise ConfigError if it is outside the valid range."""
-        low, high = cls.threshold_range
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{cls.name} threshold must be a number, got {value!r}") from None
-        if not (low <= value <= high):
-            raise ConfigError(f"{cls.name} threshold must be in [{low}, {high}], got {value}")
-        return value
+        return check_range(f"{cls.name} threshold", value, cls.threshold_range)
+
+    @classmethod
+    def check_outputs(cls, stage: dict, num_classes: int) -> None:
+        """BundleError unless each per-class exit output of a manifest stage is [batch, num_classes]."""
+        shapes = {tensor["name"]: tensor["shape"] for tensor in stage["outputs"]}
+        for role in cls.per_class_roles:
+            name = stage["exit"]["outputs"][role]
+            if shapes[name][1:] != [num_classes]:
+                raise BundleError(
+                    f"{stage['file']}: exit output '{name}' has shape {shapes[name]}, "
+                    f"expected [batch, {num_classes}] (one {role} score per class)"
+                )
+
+    def check_args(self) -> None:
+        """Refuse arguments this policy does not take (e.g. --beta on a confidence bundle)."""
+        unknown = sorted(set(self.args) - set(self.arg_names))
+        if unknown:
+            takes = f"; it takes: {', '.join(self.arg_names)}" if self.arg_names else ""
+            raise ConfigError(f"exit policy '{self.name}' takes no argument '{unknown[0]}'{takes}")
 
     def start(self, n: int, num_classes: int) -> np.ndarray | None:
         """Per-input state at the first stage (None for stateless policies)."""
@@ -103,8 +130,52 @@ class EntropyPolicy(Policy):
         return exits, outputs["logits"].argmax(axis=1), state
 
 
+@dataclass
+class ExclusionPolicy(Policy):
+    """Class exclusion (Wang, Li, Zhang 2023): drop classes stage by stage, exit when one class is left.
+
+    State: a boolean (N, C) mask of the classes still in play, all True at the start.
+    At each exit, with s the exclusion heads' per-class sigmoid scores (high = class still
+    plausible) and m = max of s over the classes in play, class c in play is removed when
+        s_c <= max(T, beta * m)
+    where beta (args["beta"], in [0, 1]) is the paper's dynamic threshold (the authors' code
+    keeps c iff s_c > beta * max s) and T (the policy threshold, default 0 = off) is an
+    optional static floor (the authors' fixed-threshold variant), the knob calibration sweeps.
+    The best class in play (argmax of s over the mask) is never removed, so the mask never
+    empties; beta = 1 keeps only it. An input exits when exactly one class remains and is
+    predicted as that class; at the final stage the prediction is the final classifier's
+    best class among those still in play.
+    """
+
+    name: ClassVar[str] = "exclusion"
+    roles: ClassVar[tuple[str, ...]] = ("exclusion",)
+    per_class_roles: ClassVar[tuple[str, ...]] = ("exclusion",)
+    arg_names: ClassVar[tuple[str, ...]] = ("beta",)
+    beta_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    default_beta: ClassVar[float] = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.args = {**self.args, "beta": check_range("beta", self.args.get("beta", self.default_beta), self.beta_range)}
+
+    def start(self, n, num_classes):
+        return np.ones((n, num_classes), dtype=bool)
+
+    def decide(self, outputs, state):
+        scores = outputs["exclusion"]
+        in_play = np.where(state, scores, -np.inf)
+        best = in_play.argmax(axis=1)
+        cut = np.maximum(self.threshold, self.args["beta"] * in_play.max(axis=1))
+        mask = state & (scores > cut[:, None])
+        mask[np.arange(len(best)), best] = True
+        return mask.sum(axis=1) == 1, best, mask
+
+    def final(self, logits, state):
+        return logits.argmax(axis=1) if state is None else np.where(state, logits, -np.inf).argmax(axis=1)
+
+
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (ConfidencePolicy, MaxSoftmaxPolicy, EntropyPolicy)
+    cls.name: cls for cls in (ConfidencePolicy, MaxSoftmaxPolicy, EntropyPolicy, ExclusionPolicy)
 }
 
 
