@@ -142,9 +142,9 @@ class CascadeRunner:
     def predict(self, x: np.ndarray, use_exits: bool = True) -> CascadeResult:
         """Predict a batch; large batches run in chunks so memory stays bounded."""
         x = check_batch(x, self.manifest.input_shape)
+        if len(x) <= self.chunk_size:
+            return self._predict_chunk(x, use_exits)
         parts = [self._predict_chunk(x[i : i + self.chunk_size], use_exits) for i in range(0, len(x), self.chunk_size)]
-        if len(parts) == 1:
-            return parts[0]
         return CascadeResult(
             np.concatenate([p.predictions for p in parts]),
             np.concatenate([p.exit_index for p in parts]),
@@ -152,32 +152,40 @@ class CascadeRunner:
         )
 
     def _predict_chunk(self, x: np.ndarray, use_exits: bool) -> CascadeResult:
+        """The cascade on one chunk. Index bookkeeping starts only once some input exits, so the
+        path where nothing exits (every hard input, and batch size 1 until it leaves) costs the
+        session runs and the policy decisions only."""
         n = len(x)
         last = len(self.sessions) - 1
-        predictions = np.empty(n, dtype=np.int64)
         exit_index = np.full(n, last, dtype=np.int64)
-        alive = np.arange(n)
-        states = [p.start(n, self.manifest.num_classes) for p in self.policies]
-        state = states[0] if states else None
         features = x
+        if not use_exits or not self.policies:
+            for index in range(last):
+                features = self.run_stage(index, features)[0]
+            logits = self.run_stage(last, features)[0]
+            return CascadeResult(logits.argmax(axis=1), exit_index, last + 1)
+        predictions = np.empty(n, dtype=np.int64)
+        alive: np.ndarray | None = None  # indices of the survivors once some input has left
+        state = self.policies[0].start(n, self.manifest.num_classes)
         for index, policy in enumerate(self.policies):
             outputs = self.run_stage(index, features)
-            features = outputs[0]
-            if not use_exits:
-                continue
             exits, preds, state = policy.decide(self._exit_outputs(index, outputs), state)
-            if exits.any():
-                predictions[alive[exits]] = preds[exits]
-                exit_index[alive[exits]] = index
-                keep = ~exits
-                if not keep.any():
-                    return CascadeResult(predictions, exit_index, last + 1)
-                alive = alive[keep]
-                features = features[keep]
-                state = None if state is None else state[keep]
-        logits = self.run_stage(last, features)[0]
-        final_policy = self.policies[-1] if self.policies else None
-        predictions[alive] = final_policy.final(logits, state if use_exits else None) if final_policy else logits.argmax(1)
+            features = outputs[0]
+            if not exits.any():
+                continue
+            leaving = np.flatnonzero(exits) if alive is None else alive[exits]
+            predictions[leaving] = preds[exits]
+            exit_index[leaving] = index
+            keep = ~exits
+            if not keep.any():
+                return CascadeResult(predictions, exit_index, last + 1)
+            alive = np.flatnonzero(keep) if alive is None else alive[keep]
+            features = features[keep]
+            state = None if state is None else state[keep]
+        final = self.policies[-1].final(self.run_stage(last, features)[0], state)
+        if alive is None:
+            return CascadeResult(final, exit_index, last + 1)
+        predictions[alive] = final
         return CascadeResult(predictions, exit_index, last + 1)
 
     def stage_outputs(self, x: np.ndarray) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
