@@ -139,9 +139,7 @@ def objective_key(objective: Objective, reference_accuracy: float) -> Callable[[
     if kind == "target_drop":
         floor = reference_accuracy - value / 100.0
         return lambda p: (max(0.0, floor - p.accuracy - 1e-12), p.relative_macs, -p.accuracy)
-    if kind == "budget":
-        return lambda p: (max(0.0, p.relative_macs - value - 1e-12), -p.accuracy, p.relative_macs)
-    raise ConfigError(f"unknown calibration objective '{kind}'")
+    return lambda p: (max(0.0, p.relative_macs - value - 1e-12), -p.accuracy, p.relative_macs)
 
 
 def shared_grids(policies: Sequence[Policy], outputs: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
@@ -190,6 +188,49 @@ def stderr_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def check_objective(objective: Objective) -> Objective:
+    """ConfigError unless the objective is a drop >= 0 points or a MACs budget in (0, 1]."""
+    kind, value = objective
+    if kind == "target_drop" and not value >= 0:
+        raise ConfigError(f"--target-drop must be >= 0 percentage points, got {value}")
+    if kind == "budget" and not 0 < value <= 1:
+        raise ConfigError(f"--budget must be a fraction of the full model's MACs in (0, 1], got {value}")
+    if kind not in ("target_drop", "budget"):
+        raise ConfigError(f"unknown calibration objective '{kind}'")
+    return objective
+
+
+def choose_thresholds(
+    policies: Sequence[Policy],
+    exit_outputs: Sequence[dict[str, np.ndarray]],
+    final_logits: np.ndarray,
+    labels: np.ndarray,
+    exit_costs: Sequence[float],
+    objective: Objective,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """The search on stored outputs: chosen point, curve, Pareto front (the record minus its data)."""
+    kind, value = check_objective(objective)
+    reference = float((final_logits.argmax(axis=1) == labels).mean())
+    sim = CascadeSimulator(policies, exit_outputs, final_logits, labels, exit_costs)
+    grids = shared_grids(policies, exit_outputs)
+    key = objective_key(objective, reference)
+    chosen, curve = search(sim, grids, key, progress)
+    met = key(chosen)[0] == 0.0
+    if not met:
+        progress("warning: no candidate meets the target; chose the closest point")
+    return {
+        "objective": {kind: value},
+        "reference_accuracy": reference,
+        "policies": [p.name for p in policies],
+        "search": {"method": "shared sweep + per-exit coordinate descent", "grid_sizes": [len(g) for g in grids],
+                   "evaluated": len(sim.evaluated)},
+        "curve": [p.as_dict() for p in curve],
+        "pareto": [p.as_dict() for p in sim.pareto()],
+        "chosen": {**chosen.as_dict(), "met": met},
+    }
+
+
 def calibrate(
     runner: CascadeRunner,
     x: np.ndarray,
@@ -198,36 +239,17 @@ def calibrate(
     data: dict | None = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> dict:
-    """Choose thresholds for `objective` on (x, labels); returns the calibration record."""
+    """Run the bundle once over (x, labels) and choose thresholds for `objective`; returns the calibration record."""
     if len(x) != len(labels):
         raise ConfigError(f"calibration data has {len(x)} inputs but {len(labels)} labels")
-    kind, value = objective
-    if kind == "target_drop" and not value >= 0:
-        raise ConfigError(f"--target-drop must be >= 0 percentage points, got {value}")
-    if kind == "budget" and not 0 < value <= 1:
-        raise ConfigError(f"--budget must be a fraction of the full model's MACs in (0, 1], got {value}")
+    check_objective(objective)
     started = time.perf_counter()
     progress(f"running {len(runner.sessions)} stages over {len(x)} calibration inputs")
     exit_outputs, final_logits = runner.stage_outputs(x)
-    reference = float((final_logits.argmax(axis=1) == labels).mean())
-    sim = CascadeSimulator(runner.policies, exit_outputs, final_logits, labels, runner.manifest.exit_costs())
-    grids = shared_grids(runner.policies, exit_outputs)
-    key = objective_key(objective, reference)
-    chosen, curve = search(sim, grids, key, progress)
-    met = key(chosen)[0] == 0.0
-    if not met:
-        progress("warning: no candidate meets the target; chose the closest point")
-    return {
-        "data": {**(data or {}), "samples": int(len(x))},
-        "objective": {kind: value},
-        "reference_accuracy": reference,
-        "policies": [p.name for p in runner.policies],
-        "search": {"method": "shared sweep + per-exit coordinate descent", "grid_sizes": [len(g) for g in grids],
-                   "evaluated": len(sim.evaluated), "seconds": round(time.perf_counter() - started, 3)},
-        "curve": [p.as_dict() for p in curve],
-        "pareto": [p.as_dict() for p in sim.pareto()],
-        "chosen": {**chosen.as_dict(), "met": met},
-    }
+    record = choose_thresholds(runner.policies, exit_outputs, final_logits, labels, runner.manifest.exit_costs(),
+                               objective, progress)
+    record["search"]["seconds"] = round(time.perf_counter() - started, 3)
+    return {"data": {**(data or {}), "samples": int(len(x))}, **record}
 
 
 def apply_calibration(bundle: str, record: dict) -> dict:

@@ -9,12 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from edgeexit.cli import main
-from edgeexit.runtime.calibrate import apply_calibration, calibrate
+from edgeexit.runtime.calibrate import CascadeSimulator, apply_calibration, calibrate, choose_thresholds
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.runtime.errors import ConfigError
 from edgeexit.runtime.manifest import load_manifest, read_manifest, save_manifest
-from edgeexit.runtime.policies import POLICIES
+from edgeexit.runtime.policies import POLICIES, get_policy
 
 
 @pytest.fixture()
@@ -150,3 +150,49 @@ def test_cli_run_threshold_override(tiny_bundle, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert data["exit_counts"][0] == data["samples"] and data["thresholds"] == [0.0, 0.0]
+
+
+def synthetic_outputs(n: int = 300, classes: int = 5, exits: int = 2, seed: int = 0):
+    """Random exit outputs for every role a policy may read, noisier at earlier exits, plus labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    onehot = np.eye(classes)[labels]
+    outputs = []
+    for k in range(exits):
+        logits = onehot * (1.0 + k) * 3 + rng.normal(0, 2.0, (n, classes))
+        outputs.append({"logits": logits.astype(np.float32),
+                        "confidence": (1 / (1 + np.exp(-(logits.max(1) - 3)))).astype(np.float32)[:, None],
+                        "exclusion": (1 / (1 + np.exp(-(logits - 2)))).astype(np.float32)})
+    final = (onehot * 8 + rng.normal(0, 2.0, (n, classes))).astype(np.float32)
+    return outputs, final, labels
+
+
+def compacting_reference(policies, outputs, final, thresholds):
+    """The cascade's loop (survivors compacted, state indexed with them) on stored outputs."""
+    n = len(final)
+    alive, exit_index, preds = np.arange(n), np.full(n, len(policies)), np.empty(n, dtype=np.int64)
+    state = policies[0].start(n, final.shape[1])
+    for k, (policy, threshold) in enumerate(zip(policies, thresholds)):
+        policy.threshold = threshold
+        exits, p, state = policy.decide({role: v[alive] for role, v in outputs[k].items()}, state)
+        exit_index[alive[exits]], preds[alive[exits]] = k, p[exits]
+        alive, state = alive[~exits], None if state is None else state[~exits]
+    preds[alive] = policies[-1].final(final[alive], state)
+    return preds, exit_index
+
+
+@pytest.mark.parametrize("kind", sorted(POLICIES))
+def test_search_is_generic_over_policies(kind):
+    outputs, final, labels = synthetic_outputs()
+    costs = [0.3, 0.6, 1.0]
+    make = lambda: [get_policy(kind)(get_policy(kind).threshold_range[0]) for _ in outputs]  # noqa: E731
+    record = choose_thresholds(make(), outputs, final, labels, costs, ("budget", 0.7))
+    chosen = record["chosen"]
+    preds, exit_index = compacting_reference(make(), outputs, final, chosen["thresholds"])
+    assert chosen["met"] and chosen["relative_macs"] <= 0.7
+    assert chosen["accuracy"] == pytest.approx((preds == labels).mean())
+    assert chosen["relative_macs"] == pytest.approx(np.asarray(costs)[exit_index].mean())
+    sim = CascadeSimulator(make(), outputs, final, labels, costs)
+    for point in record["curve"][:: max(1, len(record["curve"]) // 5)]:
+        preds, exit_index = compacting_reference(make(), outputs, final, point["thresholds"])
+        assert sim.evaluate(point["thresholds"]).accuracy == pytest.approx((preds == labels).mean())
