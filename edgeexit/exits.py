@@ -94,6 +94,23 @@ def exclusion_exit(feature_shape: Sequence[int], num_classes: int) -> ExclusionE
     return ExclusionExit(feature_shape[0], num_classes)
 
 
+@register_exit("branch")
+def branch_exit(feature_shape: Sequence[int], num_classes: int, channels: int | None = None, depth: int = 2) -> ConfidenceExit:
+    """PTEENet branch: `depth` conv3x3-BN-ReLU blocks of `channels` (default: the cut's), pooling, both heads.
+
+    The conv blocks give a branch the capacity a frozen backbone's raw features need; the
+    authors' code uses two blocks at the cut's own width (its exit type "conv2"), the default.
+    """
+    width = channels or feature_shape[0]
+    if depth < 0 or width < 1:
+        raise ConfigError(f"branch exits need depth >= 0 and channels >= 1, got depth {depth}, channels {channels}")
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Conv2d(width if i else feature_shape[0], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    trunk = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    return ConfidenceExit(trunk, width if depth else feature_shape[0], num_classes)
+
+
 def build_exit(name: str, feature_shape: Sequence[int], num_classes: int, **args) -> nn.Module:
     """Construct a registered exit head, with an error listing the valid names."""
     if name not in EXITS:
