@@ -181,7 +181,8 @@ def _replace_dir(staged: Path, out: Path) -> None:
         except OSError:
             os.replace(old / out.name, out)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staged, out)
 

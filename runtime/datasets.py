@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from edgeexit.runtime.cascade import check_batch
 from edgeexit.runtime.errors import ConfigError, InputError
 
 SPLITS = ("train", "val", "test")
@@ -148,7 +149,7 @@ def load_input(path: str | Path, spec: dict) -> tuple[np.ndarray, list[str]]:
             raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path}")
         return normalize(load_images(files, shape), spec["mean"], spec["std"]), [f.name for f in files]
     if path.suffix.lower() == ".npy":
-        arr = _read_npy(path, spec)
+        arr = check_batch(_read_npy(path, spec), shape)  # whole-file check: errors name the sample in the file
         return arr, [f"{path.name}[{i}]" for i in range(len(arr))]
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return normalize(load_images([path], shape), spec["mean"], spec["std"]), [path.name]
