@@ -70,10 +70,11 @@ def test_no_exit_path_reproduces_full_onnx(runner, digits_test):
 def test_higher_threshold_never_exits_more(runner, digits_test):
     x, _ = digits_test
     early = []
-    for t in (0.1, 0.5, 0.9, 0.999):
+    for t in (0.0, 0.5, 0.9, 1.0):
         runner.set_thresholds(t)
         early.append(int((runner.predict(x).exit_index < runner.num_exits).sum()))
-    assert early == sorted(early, reverse=True) and early[0] > early[-1]
+    early.append(int((runner.predict(x, use_exits=False).exit_index < runner.num_exits).sum()))
+    assert early == sorted(early, reverse=True) and early[0] == len(x) and early[-1] == 0
 
 
 def test_chunked_huge_batch_matches_unchunked(tiny_bundle, digits_test):

@@ -1,0 +1,105 @@
+"""The CLI end to end through click's CliRunner, and its one-line errors."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeexit import cli
+
+REPORT_KEYS = {"accuracy", "relative_macs", "exit_counts", "latency_ms", "device", "providers", "threads", "batch_size"}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, code, fragment):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_train_export_run_info(tmp_path):
+    model = tmp_path / "m.pt"
+    result = invoke("train", "--backbone", "resnet8", "--input-size", "16", "--epochs", "2", "--exit-type", "plain",
+                    "--num-exits", "1", "--placement", "linear", "--out", model)
+    assert result.exit_code == 0, result.output
+    assert model.is_file()
+    bundle = tmp_path / "bundle"
+    result = invoke("export", model, bundle)
+    assert result.exit_code == 0 and "verified" in result.output, result.output
+    report_path = tmp_path / "r.json"
+    result = invoke("run", bundle, "--device", "cpu", "--data", "digits", "--batch-size", "8", "--json", report_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert REPORT_KEYS <= set(report)
+    assert sum(report["exit_counts"]) == report["samples"] and len(report["exit_counts"]) == 2
+    assert set(report["latency_ms"]) >= {"p50", "p95", "p99", "mean"} and report["latency_ms"]["p50"] > 0
+    assert 0 < report["relative_macs"] <= 1.1 and report["providers"] == ["CPUExecutionProvider"]
+    result = invoke("info", bundle)
+    assert result.exit_code == 0 and "stage_1.onnx" in result.output
+
+
+def test_run_on_npy_input_prints_predictions(tiny_bundle, digits_test, tmp_path):
+    x, y = digits_test
+    np.save(tmp_path / "x.npy", x[:5])
+    result = invoke("run", tiny_bundle, "--input", tmp_path / "x.npy", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["accuracy"] is None and len(report["predictions"]) == 5
+
+
+def test_threshold_override_reaches_the_runner(tiny_bundle, digits_test, tmp_path):
+    from edgeexit.runtime import CascadeRunner
+
+    reports = {}
+    for t in ("0.0", "1.0,0.0"):
+        assert invoke("run", tiny_bundle, "--threshold", t, "--json", tmp_path / "r.json").exit_code == 0
+        reports[t] = json.loads((tmp_path / "r.json").read_text())
+    assert reports["0.0"]["exit_counts"][0] == reports["0.0"]["samples"]  # T=0: everyone leaves at exit 0
+    assert reports["1.0,0.0"]["thresholds"] == [1.0, 0.0]
+    expected = CascadeRunner(tiny_bundle, thresholds=[1.0, 0.0]).predict(digits_test[0]).exit_counts()
+    assert reports["1.0,0.0"]["exit_counts"] == expected
+
+
+@pytest.mark.parametrize(
+    "args, code, fragment",
+    [
+        (("run", "/nonexistent/bundle"), 3, "bundle folder not found"),
+        (("info", "/nonexistent/bundle"), 3, "bundle folder not found"),
+        (("export", "/nonexistent/model.pt", "/tmp/edgeexit-never"), 4, "model file not found"),
+        (("train", "--backbone", "resnet7", "--epochs", "1", "--out", "/tmp/edgeexit-never.pt"), 2, "CIFAR ResNet depth"),
+        (("train", "--backbone", "alexnet9", "--epochs", "1", "--out", "/tmp/edgeexit-never.pt"), 2, "unknown backbone"),
+        (("cuts", "--backbone", "nope"), 2, "unknown backbone 'nope'; choose from"),
+    ],
+)
+def test_bad_arguments_get_one_line_errors(args, code, fragment):
+    assert_one_line_error(invoke(*args), code, fragment)
+
+
+def test_bad_device_threshold_and_input(tiny_bundle, tmp_path):
+    assert_one_line_error(invoke("run", tiny_bundle, "--device", "tpu"), 5, "unknown device 'tpu'")
+    assert_one_line_error(invoke("run", tiny_bundle, "--threshold", "abc"), 2, "--threshold takes a number")
+    assert_one_line_error(invoke("run", tiny_bundle, "--threshold", "0.5,0.5,0.5"), 2, "thresholds for")
+    assert_one_line_error(invoke("run", tiny_bundle, "--input", tmp_path / "missing.png"), 4, "input not found")
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 5, 5), np.float32))
+    assert_one_line_error(invoke("run", tiny_bundle, "--input", tmp_path / "bad.npy"), 4, "sample shape")
+
+
+def test_missing_train_extra_is_a_one_line_hint(monkeypatch):
+    def no_torch(name):
+        error = ImportError("No module named 'torch'")
+        error.name = "torch"
+        raise error
+
+    monkeypatch.setattr(cli.importlib, "import_module", no_torch)
+    result = invoke("train", "--epochs", "1")
+    assert_one_line_error(result, 6, 'pip install "edgeexit[train]"')
+
+
+def test_every_command_has_help_with_an_example():
+    for name, command in cli.main.commands.items():
+        result = invoke(name, "--help")
+        assert result.exit_code == 0 and "Example" in result.output, name
