@@ -63,8 +63,7 @@ def digits16() -> DataSplits:
     return load_data("digits", input_size=16)
 
 
-def train_export_run(tmp_path, data: DataSplits, backbone: str, exit_type: str, loss: str, placement: str,
-                     input_size: int = 16) -> None:
+def train_export_run(tmp_path, data: DataSplits, backbone: str, exit_type: str, loss: str, placement: str) -> None:
     """Train one epoch on a slice of digits, export (verification on), then check the runtime's decisions."""
     small = DataSplits(Subset(data.train, range(192)), Subset(data.val, range(64)), data.test, data.info)
     model = build_model(small, backbone, exit_type, placement, 2)
