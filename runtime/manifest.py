@@ -152,6 +152,8 @@ def validate(data: Any) -> None:
         final = index == len(stages) - 1
         exit_spec = stage.get("exit")
         if final:
+            if exit_spec is not None:
+                raise _fail(f"{where}.exit", "the final stage has no exit: must be null")
             if len(outputs) != 1 or outputs[0]["shape"] != [BATCH_DIM, num_classes]:
                 raise _fail(f"{where}.outputs", f"final stage must output logits [batch, {num_classes}]")
             continue
