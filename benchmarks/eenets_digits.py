@@ -129,7 +129,9 @@ def plot(results: dict, path: Path) -> None:
                " / ".join(map(str, r["exit_counts"]))] for r in rows]
     table = table_ax.table(cellText=cells, colLabels=["exit type", "loss", "accuracy", "rel. MACs", "exits (e0/e1/final)"],
                            loc="center", cellLoc="center")
-    table.scale(1, 1.4)
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1, 1.5)
     table_ax.set_title(f"{results['setup']['backbone']} on digits test ({results['setup']['samples']} images)")
     width = 0.8 / len(rows)
     num_stages = len(rows[0]["exit_counts"])
