@@ -1,0 +1,162 @@
+"""Class exclusion end to end: the numpy policy, the trained heads, export, and the CLI's bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeexit.cli import main
+from edgeexit.runtime import CascadeRunner
+from edgeexit.runtime.errors import BundleError, ConfigError
+from edgeexit.runtime.manifest import MANIFEST_NAME, sha256_file
+from edgeexit.runtime.policies import ExclusionPolicy, get_policy
+
+from conftest import tiny_train
+
+
+@pytest.fixture(scope="module")
+def exclusion_bundle(tmp_path_factory):
+    """A tiny resnet8 class-exclusion model on digits, exported and verified."""
+    from edgeexit.export import export_bundle
+
+    root = tmp_path_factory.mktemp("exclusion")
+    manifest = export_bundle(tiny_train(root, method="exclusion", exit_type="exclusion"), root / "bundle")
+    return root / "bundle", manifest
+
+
+@pytest.fixture(scope="module")
+def digits(exclusion_bundle):
+    from edgeexit.runtime.datasets import load_eval_data
+
+    return load_eval_data("digits", "test", CascadeRunner(exclusion_bundle[0]).manifest.input_spec)
+
+
+def test_policy_matches_hand_worked_example():
+    policy = ExclusionPolicy(0.0, {"beta": 0.5})
+    mask = policy.start(3, 4)
+    mask[2, 0] = False  # input 2 lost class 0 at an earlier stage
+    scores = np.array([[0.9, 0.2, 0.5, 0.1],     # max 0.9, cut 0.45: keeps 0 and 2
+                       [0.1, 0.8, 0.3, 0.39],    # max 0.8, cut 0.40: keeps only 1 -> exits
+                       [0.95, 0.3, 0.2, 0.25]])  # max over 1..3 is 0.3, cut 0.15: keeps 1, 2, 3
+    exits, preds, mask = policy.decide({"exclusion": scores}, mask)
+    np.testing.assert_array_equal(exits, [False, True, False])
+    np.testing.assert_array_equal(preds, [0, 1, 1])
+    np.testing.assert_array_equal(mask, [[1, 0, 1, 0], [0, 1, 0, 0], [0, 1, 1, 1]])
+
+    # next stage: a removed class never comes back, however high its score; 0.3 is not > 0.6 * 0.5
+    exits, preds, mask = policy.decide({"exclusion": np.array([[0.3, 0.9, 0.6, 0.1]] * 3)}, mask)
+    np.testing.assert_array_equal(exits, [True, True, False])
+    np.testing.assert_array_equal(preds, [2, 1, 1])
+    np.testing.assert_array_equal(mask[2], [0, 1, 1, 0])
+
+    # final stage: the classifier's best class among those still in play, not its overall argmax
+    logits = np.array([[5.0, 1.0, 2.0, 9.0]] * 3)
+    np.testing.assert_array_equal(policy.final(logits, mask), [2, 1, 2])
+    np.testing.assert_array_equal(policy.final(logits, None), [3, 3, 3])
+
+
+def test_static_floor_and_beta_one_keep_the_best_class_only():
+    scores = {"exclusion": np.array([[0.3, 0.2, 0.25], [0.5, 0.5, 0.5]])}
+    start = np.ones((2, 3), dtype=bool)
+    exits, preds, mask = ExclusionPolicy(1.0, {"beta": 1.0}).decide(scores, start)  # everything below the cut
+    assert exits.all()
+    np.testing.assert_array_equal(preds, [0, 0])
+    np.testing.assert_array_equal(mask.sum(axis=1), [1, 1])
+    exits, _, mask = ExclusionPolicy(0.35, {"beta": 0.0}).decide(scores, start)  # static floor only
+    np.testing.assert_array_equal(exits, [True, False])
+    np.testing.assert_array_equal(mask.sum(axis=1), [1, 3])
+    exits, _, mask = ExclusionPolicy(0.0, {"beta": 0.0}).decide(scores, start)  # no exclusion at all
+    assert not exits.any() and mask.all()
+
+
+@pytest.mark.parametrize("args", [{"beta": 1.5}, {"beta": -0.1}, {"beta": "high"}, {"gamma": 0.5}])
+def test_bad_policy_args_are_config_errors(args):
+    with pytest.raises(ConfigError):
+        get_policy("exclusion")(0.0, args)
+
+
+def test_export_writes_exclusion_outputs_and_policy_and_verifies(exclusion_bundle):
+    bundle, manifest = exclusion_bundle
+    stage = manifest["stages"][0]
+    assert stage["exit"]["outputs"] == {"exclusion": "exit_0_exclusion"}
+    assert stage["exit"]["policy"] == {"kind": "exclusion", "threshold": 0.0, "args": {"beta": 0.5}}
+    assert stage["outputs"][1]["shape"] == ["batch", manifest["num_classes"]]
+    worst = max(v for kind in manifest["verification"].values() for v in kind.values())
+    assert worst < 1e-4
+    assert json.loads((bundle / MANIFEST_NAME).read_text())["model"]["method"] == "exclusion"
+
+
+def test_trained_model_removes_classes_early_and_exits_a_real_share(exclusion_bundle, digits):
+    runner = CascadeRunner(exclusion_bundle[0], threads=1, policy_args={"beta": 0.7})
+    x, y = digits
+    outputs, final_logits = runner.stage_outputs(x)
+    policy = runner.policies[0]
+    _, _, mask = policy.decide(outputs[0], policy.start(len(x), runner.manifest.num_classes))
+    assert (mask.sum(axis=1) < runner.manifest.num_classes).mean() >= 0.25, "exit 0 removed classes for too few inputs"
+    assert mask[np.arange(len(y)), y].mean() >= 0.9, "exit 0 removed the true class too often"
+
+    result = runner.predict(x)
+    early = (result.exit_index < runner.num_exits).mean()
+    full_accuracy = (final_logits.argmax(axis=1) == y).mean()
+    assert early >= 0.2, f"only {early:.0%} of digits left early"
+    assert (result.predictions == y).mean() >= full_accuracy - 0.05
+    assert runner.relative_macs(result) < 0.95
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.8])
+def test_batch_equals_one_by_one(exclusion_bundle, digits, beta):
+    runner = CascadeRunner(exclusion_bundle[0], threads=1, policy_args={"beta": beta})
+    x = digits[0][:80]
+    batched = runner.predict(x)
+    single = [runner.predict(x[i : i + 1]) for i in range(len(x))]
+    np.testing.assert_array_equal(batched.predictions, [r.predictions[0] for r in single])
+    np.testing.assert_array_equal(batched.exit_index, [r.exit_index[0] for r in single])
+    if beta == 0.8:  # some inputs leave at each exit, so compacted masks reach later stages
+        assert len(set(batched.exit_index.tolist())) >= 2
+
+
+def cli_error(args):
+    result = CliRunner().invoke(main, args)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return result.exit_code, lines[0]
+
+
+@pytest.mark.parametrize("beta", ["1.5", "-0.2", "nan"])
+def test_run_rejects_beta_outside_its_range(exclusion_bundle, beta):
+    code, line = cli_error(["run", str(exclusion_bundle[0]), "--beta", beta])
+    assert code == ConfigError.exit_code and "beta must be in [0.0, 1.0]" in line
+
+
+def test_run_rejects_beta_for_a_confidence_bundle(tiny_bundle):
+    code, line = cli_error(["run", str(tiny_bundle), "--beta", "0.5"])
+    assert code == ConfigError.exit_code and "takes no argument 'beta'" in line
+
+
+def test_bundle_with_wrong_exclusion_width_is_refused_at_load(exclusion_bundle, tmp_path):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exclusion_bundle[0], bundle)
+    path, name = bundle / "stage_0.onnx", "exit_0_exclusion"
+    model = onnx.load(path)
+    classes = model.graph.output[1].type.tensor_type.shape.dim[1].dim_value
+    for node in model.graph.node:
+        node.output[:] = [f"{o}_all" if o == name else o for o in node.output]
+    model.graph.initializer.extend(
+        numpy_helper.from_array(np.array([v], dtype=np.int64), key) for key, v in (("s0", 0), ("s1", classes - 1), ("ax", 1))
+    )
+    model.graph.node.append(helper.make_node("Slice", [f"{name}_all", "s0", "s1", "ax"], [name]))
+    model.graph.output[1].type.tensor_type.shape.dim[1].dim_value = classes - 1
+    onnx.save(model, path)
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest["stages"][0]["outputs"][1]["shape"] = ["batch", classes - 1]
+    manifest["stages"][0]["sha256"] = sha256_file(path)
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+    with pytest.raises(BundleError, match="one exclusion score per class"):
+        CascadeRunner(bundle)
+    code, line = cli_error(["run", str(bundle)])
+    assert code == BundleError.exit_code and name in line
