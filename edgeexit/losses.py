@@ -110,6 +110,17 @@ def pteenet(exit_outputs, final_logits, target, costs, lam):
     return eenet_v1(exit_outputs, final_logits, final_logits.detach().argmax(1), costs, lam)
 
 
+@register_loss("pteenet_v0")
+def pteenet_v0(exit_outputs, final_logits, target, costs, lam):
+    """PTEENet warm-up: each branch classifier's CE against the backbone's predictions, no confidence or cost.
+
+    EENets' v0 stage for a frozen backbone (its own CE is a constant): without it, a
+    confidence head trained beside a still-random classifier learns 'never exit' and dies.
+    """
+    main = final_logits.detach().argmax(1)
+    return sum(F.cross_entropy(outputs[0], main) for outputs in exit_outputs)
+
+
 def get_loss(name: str) -> LossFn:
     """Look up a loss by name, with an error listing the valid names."""
     if name not in LOSSES:

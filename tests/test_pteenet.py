@@ -32,22 +32,26 @@ def _assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 
 @pytest.fixture(scope="module")
 def backbone_weights(tmp_path_factory) -> Path:
-    """resnet8 pre-trained (plain, no exits) on 16x16 digits: the 'user's model'."""
+    """resnet20 pre-trained (plain, no exits) on 16x16 digits: the 'user's model'."""
     from edgeexit.pretrained import pretrain_backbone
 
     out = tmp_path_factory.mktemp("pretrained") / "backbone.pt"
-    pretrain_backbone("resnet8", out, input_size=16, epochs=3, progress=False)
+    pretrain_backbone("resnet20", out, input_size=16, epochs=4, progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
 def pteenet_model(tmp_path_factory, backbone_weights) -> Path:
-    """Branches post-trained on the frozen resnet8."""
+    """Branches (one conv block each, cheap beside the backbone) post-trained on the frozen resnet20.
+
+    Three warm-up epochs let the branch classifiers learn before the confidence heads meet
+    the cost term; lambda 1.5 because a 99%-accurate backbone makes deferring nearly free.
+    """
     from edgeexit import api
 
     out = tmp_path_factory.mktemp("pteenet") / "model.pt"
-    api.train(method="pteenet", backbone="resnet8", weights=str(backbone_weights), epochs=3, lam=2.0,
-              out=str(out), progress=False, **SMALL)
+    api.train(method="pteenet", backbone="resnet20", weights=str(backbone_weights), input_size=16, placement="pareto",
+              epochs=6, warmup_epochs=3, lr=1e-2, lam=1.5, branch_channels=16, branch_depth=1, out=str(out), progress=False)
     return out
 
 
@@ -60,7 +64,7 @@ def pteenet_bundle(tmp_path_factory, pteenet_model) -> Path:
     return out
 
 
-def _original(weights: Path, name: str = "resnet8", channels: int = 1) -> nn.Module:
+def _original(weights: Path, name: str = "resnet20", channels: int = 1) -> nn.Module:
     from edgeexit.pretrained import load_backbone_weights
 
     net = build_backbone(name, 10, channels)
@@ -115,15 +119,14 @@ def test_final_exit_is_the_original_model(pteenet_model, pteenet_bundle, backbon
     from edgeexit.runtime.datasets import load_eval_data
 
     original = _original(backbone_weights)
-    runner = CascadeRunner(pteenet_bundle, threads=1, thresholds=1.01)  # no branch is ever that confident
+    runner = CascadeRunner(pteenet_bundle, threads=1)
     x, _ = load_eval_data("digits", "test", runner.manifest.input_spec)
     with torch.no_grad():
         want = original(torch.from_numpy(x))
         _, final = load_model(pteenet_model)(torch.from_numpy(x))
     torch.testing.assert_close(final, want, atol=0, rtol=0)
-    result = runner.run(x, batch_size=64)
-    assert (result.exit_index == 2).all()
-    np.testing.assert_array_equal(result.predictions, want.argmax(1).numpy())
+    chained = runner.predict(x, use_exits=False)  # every stage's features on to the final classifier
+    np.testing.assert_array_equal(chained.predictions, want.argmax(1).numpy())
 
 
 def test_branches_exit_a_real_share_early(pteenet_bundle, backbone_weights, tmp_path):
@@ -138,7 +141,7 @@ def test_branches_exit_a_real_share_early(pteenet_bundle, backbone_weights, tmp_
     with torch.no_grad():
         backbone_accuracy = float((_original(backbone_weights)(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
     early = sum(report["exit_counts"][:-1]) / sum(report["exit_counts"])
-    assert early >= 0.1, report["exit_counts"]
+    assert early >= 0.2, report["exit_counts"]
     assert report["relative_macs"] < 1.0
     assert report["accuracy"] >= backbone_accuracy - 0.05
 
@@ -152,12 +155,13 @@ def test_torchvision_backbone_trains_exports_and_runs(tmp_path):
 
     save_state_dict(build_backbone("torchvision:resnet18", 10, 1), tmp_path / "r18.pt")
     api.train(method="pteenet", backbone="torchvision:resnet18", weights=str(tmp_path / "r18.pt"), epochs=1,
-              branch_channels=8, branch_depth=1, out=str(tmp_path / "model.pt"), progress=False, **SMALL)
+              branch_channels=8, branch_depth=1, out=str(tmp_path / "model.pt"), progress=False,
+              **{**SMALL, "exit_at": "layer1.0,layer2.0"})
     manifest = export_bundle(tmp_path / "model.pt", tmp_path / "bundle")
     assert [s["exit"]["cut"] for s in manifest["stages"][:-1]] == ["layer1.0", "layer2.0"]
     runner = CascadeRunner(tmp_path / "bundle", threads=1)
     x, _ = load_eval_data("digits", "test", runner.manifest.input_spec)
-    assert len(runner.run(x[:16], batch_size=8).predictions) == 16
+    assert len(runner.predict(x[:16]).predictions) == 16
     _assert_same_tensors(_backbone_tensors(tmp_path / "model.pt"), read_state_dict(tmp_path / "r18.pt"))
 
 
@@ -181,7 +185,7 @@ def test_torchvision_backbone_at_224_exports_verified_and_runs(tmp_path, name):
     assert manifest["input"]["shape"][1:] == [3, 224, 224]
     runner = CascadeRunner(tmp_path / "bundle", threads=2)
     x, _ = load_eval_data("digits", "test", runner.manifest.input_spec)
-    assert len(runner.run(x[:4], batch_size=2).predictions) == 4
+    assert len(runner.predict(x[:4]).predictions) == 4
 
 
 class Untraceable(nn.Module):
