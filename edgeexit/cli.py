@@ -92,7 +92,7 @@ def main() -> None:
 @click.option("--data-dir", default=None, help="Where torchvision data sets live.")
 @click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
 @click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
-@click.option("--backbone", default="resnet20", show_default=True, help="Backbone name (see `edgeexit cuts --list`).")
+@click.option("--backbone", default="resnet20", show_default=True, help="Backbone name: resnet20, resnet56, eenet8, torchvision:resnet18, ...")
 @click.option("--method", default="eenet", show_default=True, help="Training method: eenet, ...")
 @click.option("--exit-type", default=None, help="Exit head type (default: the method's).")
 @click.option("--num-exits", type=int, default=2, show_default=True, help="Number of early exits.")

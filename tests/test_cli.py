@@ -70,7 +70,7 @@ def test_threshold_override_reaches_the_runner(tiny_bundle, digits_test, tmp_pat
         (("run", "/nonexistent/bundle"), 3, "bundle folder not found"),
         (("info", "/nonexistent/bundle"), 3, "bundle folder not found"),
         (("export", "/nonexistent/model.pt", "/tmp/edgeexit-never"), 4, "model file not found"),
-        (("train", "--backbone", "resnet7", "--epochs", "1", "--out", "/tmp/edgeexit-never.pt"), 2, "CIFAR ResNet depth"),
+        (("train", "--backbone", "resnet8", "--epochs", "0", "--out", "/tmp/edgeexit-never.pt"), 2, "--epochs must be >= 1"),
         (("train", "--backbone", "alexnet9", "--epochs", "1", "--out", "/tmp/edgeexit-never.pt"), 2, "unknown backbone"),
         (("cuts", "--backbone", "nope"), 2, "unknown backbone 'nope'; choose from"),
     ],
