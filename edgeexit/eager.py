@@ -11,13 +11,20 @@ from edgeexit.models import load_model
 
 
 def eager_predictor(model_path: str | os.PathLike, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """The same computation as full.onnx (backbone, eval mode, no grad) run by PyTorch eager."""
-    if threads:
-        torch.set_num_threads(threads)
+    """The same computation as full.onnx (backbone, eval mode, no grad) run by PyTorch eager.
+
+    torch's thread count is process-global, so it is set for each call and restored after.
+    """
     backbone = load_model(model_path).backbone.eval()
+    wanted = threads or torch.get_num_threads()
 
     def predict(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return backbone(torch.from_numpy(x)).numpy()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(wanted)
+        try:
+            with torch.inference_mode():
+                return backbone(torch.from_numpy(x)).numpy()
+        finally:
+            torch.set_num_threads(previous)
 
     return predict

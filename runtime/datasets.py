@@ -120,6 +120,8 @@ def _read_npy(path: Path, spec: dict) -> np.ndarray:
             arr = arr[:, None]
         else:
             raise InputError(f"uint8 images in {path} must be (N, H, W[, {shape[0]}]), got {arr.shape}")
+        if 0 in arr.shape:
+            raise InputError(f"{path} holds no pixels: shape {arr.shape}")
         return normalize(resize(arr.astype(np.float32) / 255.0, shape[1], shape[2]), spec["mean"], spec["std"])
     if arr.dtype.kind != "f":
         raise InputError(f"{path} has dtype {arr.dtype}; give float32 (preprocessed) or uint8 (raw images)")
