@@ -29,7 +29,7 @@ from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.runtime.manifest import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TRAINING = {"data": "digits", "method": "eenet", "exit_type": "pool", "num_exits": 2, "placement": "pareto", "loss": "v2"}
+TRAINING = {"data": "digits", "method": "eenet", "exit_type": "plain", "num_exits": 2, "placement": "pareto", "loss": "v2"}
 COLUMNS = [
     ("backbone", "{}"), ("batch", "{}"), ("threads", "{}"),
     ("acc_full", "{:.4f}"), ("acc_cascade", "{:.4f}"), ("relative_macs", "{:.3f}"),
