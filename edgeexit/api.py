@@ -88,10 +88,12 @@ def train(
     }
 
 
-def eval_arrays(name: str, split: str, input_spec: dict) -> tuple[np.ndarray, np.ndarray]:
+def eval_arrays(name: str, split: str, input_spec: dict, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A torchvision data set split as normalized numpy arrays at the bundle's input size."""
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"unknown split '{split}'; choose from: train, val, test")
     shape = tuple(input_spec["shape"][1:])
-    splits = load_data(name, input_size=shape[1], channels=shape[0])
+    splits = load_data(name, data_dir=data_dir, input_size=shape[1], channels=shape[0])
     dataset = getattr(splits, split)
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in DataLoader(dataset, batch_size=512)])
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)

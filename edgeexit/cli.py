@@ -168,7 +168,12 @@ def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:
     click.echo(f"wrote {out}: {len(manifest['stages'])} stages + full.onnx ({checked})")
 
 
-def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str) -> tuple[Any, Any]:
+DATA_DIR_OPTION = click.option("--data-dir", default=None, help="Where torchvision data sets live (mnist, cifar10, ...).")
+
+
+def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str,
+                   data_dir: str | None = None) -> tuple[Any, Any]:
+    """Model-ready inputs and labels: --input (no labels), digits / folder:PATH (torch-free), or a torchvision set."""
     from edgeexit.runtime.datasets import load_eval_data, load_input
 
     spec = runner.manifest.input_spec
@@ -178,13 +183,14 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
     name = data or "digits"
     if name == "digits" or name.startswith("folder:"):
         return load_eval_data(name, split, spec)
-    return train_side("edgeexit.api").eval_arrays(name, split, spec)
+    return train_side("edgeexit.api").eval_arrays(name, split, spec, data_dir)
 
 
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, jetson, coreml, openvino, ...")
 @click.option("--data", default=None, help="Labeled data: digits (default), folder:PATH, or a torchvision set.")
+@DATA_DIR_OPTION
 @click.option("--input", "input_path", default=None, help="An image, a folder of images or a .npy array.")
 @click.option("--split", default="test", show_default=True, help="Data split to evaluate.")
 @click.option("--threshold", default=None, help="Override thresholds: T or T1,T2,...")
@@ -192,7 +198,7 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
-def run(bundle: str, device: str, data: str | None, input_path: str | None, split: str, threshold: str | None,
+def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_path: str | None, split: str, threshold: str | None,
         beta: float | None, batch_size: int, threads: int | None, json_path: str | None) -> None:
     """Run a bundle as an early-exit cascade and report accuracy, MACs, exits and latency.
 
@@ -205,7 +211,7 @@ def run(bundle: str, device: str, data: str | None, input_path: str | None, spli
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     policy_args = None if beta is None else {"beta": beta}
     runner = CascadeRunner(bundle, device=device, threads=threads, thresholds=parse_thresholds(threshold), policy_args=policy_args)
-    x, labels = _load_run_data(runner, data, input_path, split)
+    x, labels = _load_run_data(runner, data, input_path, split, data_dir)
     report, result = run_report(runner, x, labels, batch_size)
     if labels is None:
         report["predictions"] = result.predictions.tolist()
@@ -320,11 +326,12 @@ def demo(out: str, epochs: int) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--data", default="digits", show_default=True, help="Labeled data: digits, folder:PATH, or a torchvision set.")
+@DATA_DIR_OPTION
 @click.option("--split", default="val", show_default=True, help="Data split to calibrate on (keep test for evaluation).")
 @click.option("--target-drop", type=float, default=None, help="Lowest MACs within this accuracy drop (percentage points vs the final classifier).")
 @click.option("--budget", type=float, default=None, help="Best accuracy within this fraction of the full model's MACs.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
-def calibrate(bundle: str, data: str, split: str, target_drop: float | None, budget: float | None,
+def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_drop: float | None, budget: float | None,
               threads: int | None) -> None:
     """Choose per-exit thresholds for an accuracy-drop or MACs-budget target and write them into the manifest.
 
@@ -337,7 +344,7 @@ def calibrate(bundle: str, data: str, split: str, target_drop: float | None, bud
         raise ConfigError("give exactly one of --target-drop POINTS or --budget FRACTION")
     objective = ("target_drop", target_drop) if target_drop is not None else ("budget", budget)
     runner = CascadeRunner(bundle, threads=threads)
-    x, labels = _load_run_data(runner, data, None, split)
+    x, labels = _load_run_data(runner, data, None, split, data_dir)
     record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress)
     apply_calibration(bundle, record)
     chosen = record["chosen"]
@@ -350,6 +357,7 @@ def calibrate(bundle: str, data: str, split: str, target_drop: float | None, bud
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--data", default="digits", show_default=True, help="Labeled data: digits, folder:PATH, or a torchvision set.")
+@DATA_DIR_OPTION
 @click.option("--split", default="test", show_default=True, help="Data split to benchmark on.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, ...")
 @click.option("--threads", type=int, default=None, help="onnxruntime (and PyTorch) intra-op threads.")
@@ -359,7 +367,7 @@ def calibrate(bundle: str, data: str, split: str, target_drop: float | None, bud
 @click.option("--limit", type=int, default=None, help="Use only the first N inputs.")
 @click.option("--sweep-points", type=int, default=6, show_default=True, help="Thresholds timed in the sweep.")
 @click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json and PNGs.")
-def bench(bundle: str, data: str, split: str, device: str, threads: int | None, batch_size: int,
+def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str, threads: int | None, batch_size: int,
           model_path: str | None, limit: int | None, sweep_points: int, out: str) -> None:
     """Measure full.onnx vs the cascade (and PyTorch eager) on the same inputs; write bench.json and plots.
 
@@ -373,7 +381,7 @@ def bench(bundle: str, data: str, split: str, device: str, threads: int | None, 
     if sweep_points < 2:
         raise ConfigError(f"--sweep-points must be >= 2, got {sweep_points}")
     runner = CascadeRunner(bundle, device=device, threads=threads)
-    x, labels = _load_run_data(runner, data, None, split)
+    x, labels = _load_run_data(runner, data, None, split, data_dir)
     if limit is not None:
         x, labels = x[:limit], labels[:limit]
     baselines = {}

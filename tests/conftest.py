@@ -53,3 +53,33 @@ def bundle_copy(tmp_path, tiny_bundle) -> Path:
     import shutil
 
     return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+
+
+@pytest.fixture
+def fake_torchvision(monkeypatch):
+    """Swap a torchvision data set class for a tiny in-memory one (20 images); returns its constructor calls."""
+    import torchvision.datasets as tvd
+    from torchvision.datasets import FakeData
+
+    from edgeexit.data import TORCHVISION_SETS
+
+    def install(name: str) -> list:
+        cls_name, channels, size, _, _ = TORCHVISION_SETS[name]
+        calls = []
+
+        class Tiny(FakeData):
+            classes = [str(i) for i in range(10)]
+
+            def __init__(self, root, train=None, split=None, transform=None, download=False):
+                calls.append((root, train, split, download))
+                super().__init__(size=20, image_size=(channels, size, size), num_classes=10, transform=None)
+                self._mode, self._transform = ("L" if channels == 1 else "RGB"), transform
+
+            def __getitem__(self, index):
+                image, label = super().__getitem__(index)
+                return self._transform(image.convert(self._mode)), int(label)
+
+        monkeypatch.setattr(tvd, cls_name, Tiny)
+        return calls
+
+    return install

@@ -42,6 +42,16 @@ def test_train_export_run_info(tmp_path):
     assert result.exit_code == 0 and "stage_1.onnx" in result.output
 
 
+def test_run_on_a_torchvision_set_from_data_dir(tiny_bundle, tmp_path, fake_torchvision):
+    calls = fake_torchvision("mnist")
+    result = invoke("run", tiny_bundle, "--data", "mnist", "--data-dir", tmp_path, "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["samples"] == 20 and report["accuracy"] is not None
+    assert calls and all(call[0] == str(tmp_path) for call in calls)
+    assert_one_line_error(invoke("run", tiny_bundle, "--data", "mnist"), 2, "--data-dir")
+
+
 def test_run_on_npy_input_prints_predictions(tiny_bundle, digits_test, tmp_path):
     x, y = digits_test
     np.save(tmp_path / "x.npy", x[:5])

@@ -52,28 +52,10 @@ def test_folder_data_runtime_side_matches_class_names(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_SETS))
-def test_torchvision_loaders_on_small_fake_sets(name, tmp_path, monkeypatch):
+def test_torchvision_loaders_on_small_fake_sets(name, tmp_path, fake_torchvision):
     """The real loader code path, with torchvision's class swapped for a tiny in-memory set."""
-    import torchvision.datasets as tvd
-    from torchvision.datasets import FakeData
-
-    cls_name, channels, size, _, _ = TORCHVISION_SETS[name]
-    calls = []
-
-    class Tiny(FakeData):
-        classes = [str(i) for i in range(10)]
-
-        def __init__(self, root, train=None, split=None, transform=None, download=False):
-            calls.append((root, train, split, download))
-            mode = "L" if channels == 1 else "RGB"
-            super().__init__(size=20, image_size=(channels, size, size), num_classes=10, transform=None)
-            self._mode, self._transform = mode, transform
-
-        def __getitem__(self, index):
-            image, label = super().__getitem__(index)
-            return self._transform(image.convert(self._mode)), int(label)
-
-    monkeypatch.setattr(tvd, cls_name, Tiny)
+    calls = fake_torchvision(name)
+    channels = TORCHVISION_SETS[name][1]
     splits = load_data(name, data_dir=str(tmp_path), input_size=16)
     assert len(splits.train) == 18 and len(splits.val) == 2 and len(splits.test) == 20
     x, _ = splits.train[0]
