@@ -58,7 +58,7 @@ def load_digits_data(input_size: int = 32, channels: int = 1) -> DataSplits:
     return DataSplits(sets["train"], sets["val"], sets["test"], DataInfo(shape, mean, std, list(DIGITS_CLASSES)))
 
 
-# name -> (torchvision class name, channels, native size, mean, std, split keyword style)
+# name -> (torchvision class name, channels, native size, mean, std)
 TORCHVISION_SETS: dict[str, tuple[str, int, int, list[float], list[float]]] = {
     "mnist": ("MNIST", 1, 28, [0.1307], [0.3081]),
     "cifar10": ("CIFAR10", 3, 32, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),

@@ -68,3 +68,12 @@ def test_plots_without_matplotlib_is_one_line_error(bench_dir, monkeypatch, tmp_
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingExtraError, match="matplotlib"):
         write_plots(report, tmp_path)
+
+
+def test_cli_bench_without_matplotlib_still_writes_json(tiny_bundle, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--limit", "16", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "warning: no plots" in result.output and "Traceback" not in result.output
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert report["full_onnx"]["accuracy"] is not None and not list((tmp_path / "b").glob("*.png"))
