@@ -171,6 +171,12 @@ def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:
 DATA_DIR_OPTION = click.option("--data-dir", default=None, help="Where torchvision data sets live (mnist, cifar10, ...).")
 
 
+def labeled_data_options(command: Any) -> Any:
+    """--data (default digits) and --data-dir, for the commands that need labels (calibrate, bench)."""
+    data = click.option("--data", default="digits", show_default=True, help="Labeled data: digits, folder:PATH, or a torchvision set.")
+    return data(DATA_DIR_OPTION(command))
+
+
 def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str,
                    data_dir: str | None = None) -> tuple[Any, Any]:
     """Model-ready inputs and labels: --input (no labels), digits / folder:PATH (torch-free), or a torchvision set."""
@@ -325,8 +331,7 @@ def demo(out: str, epochs: int) -> None:
 
 @main.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--data", default="digits", show_default=True, help="Labeled data: digits, folder:PATH, or a torchvision set.")
-@DATA_DIR_OPTION
+@labeled_data_options
 @click.option("--split", default="val", show_default=True, help="Data split to calibrate on (keep test for evaluation).")
 @click.option("--target-drop", type=float, default=None, help="Lowest MACs within this accuracy drop (percentage points vs the final classifier).")
 @click.option("--budget", type=float, default=None, help="Best accuracy within this fraction of the full model's MACs.")
@@ -356,8 +361,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
 
 @main.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--data", default="digits", show_default=True, help="Labeled data: digits, folder:PATH, or a torchvision set.")
-@DATA_DIR_OPTION
+@labeled_data_options
 @click.option("--split", default="test", show_default=True, help="Data split to benchmark on.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, ...")
 @click.option("--threads", type=int, default=None, help="onnxruntime (and PyTorch) intra-op threads.")
