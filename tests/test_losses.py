@@ -24,13 +24,18 @@ def hand_made(h0: float = H0, h1: float = H1) -> tuple[list, torch.Tensor, torch
     return exits, logits[2], torch.tensor([0])
 
 
-def test_v1_is_ce_and_cost_of_the_full_recursive_mixture():
-    exits, final, target = hand_made()
-    # P_1 = h1 p1 + (1 - h1) pF ; P_0 = h0 p0 + (1 - h0) P_1 ; same recursion for the cost
+def hand_mixtures():
+    """The recursion by hand: P_1 = h1 p1 + (1 - h1) pF, P_0 = h0 p0 + (1 - h0) P_1, same for the cost."""
     p1_mix = H1 * P1[0] + (1 - H1) * PF[0]
     p0_mix = H0 * P0[0] + (1 - H0) * p1_mix
     c1_mix = H1 * COSTS[1] + (1 - H1) * COSTS[2]
     c0_mix = H0 * COSTS[0] + (1 - H0) * c1_mix
+    return p0_mix, p1_mix, c0_mix, c1_mix
+
+
+def test_v1_is_ce_and_cost_of_the_full_recursive_mixture():
+    exits, final, target = hand_made()
+    p0_mix, p1_mix, c0_mix, _ = hand_mixtures()
     assert (p1_mix, p0_mix, c0_mix) == pytest.approx((0.3, 0.6, 0.5375))
     loss = get_loss("v1")(exits, final, target, COSTS, LAM)
     assert loss.item() == pytest.approx(-math.log(p0_mix) + LAM * c0_mix, rel=1e-6)
@@ -38,10 +43,7 @@ def test_v1_is_ce_and_cost_of_the_full_recursive_mixture():
 
 def test_v2_sums_the_loss_of_every_exits_mixture_and_the_final():
     exits, final, target = hand_made()
-    p1_mix = H1 * P1[0] + (1 - H1) * PF[0]
-    p0_mix = H0 * P0[0] + (1 - H0) * p1_mix
-    c1_mix = H1 * COSTS[1] + (1 - H1) * COSTS[2]
-    c0_mix = H0 * COSTS[0] + (1 - H0) * c1_mix
+    p0_mix, p1_mix, c0_mix, c1_mix = hand_mixtures()
     expected = sum(-math.log(p) + LAM * c for p, c in [(p0_mix, c0_mix), (p1_mix, c1_mix), (PF[0], COSTS[2])])
     loss = get_loss("v2")(exits, final, target, COSTS, LAM)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
