@@ -8,74 +8,17 @@ the cost any threshold could reach.
 """
 from __future__ import annotations
 
-import platform
-import time
 from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from edgeexit.runtime.calibrate import CascadeSimulator, shared_grids
-from edgeexit.runtime.cascade import CascadeResult, CascadeRunner
+from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.errors import ConfigError
-from edgeexit.runtime.report import batches, latency_stats, merge_results
+from edgeexit.runtime.report import Progress, cascade_entry, interleaved_timings, logits_entry, runner_info
 
 SWEEP_POINTS = 6
-Progress = Callable[[str], None]
-
-
-def interleaved_timings(fns: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, batch_size: int,
-                        warmup: int = 3, progress: Progress = lambda m: None,
-                        label: str = "timing") -> dict[str, tuple[list, list[float]]]:
-    """Time every fn on each batch of x, rotating their order per batch; warm-up calls not counted."""
-    parts = batches(len(x), batch_size)
-    names = list(fns)
-    for part in parts[:warmup]:
-        for name in names:
-            fns[name](x[part])
-    results: dict[str, tuple[list, list[float]]] = {name: ([], []) for name in names}
-    step = max(1, len(parts) // 10)
-    for i, part in enumerate(parts):
-        batch = x[part]
-        for j in range(len(names)):
-            name = names[(i + j) % len(names)]
-            start = time.perf_counter()
-            out = fns[name](batch)
-            elapsed = time.perf_counter() - start
-            results[name][0].append(out)
-            results[name][1].append(elapsed)
-        if (i + 1) % step == 0 or i + 1 == len(parts):
-            progress(f"{label}: {i + 1}/{len(parts)} batches")
-    return results
-
-
-def accuracy(predictions: np.ndarray, labels: np.ndarray | None) -> float | None:
-    return None if labels is None else float((predictions == labels).mean())
-
-
-def timing_entry(seconds: Sequence[float], samples: int) -> dict:
-    """Latency percentiles per call plus throughput in inputs per second."""
-    total = float(np.sum(seconds))
-    return {"latency_ms": latency_stats(seconds), "throughput_per_s": samples / total if total > 0 else None}
-
-
-def cascade_entry(runner: CascadeRunner, parts: list[CascadeResult], seconds: list[float],
-                  labels: np.ndarray | None) -> dict:
-    """Accuracy, MACs, exits and latency of a cascade run, with latency grouped by the deepest exit per call."""
-    result = merge_results(parts)
-    deepest = np.array([p.exit_index.max() for p in parts])
-    per_exit = {}
-    for index in range(result.num_stages):
-        calls = np.asarray(seconds)[deepest == index]
-        per_exit[str(index)] = latency_stats(calls) if calls.size else None
-    return {
-        "accuracy": accuracy(result.predictions, labels),
-        "relative_macs": runner.relative_macs(result),
-        "exit_counts": result.exit_counts(),
-        "thresholds": runner.thresholds,
-        **timing_entry(seconds, len(result.predictions)),
-        "latency_by_exit_ms": per_exit,
-    }
 
 
 def oracle(exit_outputs: Sequence[dict[str, np.ndarray]], final_logits: np.ndarray, labels: np.ndarray,
@@ -125,17 +68,12 @@ def run_bench(
     }
     progress(f"benchmark: {n} inputs, batch size {batch_size}, variants {', '.join(fns)}")
     timed = interleaved_timings(fns, x, batch_size, warmup, progress, "main")
-    full_parts, full_seconds = timed["full_onnx"]
-    full_pred = np.concatenate(full_parts).argmax(axis=1)
     report: dict = {
-        "full_onnx": {"accuracy": accuracy(full_pred, labels), "relative_macs": 1.0, **timing_entry(full_seconds, n)},
+        "full_onnx": logits_entry(*timed["full_onnx"], labels),
         "cascade": cascade_entry(runner, *timed["cascade"], labels),
         "cascade_no_exit": cascade_entry(runner, *timed["cascade_no_exit"], labels),
+        **{name: logits_entry(*timed[name], labels) for name in baselines},
     }
-    for name in baselines:
-        parts, seconds = timed[name]
-        report[name] = {"accuracy": accuracy(np.concatenate(parts).argmax(axis=1), labels), "relative_macs": 1.0,
-                        **timing_entry(seconds, n)}
     full_mean = report["full_onnx"]["latency_ms"]["mean"]
     cascade = report["cascade"]
     realized = full_mean / cascade["latency_ms"]["mean"]
@@ -156,12 +94,7 @@ def run_bench(
         "relative_macs": cascade["relative_macs"],
         "exit_counts": cascade["exit_counts"],
         "latency_ms": cascade["latency_ms"],
-        "device": runner.device,
-        "providers": runner.active_providers,
-        "threads": runner.threads or 0,
-        "batch_size": batch_size,
-        "samples": n,
-        "host": platform.machine(),
+        **runner_info(runner, batch_size, n),
         "onnxruntime": ort.__version__,
         **report,
     }

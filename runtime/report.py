@@ -1,4 +1,8 @@
-"""Measured evaluation of a bundle: accuracy, relative MACs, exit counts and real latency."""
+"""Measured evaluation of a bundle: accuracy, relative MACs, exit counts and real latency.
+
+`run`, `demo` and `bench` all time through `interleaved_timings` and describe results
+with the same entries, so their reports agree key for key.
+"""
 from __future__ import annotations
 
 import platform
@@ -8,6 +12,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeResult, CascadeRunner
+
+Progress = Callable[[str], None]
 
 
 def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
@@ -27,18 +33,30 @@ def batches(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-def timed_calls(fn: Callable[[np.ndarray], object], x: np.ndarray, batch_size: int, warmup: int = 3) -> tuple[list, list[float]]:
-    """Call fn on each batch of x, timed with a monotonic clock; warm-up calls not counted."""
+def interleaved_timings(fns: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, batch_size: int,
+                        warmup: int = 3, progress: Progress = lambda m: None,
+                        label: str = "timing") -> dict[str, tuple[list, list[float]]]:
+    """Time every fn on each batch of x with a monotonic clock, rotating their order per batch
+    so drift and noise hit all alike; the first `warmup` batches are run once untimed."""
     parts = batches(len(x), batch_size)
+    names = list(fns)
     for part in parts[: max(warmup, 0)]:
-        fn(x[part])
-    outputs, seconds = [], []
-    for part in parts:
-        start = time.perf_counter()
-        out = fn(x[part])
-        seconds.append(time.perf_counter() - start)
-        outputs.append(out)
-    return outputs, seconds
+        for name in names:
+            fns[name](x[part])
+    results: dict[str, tuple[list, list[float]]] = {name: ([], []) for name in names}
+    step = max(1, len(parts) // 10)
+    for i, part in enumerate(parts):
+        batch = x[part]
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            start = time.perf_counter()
+            out = fns[name](batch)
+            elapsed = time.perf_counter() - start
+            results[name][0].append(out)
+            results[name][1].append(elapsed)
+        if (i + 1) % step == 0 or i + 1 == len(parts):
+            progress(f"{label}: {i + 1}/{len(parts)} batches")
+    return results
 
 
 def merge_results(parts: Sequence[CascadeResult]) -> CascadeResult:
@@ -50,6 +68,53 @@ def merge_results(parts: Sequence[CascadeResult]) -> CascadeResult:
     )
 
 
+def accuracy(predictions: np.ndarray, labels: np.ndarray | None) -> float | None:
+    return None if labels is None else float((predictions == labels).mean())
+
+
+def timing_entry(seconds: Sequence[float], samples: int) -> dict:
+    """Latency percentiles per call plus throughput in inputs per second."""
+    total = float(np.sum(seconds))
+    return {"latency_ms": latency_stats(seconds), "throughput_per_s": samples / total if total > 0 else None}
+
+
+def logits_entry(parts: Sequence[np.ndarray], seconds: Sequence[float], labels: np.ndarray | None) -> dict:
+    """Accuracy and latency of a no-exit model (full.onnx, PyTorch eager) from its per-batch logits."""
+    predictions = np.concatenate(parts).argmax(axis=1)
+    return {"accuracy": accuracy(predictions, labels), "relative_macs": 1.0, **timing_entry(seconds, len(predictions))}
+
+
+def cascade_entry(runner: CascadeRunner, parts: Sequence[CascadeResult], seconds: Sequence[float],
+                  labels: np.ndarray | None) -> dict:
+    """Accuracy, MACs, exits and latency of a cascade run, with latency grouped by the deepest exit per call."""
+    result = merge_results(parts)
+    deepest = np.array([p.exit_index.max() for p in parts])
+    per_exit = {}
+    for index in range(result.num_stages):
+        calls = np.asarray(seconds)[deepest == index]
+        per_exit[str(index)] = latency_stats(calls) if calls.size else None
+    return {
+        "accuracy": accuracy(result.predictions, labels),
+        "relative_macs": runner.relative_macs(result),
+        "exit_counts": result.exit_counts(),
+        "thresholds": runner.thresholds,
+        **timing_entry(seconds, len(result.predictions)),
+        "latency_by_exit_ms": per_exit,
+    }
+
+
+def runner_info(runner: CascadeRunner, batch_size: int, samples: int) -> dict:
+    """Where and how a report was measured."""
+    return {
+        "device": runner.device,
+        "providers": runner.active_providers,
+        "threads": runner.threads or 0,
+        "batch_size": batch_size,
+        "samples": int(samples),
+        "host": platform.machine(),
+    }
+
+
 def run_report(
     runner: CascadeRunner,
     x: np.ndarray,
@@ -58,30 +123,11 @@ def run_report(
     warmup: int = 3,
 ) -> tuple[dict, CascadeResult]:
     """Run the cascade over x in batches and build the report dict of DESIGN.md."""
-    parts, seconds = timed_calls(runner.predict, x, batch_size, warmup)
-    result = merge_results(parts)
-    report = {
-        "accuracy": None if labels is None else float((result.predictions == labels).mean()),
-        "relative_macs": runner.relative_macs(result),
-        "exit_counts": result.exit_counts(),
-        "latency_ms": latency_stats(seconds),
-        "thresholds": runner.thresholds,
-        "device": runner.device,
-        "providers": runner.active_providers,
-        "threads": runner.threads or 0,
-        "batch_size": batch_size,
-        "samples": int(len(x)),
-        "host": platform.machine(),
-    }
-    return report, result
+    parts, seconds = interleaved_timings({"cascade": runner.predict}, x, batch_size, warmup)["cascade"]
+    return {**cascade_entry(runner, parts, seconds, labels), **runner_info(runner, batch_size, len(x))}, merge_results(parts)
 
 
 def full_report(runner: CascadeRunner, x: np.ndarray, labels: np.ndarray | None, batch_size: int = 1, warmup: int = 3) -> dict:
     """Accuracy and latency of full.onnx on the same inputs: the baseline the cascade must beat."""
-    parts, seconds = timed_calls(runner.predict_full, x, batch_size, warmup)
-    predictions = np.concatenate(parts).argmax(axis=1)
-    return {
-        "accuracy": None if labels is None else float((predictions == labels).mean()),
-        "relative_macs": 1.0,
-        "latency_ms": latency_stats(seconds),
-    }
+    parts, seconds = interleaved_timings({"full": runner.predict_full}, x, batch_size, warmup)["full"]
+    return logits_entry(parts, seconds, labels)
