@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from edgeexit.backbones import build_backbone
 from edgeexit.config import TrainConfig
@@ -15,6 +15,7 @@ from edgeexit.data import load_data
 from edgeexit.methods import get_method
 from edgeexit.models import save_model
 from edgeexit.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
+from edgeexit.runtime.datasets import ALL_SPLIT, SPLITS
 from edgeexit.runtime.errors import ConfigError
 from edgeexit.trainer import build_model, train_model
 
@@ -89,12 +90,12 @@ def train(
 
 
 def eval_arrays(name: str, split: str, input_spec: dict, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A torchvision data set split as normalized numpy arrays at the bundle's input size."""
-    if split not in ("train", "val", "test"):
-        raise ConfigError(f"unknown split '{split}'; choose from: train, val, test")
+    """A torchvision data set split (or "all" three) as normalized numpy arrays at the bundle's input size."""
+    if split not in (*SPLITS, ALL_SPLIT):
+        raise ConfigError(f"unknown split '{split}'; choose from: {', '.join(SPLITS)}, {ALL_SPLIT}")
     shape = tuple(input_spec["shape"][1:])
     splits = load_data(name, data_dir=data_dir, input_size=shape[1], channels=shape[0])
-    dataset = getattr(splits, split)
+    dataset = ConcatDataset([getattr(splits, s) for s in SPLITS]) if split == ALL_SPLIT else getattr(splits, split)
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in DataLoader(dataset, batch_size=512)])
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
 

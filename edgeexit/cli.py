@@ -88,7 +88,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--data", default="digits", show_default=True, help="digits, mnist, cifar10, cifar100, svhn or folder:PATH.")
+@click.option("--data", default="digits", show_default=True, help="digits, mnist, fashionmnist, cifar10, cifar100, svhn, npz:PATH (x, y, classes) or folder:PATH.")
 @click.option("--data-dir", default=None, help="Where torchvision data sets live.")
 @click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
 @click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
@@ -130,7 +130,7 @@ def train(**opts: Any) -> None:
 
 @main.command()
 @click.option("--backbone", required=True, help="Backbone name, e.g. resnet20 or torchvision:resnet18.")
-@click.option("--data", default="digits", show_default=True, help="digits, mnist, cifar10, cifar100, svhn or folder:PATH.")
+@click.option("--data", default="digits", show_default=True, help="digits, mnist, fashionmnist, cifar10, cifar100, svhn, npz:PATH (x, y, classes) or folder:PATH.")
 @click.option("--data-dir", default=None, help="Where torchvision data sets live.")
 @click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
 @click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
@@ -173,21 +173,21 @@ DATA_DIR_OPTION = click.option("--data-dir", default=None, help="Where torchvisi
 
 def labeled_data_options(command: Any) -> Any:
     """--data (default digits) and --data-dir, for the commands that need labels (calibrate, bench)."""
-    data = click.option("--data", default="digits", show_default=True, help="Labeled data: digits, folder:PATH, or a torchvision set.")
+    data = click.option("--data", default="digits", show_default=True, help="Labeled data: digits, npz:PATH, folder:PATH, or a torchvision set.")
     return data(DATA_DIR_OPTION(command))
 
 
 def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str,
                    data_dir: str | None = None) -> tuple[Any, Any]:
-    """Model-ready inputs and labels: --input (no labels), digits / folder:PATH (torch-free), or a torchvision set."""
-    from edgeexit.runtime.datasets import load_eval_data, load_input
+    """Model-ready inputs and labels: --input (no labels), digits / npz:PATH / folder:PATH (torch-free), or a torchvision set."""
+    from edgeexit.runtime.datasets import is_torch_free, load_eval_data, load_input
 
     spec = runner.manifest.input_spec
     if input_path is not None:
         x, _ = load_input(input_path, spec)
         return x, None
     name = data or "digits"
-    if name == "digits" or name.startswith("folder:"):
+    if is_torch_free(name):
         return load_eval_data(name, split, spec)
     return train_side("edgeexit.api").eval_arrays(name, split, spec, data_dir)
 
@@ -195,10 +195,10 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, jetson, coreml, openvino, ...")
-@click.option("--data", default=None, help="Labeled data: digits (default), folder:PATH, or a torchvision set.")
+@click.option("--data", default=None, help="Labeled data: digits (default), npz:PATH, folder:PATH, or a torchvision set.")
 @DATA_DIR_OPTION
 @click.option("--input", "input_path", default=None, help="An image, a folder of images or a .npy array.")
-@click.option("--split", default="test", show_default=True, help="Data split to evaluate.")
+@click.option("--split", default="test", show_default=True, help="Data split to evaluate: train, val, test or all.")
 @click.option("--threshold", default=None, help="Override thresholds: T or T1,T2,...")
 @click.option("--beta", type=float, default=None, help="Class-exclusion bundles: override the dynamic-threshold beta in [0, 1].")
 @click.option("--batch-size", type=int, default=1, show_default=True)
@@ -332,7 +332,7 @@ def demo(out: str, epochs: int) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path())
 @labeled_data_options
-@click.option("--split", default="val", show_default=True, help="Data split to calibrate on (keep test for evaluation).")
+@click.option("--split", default="val", show_default=True, help="Data split to calibrate on: train, val, test or all (keep test for evaluation).")
 @click.option("--target-drop", type=float, default=None, help="Lowest MACs within this accuracy drop (percentage points vs the final classifier).")
 @click.option("--budget", type=float, default=None, help="Best accuracy within this fraction of the full model's MACs.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
@@ -362,7 +362,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
 @main.command()
 @click.argument("bundle", type=click.Path())
 @labeled_data_options
-@click.option("--split", default="test", show_default=True, help="Data split to benchmark on.")
+@click.option("--split", default="test", show_default=True, help="Data split to benchmark on: train, val, test or all.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, ...")
 @click.option("--threads", type=int, default=None, help="onnxruntime (and PyTorch) intra-op threads.")
 @click.option("--batch-size", type=int, default=1, show_default=True)

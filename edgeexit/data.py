@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from edgeexit.runtime.datasets import DIGITS_CLASSES, digits_split, split_indices
+from edgeexit.runtime.datasets import DIGITS_CLASSES, SPLITS, digits_split, fit_images, load_npz, split_indices
 from edgeexit.runtime.errors import ConfigError, InputError
 
 VAL_SEED = 0
@@ -58,9 +58,24 @@ def load_digits_data(input_size: int = 32, channels: int = 1) -> DataSplits:
     return DataSplits(sets["train"], sets["val"], sets["test"], DataInfo(shape, mean, std, list(DIGITS_CLASSES)))
 
 
+def load_npz_data(path: str, input_size: int | None = None, channels: int | None = None) -> DataSplits:
+    """An .npz data set (x, y, optional classes), split 70/15/15 with the digits seed; mean/std from the training split."""
+    data = load_npz(path)
+    native_channels, height, width = data.x.shape[1:]
+    shape = (channels or native_channels, input_size or height, input_size or width)
+    parts = {split: split_indices(len(data.y), split) for split in SPLITS}
+    arrays = {split: fit_images(data.x[index], shape, f"npz:{path}") for split, index in parts.items()}
+    x_train = arrays["train"]
+    mean = [float(v) for v in x_train.mean(axis=(0, 2, 3))]
+    std = [max(float(v), 1e-6) for v in x_train.std(axis=(0, 2, 3))]
+    sets = {split: _normalized(arrays[split], data.y[parts[split]], mean, std) for split in SPLITS}
+    return DataSplits(sets["train"], sets["val"], sets["test"], DataInfo(shape, mean, std, data.class_names))
+
+
 # name -> (torchvision class name, channels, native size, mean, std)
 TORCHVISION_SETS: dict[str, tuple[str, int, int, list[float], list[float]]] = {
     "mnist": ("MNIST", 1, 28, [0.1307], [0.3081]),
+    "fashionmnist": ("FashionMNIST", 1, 28, [0.2860], [0.3530]),
     "cifar10": ("CIFAR10", 3, 32, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
     "cifar100": ("CIFAR100", 3, 32, [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
     "svhn": ("SVHN", 3, 32, [0.4377, 0.4438, 0.4728], [0.1980, 0.2010, 0.1970]),
@@ -138,7 +153,7 @@ def load_folder_data(root: str, input_size: int | None, channels: int = 3) -> Da
     return DataSplits(sets["train"], sets["val"], sets["test"], DataInfo((channels, size, size), mean, std, list(classes)))
 
 
-DATASET_NAMES = ("digits", *TORCHVISION_SETS, "folder:PATH")
+DATASET_NAMES = ("digits", *TORCHVISION_SETS, "npz:PATH", "folder:PATH")
 
 
 def load_data(
@@ -148,9 +163,11 @@ def load_data(
     input_size: int | None = None,
     channels: int | None = None,
 ) -> DataSplits:
-    """Resolve a --data spec (digits, mnist, cifar10, cifar100, svhn, folder:PATH) to splits."""
+    """Resolve a --data spec (digits, a torchvision set, npz:PATH, folder:PATH) to splits."""
     if spec == "digits":
         return load_digits_data(input_size or 32, channels or 1)
+    if spec.startswith("npz:"):
+        return load_npz_data(spec[len("npz:") :], input_size, channels)
     if spec in TORCHVISION_SETS:
         return load_torchvision_data(spec, data_dir, download, input_size)
     if spec.startswith("folder:"):

@@ -5,6 +5,8 @@ was tested on is the split `edgeexit run --data digits` evaluates.
 """
 from __future__ import annotations
 
+import zipfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +17,7 @@ from edgeexit.runtime.cascade import check_batch
 from edgeexit.runtime.errors import ConfigError, InputError
 
 SPLITS = ("train", "val", "test")
+ALL_SPLIT = "all"  # evaluation only: every sample of a data set, no split
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 SPLIT_SEED = 0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
@@ -29,9 +32,11 @@ def load_digits_raw() -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_indices(n: int, split: str, seed: int = SPLIT_SEED) -> np.ndarray:
-    """Indices of `split` in a fixed seeded 70/15/15 permutation of n samples."""
+    """Indices of `split` in a fixed seeded 70/15/15 permutation of n samples ("all": every index)."""
+    if split == ALL_SPLIT:
+        return np.arange(n)
     if split not in SPLITS:
-        raise ConfigError(f"unknown split '{split}'; choose from: {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split '{split}'; choose from: {', '.join(SPLITS)}, {ALL_SPLIT}")
     order = np.random.default_rng(seed).permutation(n)
     n_train = int(round(SPLIT_FRACTIONS[0] * n))
     n_val = int(round(SPLIT_FRACTIONS[1] * n))
@@ -69,6 +74,79 @@ def digits_split(split: str, input_shape: Sequence[int]) -> tuple[np.ndarray, np
     x = resize(images[index] / 16.0, height, width)[:, None]
     x = np.repeat(x, channels, axis=1) if channels > 1 else x
     return np.ascontiguousarray(x, dtype=np.float32), labels[index]
+
+
+@dataclass(frozen=True)
+class NpzData:
+    """A labeled .npz data set: images as float32 (N, C, H, W) (uint8 files scaled to [0, 1]), labels, class names."""
+
+    x: np.ndarray
+    y: np.ndarray
+    class_names: list[str]
+
+
+def load_npz(path: str | Path) -> NpzData:
+    """Read and check an .npz with `x` (uint8 (N, H, W[, C]) raw images or float32 (N, C, H, W)), `y`, optional `classes`.
+
+    Every defect (unreadable file, missing key, wrong dtype or rank, mismatched lengths,
+    labels outside the classes, non-finite pixels) is a one-line InputError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"npz data set not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"cannot read {path} as an .npz archive: {' '.join(str(exc).split())[:200]}") from None
+    missing = [key for key in ("x", "y") if key not in arrays]
+    if missing:
+        raise InputError(f"{path} has no '{missing[0]}' array (it holds: {', '.join(sorted(arrays)) or 'nothing'})")
+    x, y = arrays["x"], arrays["y"]
+    if x.dtype == np.uint8 and x.ndim in (3, 4):
+        x = (x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)).astype(np.float32) / 255.0
+    elif x.dtype == np.float32 and x.ndim == 4:
+        if not np.isfinite(x).all():
+            raise InputError(f"{path}: x holds NaN or inf values")
+    else:
+        raise InputError(
+            f"{path}: x is {x.dtype} {x.shape}; give uint8 raw images (N, H, W) or (N, H, W, C), or float32 (N, C, H, W)"
+        )
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise InputError(f"{path}: y must be a 1-D integer label array, got {y.dtype} {y.shape}")
+    if len(x) != len(y):
+        raise InputError(f"{path}: x has {len(x)} samples but y has {len(y)} labels")
+    if 0 in x.shape:
+        raise InputError(f"{path}: x holds no pixels: shape {x.shape}")
+    names = [str(c) for c in arrays["classes"].tolist()] if "classes" in arrays else None
+    if names is not None and (arrays["classes"].ndim != 1 or len(names) < 2):
+        raise InputError(f"{path}: classes must be a 1-D array of at least two names, got shape {arrays['classes'].shape}")
+    count = len(names) if names is not None else int(y.max()) + 1
+    bad = (y < 0) | (y >= count)
+    if bad.any():
+        raise InputError(f"{path}: label {int(y[bad][0])} (sample {int(np.flatnonzero(bad)[0])}) is outside 0..{count - 1}")
+    if count < 2:
+        raise InputError(f"{path}: labels name only one class; a classifier needs at least two")
+    return NpzData(x, y.astype(np.int64), names or [str(i) for i in range(count)])
+
+
+def fit_images(x: np.ndarray, shape: Sequence[int], source: str) -> np.ndarray:
+    """float32 (N, C, H, W) images resized to `shape` = (C, H, W); grayscale repeats into C channels."""
+    channels, height, width = shape
+    if x.shape[1] != channels and x.shape[1] != 1:
+        raise InputError(f"{source} has {x.shape[1]}-channel images; the model takes {channels}")
+    if x.shape[2:] != (height, width):
+        x = resize(x, height, width)
+    if x.shape[1] != channels:
+        x = np.repeat(x, channels, axis=1)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def npz_split(path: str | Path, split: str, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """One split (fixed seeded 70/15/15, or "all") of an .npz data set at `shape`, unnormalized, with class names."""
+    data = load_npz(path)
+    index = split_indices(len(data.y), split)
+    return fit_images(data.x[index], shape, str(path)), data.y[index], data.class_names
 
 
 def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -174,10 +252,24 @@ def load_labeled_folder(root: Path, spec: dict) -> tuple[np.ndarray, np.ndarray]
     return x, np.asarray(labels, dtype=np.int64)
 
 
+TORCH_FREE_DATA = ("digits", "npz:PATH", "folder:PATH")
+
+
+def is_torch_free(spec_name: str) -> bool:
+    """Whether the runtime reads this --data spec itself (no torchvision)."""
+    return spec_name == "digits" or spec_name.startswith(("npz:", "folder:"))
+
+
 def load_eval_data(spec_name: str, split: str, input_spec: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Labeled evaluation data without torch: `digits` (a split) or `folder:PATH` (class subfolders)."""
+    """Labeled evaluation data without torch: `digits` or `npz:PATH` (a split or "all"), `folder:PATH` (class subfolders)."""
     if spec_name == "digits":
         x, y = digits_split(split, tuple(input_spec["shape"][1:]))
+        return normalize(x, input_spec["mean"], input_spec["std"]), y
+    if spec_name.startswith("npz:"):
+        x, y, _ = npz_split(spec_name[len("npz:") :], split, tuple(input_spec["shape"][1:]))
+        num_classes = len(input_spec["class_names"])
+        if len(y) and int(y.max()) >= num_classes:
+            raise InputError(f"{spec_name}: label {int(y.max())} is outside the bundle's {num_classes} classes")
         return normalize(x, input_spec["mean"], input_spec["std"]), y
     if spec_name.startswith("folder:"):
         root = Path(spec_name[len("folder:") :])
@@ -185,4 +277,4 @@ def load_eval_data(spec_name: str, split: str, input_spec: dict) -> tuple[np.nda
             raise InputError(f"image folder not found: {root}")
         sub = root / split
         return load_labeled_folder(sub if sub.is_dir() else root, input_spec)
-    raise ConfigError(f"unknown data set '{spec_name}' for the runtime; use digits or folder:PATH")
+    raise ConfigError(f"unknown data set '{spec_name}' for the runtime; use {', '.join(TORCH_FREE_DATA)}")
