@@ -48,12 +48,14 @@ def train(
     weights: str | None = None,
     branch_channels: int | None = None,
     branch_depth: int | None = None,
+    beta: float | list[float] | None = None,
 ) -> dict[str, Any]:
     """Build, train and save a model; returns a summary (cuts, final validation metrics).
 
     `weights` loads the backbone from a local file first (PTEENet post-trains a frozen,
     pre-trained backbone and refuses to start without it); `branch_channels` and
-    `branch_depth` size the conv branches of exit type "branch".
+    `branch_depth` size the conv branches of exit type "branch"; `beta` (one value, or one
+    per exit) sets class exclusion's dynamic threshold.
     """
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
@@ -74,6 +76,7 @@ def train(
         threshold=threshold,
         exit_args=exit_args,
         weights=weights,
+        policy_args=None if beta is None else {"beta": beta},
     )
     config = TrainConfig(data=data, data_dir=data_dir, download=download, epochs=epochs, batch_size=batch_size,
                          lr=lr, loss=loss or spec.loss, lam=lam, seed=seed, warmup_epochs=warmup_epochs,

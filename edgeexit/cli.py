@@ -54,15 +54,24 @@ class Group(click.Group):
             sys.exit(1)
 
 
-def parse_thresholds(value: str | None) -> float | list[float] | None:
-    """'0.7' -> 0.7; '0.6,0.8' -> [0.6, 0.8]; None stays None."""
+def parse_numbers(value: str | None, option: str = "--threshold") -> float | list[float] | None:
+    """'0.7' -> 0.7; '0.6,0.8' -> [0.6, 0.8] (one per exit); None stays None."""
     if value is None:
         return None
     try:
         parts = [float(v) for v in value.split(",")]
     except ValueError:
-        raise ConfigError(f"--threshold takes a number or comma-separated numbers, got '{value}'") from None
+        raise ConfigError(f"{option} takes a number or comma-separated numbers, got '{value}'") from None
     return parts[0] if len(parts) == 1 else parts
+
+
+BETA_HELP = "Class exclusion: dynamic-threshold beta in [0, 1], B for every exit or B1,B2,... one per exit."
+
+
+def beta_args(value: str | None) -> dict | None:
+    """--beta as policy args ({"beta": B or [B1, B2, ...]}), None when not given."""
+    beta = parse_numbers(value, "--beta")
+    return None if beta is None else {"beta": beta}
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
@@ -112,6 +121,7 @@ def main() -> None:
               help="Pre-trained backbone weights (a state_dict file, or a checkpoint with 'state_dict'/'model'); never downloaded.")
 @click.option("--branch-channels", type=int, default=None, help="Branch exits: conv channels (default: the cut's).")
 @click.option("--branch-depth", type=int, default=None, help="Branch exits: conv-BN-ReLU blocks (default 2).")
+@click.option("--beta", default=None, help=BETA_HELP)
 def train(**opts: Any) -> None:
     """Train an exit-augmented model and write model.pt.
 
@@ -121,7 +131,7 @@ def train(**opts: Any) -> None:
       edgeexit train --method pteenet --backbone torchvision:resnet18 --weights backbone.pt --data digits
     """
     api = train_side("edgeexit.api")
-    summary = api.train(**opts, progress=True)
+    summary = api.train(**{**opts, "beta": parse_numbers(opts["beta"], "--beta")}, progress=True)
     click.echo(
         f"wrote {opts['out']}: cuts {', '.join(summary['cuts'])}; val accuracy {summary['val_accuracy']:.4f}, "
         f"early-exit rate {summary['val_exit_rate']:.2f}"
@@ -200,12 +210,12 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
 @click.option("--input", "input_path", default=None, help="An image, a folder of images or a .npy array.")
 @click.option("--split", default="test", show_default=True, help="Data split to evaluate: train, val, test or all.")
 @click.option("--threshold", default=None, help="Override thresholds: T or T1,T2,...")
-@click.option("--beta", type=float, default=None, help="Class-exclusion bundles: override the dynamic-threshold beta in [0, 1].")
+@click.option("--beta", default=None, help=BETA_HELP)
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
 def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_path: str | None, split: str, threshold: str | None,
-        beta: float | None, batch_size: int, threads: int | None, json_path: str | None) -> None:
+        beta: str | None, batch_size: int, threads: int | None, json_path: str | None) -> None:
     """Run a bundle as an early-exit cascade and report accuracy, MACs, exits and latency.
 
     Example: edgeexit run bundle/ --device cpu --data digits --json report.json
@@ -215,8 +225,7 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    policy_args = None if beta is None else {"beta": beta}
-    runner = CascadeRunner(bundle, device=device, threads=threads, thresholds=parse_thresholds(threshold), policy_args=policy_args)
+    runner = CascadeRunner(bundle, device=device, threads=threads, thresholds=parse_numbers(threshold), policy_args=beta_args(beta))
     x, labels = _load_run_data(runner, data, input_path, split, data_dir)
     report, result = run_report(runner, x, labels, batch_size)
     if labels is None:
@@ -336,9 +345,13 @@ def demo(out: str, epochs: int) -> None:
 @click.option("--target-drop", type=float, default=None, help="Lowest MACs within this accuracy drop (percentage points vs the final classifier).")
 @click.option("--budget", type=float, default=None, help="Best accuracy within this fraction of the full model's MACs.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+@click.option("--beta", default=None, help=BETA_HELP + " Fixes beta instead of searching it.")
 def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_drop: float | None, budget: float | None,
-              threads: int | None) -> None:
+              threads: int | None, beta: str | None) -> None:
     """Choose per-exit thresholds for an accuracy-drop or MACs-budget target and write them into the manifest.
+
+    Class-exclusion bundles: without --beta, beta_k is searched per exit as the method's
+    authors do (greedy, cheapest exit first, the target drop as the accuracy tolerance).
 
     Example: edgeexit calibrate bundle/ --data digits --split val --target-drop 1.0
     """
@@ -348,9 +361,13 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     if (target_drop is None) == (budget is None):
         raise ConfigError("give exactly one of --target-drop POINTS or --budget FRACTION")
     objective = ("target_drop", target_drop) if target_drop is not None else ("budget", budget)
-    runner = CascadeRunner(bundle, threads=threads)
+    fixed = beta_args(beta)
+    runner = CascadeRunner(bundle, threads=threads, policy_args=fixed)
     x, labels = _load_run_data(runner, data, None, split, data_dir)
-    record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress)
+    record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress,
+                             search_beta=fixed is None)
+    if fixed is not None:
+        record["chosen"]["betas"] = [p.args["beta"] for p in runner.policies]
     apply_calibration(bundle, record)
     chosen = record["chosen"]
     status = "met" if chosen["met"] else "NOT met (closest point chosen)"

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edgeexit.runtime.policies import exit_args
+
 
 @dataclass
 class ModelConfig:
@@ -22,6 +24,11 @@ class ModelConfig:
     class_names: list[str] = field(default_factory=list)
     policy: dict[str, Any] = field(default_factory=lambda: {"kind": "confidence", "threshold": 0.5, "args": {}})
     frozen_backbone: bool = False
+
+    def exit_policy(self, index: int) -> dict[str, Any]:
+        """The runtime policy of exit `index`: kind, threshold and args, per-exit args (e.g. beta lists) resolved."""
+        args = exit_args(self.policy.get("args", {}), index, len(self.cuts))
+        return {"kind": self.policy["kind"], "threshold": self.policy["threshold"], "args": args}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

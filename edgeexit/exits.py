@@ -61,23 +61,23 @@ def pool_exit(feature_shape: Sequence[int], num_classes: int) -> ConfidenceExit:
 
 @register_exit("bnpool")
 def bnpool_exit(feature_shape: Sequence[int], num_classes: int) -> ConfidenceExit:
-    """EENets Bnpool: batch norm and ReLU, then global average pooling, then both branches."""
+    """EENets Bnpool as the PTEENet fork builds it: batch norm and ReLU (the EENets original has no ReLU), pooling, both branches."""
     channels = feature_shape[0]
     trunk = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
     return ConfidenceExit(trunk, channels, num_classes)
 
 
 class ExclusionExit(nn.Module):
-    """Class-exclusion head (Wang et al. 2023): global average pooling, then one sigmoid unit per class.
+    """Class-exclusion head (Wang et al. 2023): global average pooling, then one logit per class.
 
-    Output role "exclusion": s_c in (0, 1) per class c, trained towards 1 for the input's class
-    and 0 for the others; the runtime's exclusion policy removes classes with low s_c. One
-    Linear over the pooled features is the paper's per-class GAP + sigmoid networks side by
-    side (each class has its own weight row). No logits: the final classifier decides among
-    the classes left in play.
+    Output role "exclusion_logits": z_c per class c; s_c = sigmoid(z_c) is trained towards 1
+    for the input's class and 0 for the others (BCE with logits), and the runtime's exclusion
+    policy removes classes with low s_c. One Linear over the pooled features is the authors'
+    head with pooling size e = 1 (each class has its own weight row). No class logits: the
+    final classifier decides among the classes left in play.
     """
 
-    outputs: tuple[str, ...] = ("exclusion",)
+    outputs: tuple[str, ...] = ("exclusion_logits",)
 
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
@@ -85,7 +85,7 @@ class ExclusionExit(nn.Module):
         self.scores = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (torch.sigmoid(self.scores(self.pool(x))),)
+        return (self.scores(self.pool(x)),)
 
 
 @register_exit("exclusion")

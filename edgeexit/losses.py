@@ -80,21 +80,27 @@ def eenet_v2(exit_outputs, final_logits, target, costs, lam):
     return sum(_nll(probs, target) + lam * cost.mean() for probs, cost in _cascade_terms(exit_outputs, final_logits, costs))
 
 
+def exclusion_weights(num_exits: int) -> list[float]:
+    """The authors' exit weights 1 / (N - k + 1) for exits k = 1..N: the last early exit counts fully."""
+    return [1.0 / (num_exits - k + 1) for k in range(1, num_exits + 1)]
+
+
 @register_loss("exclusion")
 def class_exclusion(exit_outputs, final_logits, target, costs, lam):
-    """Class-exclusion-aware objective: L = CE(final logits, y) + lambda * sum over exits k of L_ex(s_k).
+    """Class exclusion as the authors train it: CE(final) + lambda * sum_k w_k * BCEWithLogits(z_k, onehot(y)).
 
-    L_ex(s) = mean over inputs of sum_c w_c * BCE(s_c, y_c), y = one-hot target, with
-    w = C - 1 for the true class and 1 for the others: per-class binary cross-entropy on the
-    exclusion heads' sigmoid scores (the authors' code trains them with BCE), weighted so that
-    excluding the true class, which no later stage can undo, costs as much as keeping all
-    C - 1 wrong classes, which only costs compute. `costs` is unused: every exit is trained alike.
+    z_k are exit k's per-class exclusion logits, the BCE uses pos_weight = 4 (C - 1) on the
+    true class and is averaged over the batch and the classes, and w_k = 1 / (N - k + 1)
+    (exclusion_weights) weights later exits more. Excluding the true class cannot be undone
+    by a later stage, hence its heavy positive weight. lambda is edgeexit's extra factor
+    (1 reproduces the authors' loss). `costs` is unused.
     """
     num_classes = final_logits.shape[1]
     onehot = F.one_hot(target, num_classes).to(final_logits.dtype)
-    weight = 1 + (num_classes - 2) * onehot
+    pos_weight = torch.full((num_classes,), 4.0 * (num_classes - 1), dtype=final_logits.dtype)
     exclusion = sum(
-        F.binary_cross_entropy(scores, onehot, weight=weight, reduction="none").sum(1).mean() for (scores,) in exit_outputs
+        weight * F.binary_cross_entropy_with_logits(logits, onehot, pos_weight=pos_weight)
+        for weight, (logits,) in zip(exclusion_weights(len(exit_outputs)), exit_outputs)
     )
     return F.cross_entropy(final_logits, target) + lam * exclusion
 

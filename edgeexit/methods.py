@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgeexit.runtime.errors import ConfigError
+from edgeexit.runtime.policies import ExclusionPolicy
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ register_method(
     Method(
         "exclusion", "exclusion", "exclusion", "exclusion", 0.0,
         summary="Class exclusion: per-class exclusion heads, exit when one class is left",
-        policy_args={"beta": 0.5},
+        policy_args={"beta": ExclusionPolicy.default_beta},
     )
 )
 

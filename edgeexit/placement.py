@@ -55,7 +55,11 @@ def linear(num_exits: int) -> list[float]:
 
 @register_scheme("quadratic")
 def quadratic(num_exits: int) -> list[float]:
-    """Quadratic: exit i at ((i+1)/(N+1))^2, gaps growing with the exit index (denser early)."""
+    """Quadratic, edgeexit's own formula: exit i at ((i+1)/(N+1))^2 of the cost, gaps growing with i (denser early).
+
+    The EENets papers name a quadratic scheme without a formula and their PyTorch code has
+    none; their early Keras code's `quad` spaces exits evenly in depth instead.
+    """
     return [((i + 1) / (num_exits + 1)) ** 2 for i in range(num_exits)]
 
 

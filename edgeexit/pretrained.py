@@ -100,6 +100,28 @@ def accuracy(net: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
     return correct / max(total, 1)
 
 
+def fit_backbone(net: nn.Module, train: Dataset, epochs: int, batch_size: int = 64, lr: float = 0.05, seed: int = 0,
+                 progress: bool = True) -> nn.Module:
+    """Train a plain backbone in place with cross-entropy, SGD (Nesterov) and a one-cycle schedule; returns it in eval mode."""
+    from edgeexit.trainer import seed_everything
+
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    seed_everything(seed)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
+    for _ in tqdm(range(epochs), desc="pretrain", unit="epoch", disable=not progress):
+        net.train()
+        for x, y in loader:
+            loss = F.cross_entropy(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return net.eval()
+
+
 def pretrain_backbone(
     backbone: str,
     out: str | os.PathLike,
@@ -122,16 +144,6 @@ def pretrain_backbone(
     splits = load_data(data, data_dir=data_dir, download=download, input_size=input_size)
     info = splits.info
     net = build_backbone(backbone, info.num_classes, info.input_shape[0])
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
-    for _ in tqdm(range(epochs), desc="pretrain", unit="epoch", disable=not progress):
-        net.train()
-        for x, y in loader:
-            loss = F.cross_entropy(net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+    fit_backbone(net, splits.train, epochs, batch_size, lr, seed, progress)
     save_state_dict(net, out)
     return {"val_accuracy": accuracy(net, splits.val), "test_accuracy": accuracy(net, splits.test), "input_shape": info.input_shape}

@@ -57,8 +57,8 @@ def evaluate(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256) -> 
     disagree with `edgeexit run` about what a policy does.
     """
     model.eval()
-    spec = model.config.policy
-    policy = get_policy(spec["kind"])(spec["threshold"], dict(spec.get("args", {})))
+    specs = [model.config.exit_policy(k) for k in range(len(model.exits))]
+    policies = [get_policy(spec["kind"])(spec["threshold"], spec["args"]) for spec in specs]
     batches, finals, labels = [], [], []
     for x, y in DataLoader(dataset, batch_size=batch_size):
         exit_outputs, final = model(x)
@@ -69,9 +69,8 @@ def evaluate(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256) -> 
         {role: torch.cat([batch[k][i] for batch in batches]).numpy() for i, role in enumerate(head.outputs)}
         for k, head in enumerate(model.exits)
     ]
-    policies = [policy] * len(model.exits)
     simulator = CascadeSimulator(policies, outputs, torch.cat(finals).numpy(), torch.cat(labels).numpy(), model.exit_costs())
-    point = simulator.evaluate([policy.threshold] * len(policies))
+    point = simulator.evaluate([policy.threshold for policy in policies])
     return point.accuracy, 1.0 - point.exit_counts[-1] / sum(point.exit_counts)
 
 
@@ -124,6 +123,7 @@ def build_model(
     backbone_args: dict | None = None,
     exit_args: dict | None = None,
     weights: str | None = None,
+    policy_args: dict | None = None,
 ) -> EarlyExitModel:
     """Construct an untrained exit-augmented model sized for `data`, its backbone loaded from `weights` if given."""
     from edgeexit.backbones import build_backbone
@@ -147,10 +147,13 @@ def build_model(
         mean=info.mean,
         std=info.std,
         class_names=info.class_names,
-        policy={"kind": spec.policy, "threshold": spec.threshold if threshold is None else threshold, "args": dict(spec.policy_args)},
+        policy={"kind": spec.policy, "threshold": spec.threshold if threshold is None else threshold, "args": {**spec.policy_args, **(policy_args or {})}},
         frozen_backbone=spec.frozen_backbone,
     )
     model = EarlyExitModel(config, backbone=net)
+    for k in range(len(cuts)):  # refuse bad policy args (e.g. --beta on a confidence model) before training
+        exit_spec = config.exit_policy(k)
+        get_policy(exit_spec["kind"])(exit_spec["threshold"], exit_spec["args"])
     missing = set(get_policy(spec.policy).roles) - set(model.exits[0].outputs)
     if missing:
         raise ConfigError(f"exit type '{exit_type}' lacks the outputs {sorted(missing)} that method '{method}' needs")

@@ -59,7 +59,7 @@ def write_graphs(model: EarlyExitModel, folder: Path, opset: int, progress: Call
             head_macs = count_macs(head, model.cut_shapes[index])
             exit_spec = {
                 "outputs": dict(zip(roles, outputs[1:])),
-                "policy": {"kind": config.policy["kind"], "threshold": config.policy["threshold"], "args": dict(config.policy.get("args", {}))},
+                "policy": config.exit_policy(index),
                 "cut": config.cuts[index],
             }
         progress(f"exporting {stage_file(index)}")

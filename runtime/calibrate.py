@@ -27,14 +27,14 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.errors import ConfigError
 from edgeexit.runtime.manifest import load_manifest, save_manifest
-from edgeexit.runtime.policies import Policy
+from edgeexit.runtime.policies import ExclusionPolicy, Policy
 
 GRID_SIZE = 41
 MAX_ROUNDS = 4
@@ -125,12 +125,17 @@ class CascadeSimulator:
 
     def pareto(self) -> list[Point]:
         """Evaluated points no other point beats on both accuracy and MACs, by rising MACs."""
-        front, best = [], -1.0
-        for point in sorted(self.evaluated.values(), key=lambda p: (p.relative_macs, -p.accuracy)):
-            if point.accuracy > best:
-                front.append(point)
-                best = point.accuracy
-        return front
+        return pareto_front(self.evaluated.values())
+
+
+def pareto_front(points: Iterable[Point]) -> list[Point]:
+    """The points no other point beats on both accuracy and MACs, by rising MACs."""
+    front, best = [], -1.0
+    for point in sorted(points, key=lambda p: (p.relative_macs, -p.accuracy)):
+        if point.accuracy > best:
+            front.append(point)
+            best = point.accuracy
+    return front
 
 
 def objective_key(objective: Objective, reference_accuracy: float) -> Callable[[Point], tuple]:
@@ -179,6 +184,8 @@ def search(sim: CascadeSimulator, grids: Sequence[np.ndarray], key: Callable[[Po
 def describe(point: dict) -> str:
     """One line of an operating point (Point.as_dict()) for progress output and the CLI."""
     thresholds = ",".join(f"{t:.4g}" for t in point["thresholds"])
+    if "betas" in point:
+        thresholds += "  betas " + ",".join(f"{b:.2f}" for b in point["betas"])
     return (f"thresholds {thresholds}  accuracy {point['accuracy']:.4f}  relative MACs {point['relative_macs']:.3f}  "
             f"exits {point['exit_counts']}")
 
@@ -231,6 +238,67 @@ def choose_thresholds(
     }
 
 
+BETA_STEP = 0.01
+BETA_BACKOFF = 2  # steps taken back from the first beta that breaks the tolerance, as the authors do
+
+
+def with_betas(policies: Sequence[Policy], betas: Sequence[float]) -> list[Policy]:
+    """Copies of class-exclusion policies with beta_k set per exit."""
+    return [dataclasses.replace(p, args={**p.args, "beta": float(b)}) for p, b in zip(policies, betas)]
+
+
+def search_betas(
+    policies: Sequence[Policy],
+    exit_outputs: Sequence[dict[str, np.ndarray]],
+    final_logits: np.ndarray,
+    labels: np.ndarray,
+    exit_costs: Sequence[float],
+    tolerance: float,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Class exclusion's per-exit beta search as its authors run it; returns the calibration record (minus data).
+
+    Exits in order of MACs saved (cheapest first); all betas start at 0 (nothing excluded,
+    the final classifier's accuracy is the start). For each exit in turn, the others fixed,
+    beta rises from 0.01 in steps of 0.01 while accuracy on the calibration data stays
+    above start - tolerance (points); then it backs off BETA_BACKOFF steps from the first
+    failing value. The thresholds (static floors) are kept as they are.
+    """
+    if not tolerance >= 0:
+        raise ConfigError(f"--target-drop must be >= 0 percentage points, got {tolerance}")
+    thresholds = [p.threshold for p in policies]
+    evaluated: list[Point] = []
+
+    def measure(betas: Sequence[float]) -> Point:
+        sim = CascadeSimulator(with_betas(policies, betas), exit_outputs, final_logits, labels, exit_costs)
+        point = sim.evaluate(thresholds)
+        evaluated.append(point)
+        return point
+
+    betas = [0.0] * len(policies)
+    start = measure(betas)
+    floor = start.accuracy - tolerance / 100.0
+    order = sorted(range(len(policies)), key=lambda k: exit_costs[k])
+    steps = int(round(1.0 / BETA_STEP))
+    for k in order:
+        step = 1
+        while step <= steps and measure([*betas[:k], step * BETA_STEP, *betas[k + 1 :]]).accuracy > floor:
+            step += 1
+        betas[k] = max(0, step - BETA_BACKOFF) * BETA_STEP
+        progress(f"exit {k}: beta {betas[k]:.2f} ({step - 1} steps kept accuracy above {floor:.4f})")
+    chosen = measure(betas)
+    return {
+        "objective": {"target_drop": tolerance},
+        "reference_accuracy": float((final_logits.argmax(axis=1) == labels).mean()),
+        "policies": [p.name for p in policies],
+        "search": {"method": "per-exit beta, greedy in order of MACs saved (class-exclusion authors)",
+                   "order": order, "step": BETA_STEP, "backoff_steps": BETA_BACKOFF, "evaluated": len(evaluated)},
+        "curve": [p.as_dict() for p in sorted(evaluated, key=lambda p: p.relative_macs)],
+        "pareto": [p.as_dict() for p in pareto_front(evaluated)],
+        "chosen": {**chosen.as_dict(), "betas": betas, "met": chosen.accuracy > floor or not any(betas)},
+    }
+
+
 def calibrate(
     runner: CascadeRunner,
     x: np.ndarray,
@@ -238,26 +306,42 @@ def calibrate(
     objective: Objective,
     data: dict | None = None,
     progress: Callable[[str], None] = lambda message: None,
+    search_beta: bool = True,
 ) -> dict:
-    """Run the bundle once over (x, labels) and choose thresholds for `objective`; returns the calibration record."""
+    """Run the bundle once over (x, labels) and choose thresholds for `objective`; returns the calibration record.
+
+    Class-exclusion bundles get the authors' per-exit beta search instead (tolerance =
+    the target drop) unless `search_beta` is False (beta given by the user): then the
+    static floors are searched like any threshold.
+    """
     if len(x) != len(labels):
         raise ConfigError(f"calibration data has {len(x)} inputs but {len(labels)} labels")
-    check_objective(objective)
+    kind, value = check_objective(objective)
+    betas = search_beta and all(isinstance(p, ExclusionPolicy) for p in runner.policies)
+    if betas and kind != "target_drop":
+        raise ConfigError("class-exclusion bundles calibrate beta for an accuracy tolerance: use --target-drop "
+                          "(or fix beta with --beta to search the thresholds for a budget)")
     started = time.perf_counter()
     progress(f"running {len(runner.sessions)} stages over {len(x)} calibration inputs")
     exit_outputs, final_logits = runner.stage_outputs(x)
-    record = choose_thresholds(runner.policies, exit_outputs, final_logits, labels, runner.manifest.exit_costs(),
-                               objective, progress)
+    costs = runner.manifest.exit_costs()
+    if betas:
+        record = search_betas(runner.policies, exit_outputs, final_logits, labels, costs, value, progress)
+    else:
+        record = choose_thresholds(runner.policies, exit_outputs, final_logits, labels, costs, objective, progress)
     record["search"]["seconds"] = round(time.perf_counter() - started, 3)
     return {"data": {**(data or {}), "samples": int(len(x))}, **record}
 
 
 def apply_calibration(bundle: str, record: dict) -> dict:
-    """Write the chosen thresholds into each exit's policy plus the record, atomically; returns the manifest."""
+    """Write the chosen thresholds (and betas, if searched) into each exit's policy plus the record, atomically."""
     manifest = load_manifest(bundle, check_hashes=False)
     data = manifest.data
-    for stage, threshold in zip(data["stages"][:-1], record["chosen"]["thresholds"]):
+    chosen = record["chosen"]
+    for k, (stage, threshold) in enumerate(zip(data["stages"][:-1], chosen["thresholds"])):
         stage["exit"]["policy"]["threshold"] = float(threshold)
+        if "betas" in chosen:
+            stage["exit"]["policy"].setdefault("args", {})["beta"] = float(chosen["betas"][k])
     data["calibration"] = record
     save_manifest(bundle, data)
     return data

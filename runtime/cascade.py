@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from edgeexit.runtime.errors import BundleError, ConfigError, InputError
 from edgeexit.runtime.manifest import FULL_NAME, Manifest, check_graph_io, load_manifest
-from edgeexit.runtime.policies import Policy, get_policy
+from edgeexit.runtime.policies import Policy, exit_args, get_policy
 from edgeexit.runtime.providers import resolve_providers
 
 DEFAULT_CHUNK = 256
@@ -92,10 +92,10 @@ class CascadeRunner:
         self._roles = [list(exit_spec["outputs"].items()) for exit_spec in self.manifest.exits]
         self._full: ort.InferenceSession | None = None
         self.policies: list[Policy] = []
-        for exit_spec, stage in zip(self.manifest.exits, self.manifest.stages):
+        for index, (exit_spec, stage) in enumerate(zip(self.manifest.exits, self.manifest.stages)):
             policy = exit_spec["policy"]
             cls = get_policy(policy["kind"])
-            args = {**policy.get("args", {}), **(policy_args or {})}
+            args = {**policy.get("args", {}), **exit_args(policy_args or {}, index, len(self.manifest.exits))}
             self.policies.append(cls(policy["threshold"], args))
             missing = set(cls.roles) - set(exit_spec["outputs"])
             if missing:

@@ -162,7 +162,7 @@ def synthetic_outputs(n: int = 300, classes: int = 5, exits: int = 2, seed: int 
         logits = onehot * (1.0 + k) * 3 + rng.normal(0, 2.0, (n, classes))
         outputs.append({"logits": logits.astype(np.float32),
                         "confidence": (1 / (1 + np.exp(-(logits.max(1) - 3)))).astype(np.float32)[:, None],
-                        "exclusion": (1 / (1 + np.exp(-(logits - 2)))).astype(np.float32)})
+                        "exclusion_logits": (logits - 2).astype(np.float32)})
     final = (onehot * 8 + rng.normal(0, 2.0, (n, classes))).astype(np.float32)
     return outputs, final, labels
 
