@@ -20,6 +20,7 @@ first correct exit.
     python benchmarks/fashion_mnist.py --quick               # a minutes-long check of the whole path
     python benchmarks/fashion_mnist.py --headline --out DIR  # train, export, calibrate the headline model -> DIR/bundle
     python benchmarks/fashion_mnist.py --latency             # adds interleaved cascade vs full.onnx timings (quiet machine)
+    python benchmarks/fashion_mnist.py --table               # the README table from benchmarks/results/fashion_mnist.json
 """
 from __future__ import annotations
 
@@ -35,14 +36,14 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from edgeexit.backbones import build_backbone
-from edgeexit.config import TrainConfig
-from edgeexit.data import DataSplits, load_data
+from edgeexit.train.backbones import build_backbone
+from edgeexit.train.config import TrainConfig
+from edgeexit.train.data import DataSplits, load_data
 from edgeexit.export import export_bundle
-from edgeexit.losses import LOSSES
-from edgeexit.methods import get_method
-from edgeexit.models import save_model
-from edgeexit.pretrained import fit_backbone, save_state_dict
+from edgeexit.train.losses import LOSSES
+from edgeexit.train.methods import get_method
+from edgeexit.train.models import save_model
+from edgeexit.train.pretrained import fit_backbone, save_state_dict
 from edgeexit.runtime.bench import oracle
 from edgeexit.runtime.calibrate import CascadeSimulator, apply_calibration, choose_thresholds, search_betas, with_betas
 from edgeexit.runtime.cascade import CascadeRunner
@@ -50,7 +51,7 @@ from edgeexit.runtime.datasets import normalize, npz_split
 from edgeexit.runtime.manifest import load_manifest, save_manifest, write_json_atomic
 from edgeexit.runtime.policies import get_policy
 from edgeexit.runtime.report import interleaved_timings
-from edgeexit.trainer import build_model, train_model
+from edgeexit.train.trainer import build_model, train_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist-60k.npz"
@@ -80,6 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--headline", action="store_true", help="train, export and calibrate the headline model only")
     parser.add_argument("--latency", action="store_true", help="time cascade vs full.onnx interleaved (batch 1)")
     parser.add_argument("--out", type=Path, default=None, help="--headline: write DIR/bundle; else the results stem")
+    parser.add_argument("--table", action="store_true", help="print the README table of an existing results JSON and stop")
     args = parser.parse_args()
     if args.quick:
         args.train_size, args.val_size, args.test_size, args.epochs = 600, 400, 400, 1
@@ -336,6 +338,26 @@ def write_results(results: dict, out: Path, started: float, final: bool = False)
     if final:
         plot(results, out.with_suffix(".png"))
         progress(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+        print(table(results))
+
+
+def table(results: dict) -> str:
+    """The README table: each method and policy at its 0.5-point calibration, on test and on the shifted test set."""
+    rows = ["| method / policy | acc | full.onnx | rel. MACs | exits (test) | cost / oracle | shifted acc | shifted full.onnx "
+            "| exits (shifted) | cascade ms | full.onnx ms |", "|" + "---|" * 11]
+    base = results.get("backbone_alone")
+    if base:
+        rows.append(f"| backbone alone | {base['test_accuracy']:.4f} | - | 1.000 | - | - | {base['shifted_accuracy']:.4f} | - | - | - | - |")
+    for name, entry in results["methods"].items():
+        for kind, value in entry["policies"].items():
+            t, s = value["at_goal"]["test"], value["at_goal"]["shifted"]
+            ratio = "-" if value["cost_over_oracle"] is None else f"{value['cost_over_oracle']:.2f}"
+            lat = value["at_goal"].get("latency_ms_mean", {})
+            ms = [f"{lat[k]:.3f}" if k in lat else "-" for k in ("cascade", "full_onnx")]
+            rows.append(f"| {name} / {kind} | {t['accuracy']:.4f} | {t['full_onnx_accuracy']:.4f} | {t['relative_macs']:.3f} "
+                        f"| {'/'.join(map(str, t['exit_counts']))} | {ratio} | {s['accuracy']:.4f} | {s['full_onnx_accuracy']:.4f} "
+                        f"| {'/'.join(map(str, s['exit_counts']))} | {ms[0]} | {ms[1]} |")
+    return "\n".join(rows)
 
 
 def pareto(points: list[dict]) -> list[dict]:
@@ -431,4 +453,9 @@ def run_headline(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     ARGS = parse_args()
-    run_headline(ARGS) if ARGS.headline else run_grid(ARGS)
+    if ARGS.table:
+        print(table(json.loads((ARGS.out or RESULTS / "fashion_mnist").with_suffix(".json").read_text())))
+    elif ARGS.headline:
+        run_headline(ARGS)
+    else:
+        run_grid(ARGS)

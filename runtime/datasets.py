@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import check_batch
-from edgeexit.runtime.errors import ConfigError, InputError
+from edgeexit.errors import ConfigError, InputError
 
 SPLITS = ("train", "val", "test")
 ALL_SPLIT = "all"  # evaluation only: every sample of a data set, no split

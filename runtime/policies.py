@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgeexit.runtime.errors import BundleError, ConfigError
+from edgeexit.errors import BundleError, ConfigError
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -181,7 +181,7 @@ class ExclusionPolicy(Policy):
         return logits.argmax(axis=1) if state is None else np.where(state, logits, -np.inf).argmax(axis=1)
 
 
-def exit_args(args: dict, index: int, num_exits: int) -> dict:
+def per_exit_args(args: dict, index: int, num_exits: int) -> dict:
     """Policy args for exit `index` of `num_exits`: a list value holds one value per exit, a scalar is shared."""
     resolved = {}
     for name, value in args.items():

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from edgeexit.cli import main
 from edgeexit.runtime import CascadeRunner
-from edgeexit.runtime.errors import BundleError, ConfigError
+from edgeexit.errors import BundleError, ConfigError
 from edgeexit.runtime.manifest import MANIFEST_NAME, sha256_file
 from edgeexit.runtime.policies import ExclusionPolicy, get_policy
 
@@ -119,7 +119,7 @@ def test_trained_model_removes_classes_early_and_exits_more_as_beta_rises(exclus
     assert early[0] <= early[1] <= early[2] and early[2] >= 0.5, early
 
 
-@pytest.mark.parametrize("beta", [0.5, 0.85])
+@pytest.mark.parametrize("beta", [0.5, 0.97])
 def test_batch_equals_one_by_one(exclusion_bundle, digits, beta):
     runner = CascadeRunner(exclusion_bundle[0], threads=1, policy_args={"beta": beta})
     x = digits[0][:80]
@@ -127,7 +127,7 @@ def test_batch_equals_one_by_one(exclusion_bundle, digits, beta):
     single = [runner.predict(x[i : i + 1]) for i in range(len(x))]
     np.testing.assert_array_equal(batched.predictions, [r.predictions[0] for r in single])
     np.testing.assert_array_equal(batched.exit_index, [r.exit_index[0] for r in single])
-    if beta == 0.85:  # some inputs leave at each exit, so compacted masks reach later stages
+    if beta == 0.97:  # some inputs leave early, so compacted masks reach later stages
         assert len(set(batched.exit_index.tolist())) >= 2
 
 
@@ -179,7 +179,7 @@ def test_bundle_with_wrong_exclusion_width_is_refused_at_load(exclusion_bundle, 
 
 def test_loss_matches_hand_worked_example():
     """Two exits, three classes, one input of class 0: CE(final) + lambda * sum_k w_k mean_c BCE(z_k, onehot; pos 8)."""
-    from edgeexit.losses import get_loss
+    from edgeexit.train.losses import get_loss
 
     z = [[1.0, 0.0, -1.0], [2.0, -1.0, 0.0]]
     final = [0.5, 0.0, 0.0]

@@ -4,9 +4,9 @@ import pytest
 from click.testing import CliRunner
 
 from edgeexit.cli import main
-from edgeexit.data import load_data
+from edgeexit.train.data import load_data
 from edgeexit.runtime.datasets import load_eval_data, load_npz, split_indices
-from edgeexit.runtime.errors import InputError
+from edgeexit.errors import InputError
 
 CLASSES = np.array(["zero", "one", "two"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edgeexit.runtime.policies import exit_args
+from edgeexit.runtime.policies import per_exit_args
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ModelConfig:
 
     def exit_policy(self, index: int) -> dict[str, Any]:
         """The runtime policy of exit `index`: kind, threshold and args, per-exit args (e.g. beta lists) resolved."""
-        args = exit_args(self.policy.get("args", {}), index, len(self.cuts))
+        args = per_exit_args(self.policy.get("args", {}), index, len(self.cuts))
         return {"kind": self.policy["kind"], "threshold": self.policy["threshold"], "args": args}
 
     def to_dict(self) -> dict[str, Any]:
