@@ -135,6 +135,7 @@ def load_sets(args: argparse.Namespace) -> tuple[DataSplits, dict[str, Eval]]:
     spec = f"npz:{args.data}"
     splits = load_data(spec)
     splits.train = Subset(splits.train, range(min(args.train_size, len(splits.train))))
+    splits.val = Subset(splits.val, range(min(args.val_size, len(splits.val))))  # the trainer's per-epoch check
     shape = splits.info.input_shape
     sets = {}
     for name, size in (("val", args.val_size), ("test", args.test_size)):
