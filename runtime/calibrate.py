@@ -33,7 +33,7 @@ import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.errors import ConfigError
-from edgeexit.runtime.manifest import load_manifest, save_manifest
+from edgeexit.runtime.manifest import Manifest, load_manifest, save_manifest
 from edgeexit.runtime.policies import Policy
 
 GRID_SIZE = 41
@@ -252,12 +252,7 @@ def calibrate(
     return {"data": {**(data or {}), "samples": int(len(x))}, **record}
 
 
-def apply_calibration(bundle: str, record: dict) -> dict:
+def apply_calibration(bundle: str, record: dict) -> Manifest:
     """Write the chosen thresholds into each exit's policy plus the record, atomically; returns the manifest."""
-    manifest = load_manifest(bundle, check_hashes=False)
-    data = manifest.data
-    for stage, threshold in zip(data["stages"][:-1], record["chosen"]["thresholds"]):
-        stage["exit"]["policy"]["threshold"] = float(threshold)
-    data["calibration"] = record
-    save_manifest(bundle, data)
-    return data
+    manifest = load_manifest(bundle, check_hashes=False).with_thresholds(record["chosen"]["thresholds"])
+    return save_manifest(bundle, dataclasses.replace(manifest, calibration=record))

@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeexit.runtime.errors import BundleError, ConfigError, InputError
-from edgeexit.runtime.manifest import FULL_NAME, Manifest, check_graph_io, load_manifest
-from edgeexit.runtime.policies import Policy, get_policy
+from edgeexit.runtime.manifest import FULL_NAME, Manifest, TensorSpec, check_graph_io, load_manifest
+from edgeexit.runtime.policies import Policy
 from edgeexit.runtime.providers import resolve_providers
 
 DEFAULT_CHUNK = 256
@@ -86,25 +86,23 @@ class CascadeRunner:
         self.chunk_size = chunk_size
         self.providers = resolve_providers(device, cache_dir=self.manifest.root / "cache")
         self._options = session_options(threads)
-        self.sessions = [self._session(stage["file"], stage["inputs"], stage["outputs"]) for stage in self.manifest.stages]
-        self.output_names = [[t["name"] for t in stage["outputs"]] for stage in self.manifest.stages]
-        self._input_names = [stage["inputs"][0]["name"] for stage in self.manifest.stages]
-        self._roles = [list(exit_spec["outputs"].items()) for exit_spec in self.manifest.exits]
+        self.sessions = [self._session(stage.file, stage.inputs, stage.outputs) for stage in self.manifest.stages]
+        self.output_names = [stage.output_names for stage in self.manifest.stages]
+        self._input_names = [stage.inputs[0].name for stage in self.manifest.stages]
+        self._roles = [list(exit_spec.outputs) for exit_spec in self.manifest.exits]
         self._full: ort.InferenceSession | None = None
         self.policies: list[Policy] = []
-        for exit_spec, stage in zip(self.manifest.exits, self.manifest.stages):
-            policy = exit_spec["policy"]
-            cls = get_policy(policy["kind"])
-            args = {**policy.get("args", {}), **(policy_args or {})}
-            self.policies.append(cls(policy["threshold"], args))
-            missing = set(cls.roles) - set(exit_spec["outputs"])
+        for stage in self.manifest.stages[:-1]:
+            policy = stage.exit.policy.build(policy_args)
+            missing = set(policy.roles) - set(stage.exit.outputs)
             if missing:
-                raise BundleError(f"policy '{cls.name}' needs exit outputs {sorted(missing)} the bundle lacks")
-            cls.check_outputs(stage, self.manifest.num_classes)
+                raise BundleError(f"policy '{policy.name}' needs exit outputs {sorted(missing)} the bundle lacks")
+            policy.check_outputs(stage, self.manifest.num_classes)
+            self.policies.append(policy)
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
-    def _session(self, name: str, inputs: list[dict], outputs: list[dict]) -> ort.InferenceSession:
+    def _session(self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> ort.InferenceSession:
         """A session for one graph, refused unless its inputs/outputs match the manifest's."""
         path = self.manifest.path(name)
         try:
@@ -140,7 +138,7 @@ class CascadeRunner:
         return self.sessions[index].run(self.output_names[index], {self._input_names[index]: x})
 
     def _exit_outputs(self, index: int, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-        return {role: outputs[1 + i] for i, (role, _) in enumerate(self._roles[index])}
+        return {role: outputs[1 + i] for i, role in enumerate(self._roles[index])}
 
     def predict(self, x: np.ndarray, use_exits: bool = True) -> CascadeResult:
         """Predict a batch; large batches run in chunks so memory stays bounded."""

@@ -56,9 +56,9 @@ def hash_checks(manifest: Manifest) -> list[Check]:
     for entry in manifest.files():
         try:
             check_file_hash(manifest.root, entry)
-            checks.append(Check(f"sha256 {entry['file']}", OK))
+            checks.append(Check(f"sha256 {entry.file}", OK))
         except EdgeExitError as exc:
-            checks.append(Check(f"sha256 {entry['file']}", FAIL, str(exc)))
+            checks.append(Check(f"sha256 {entry.file}", FAIL, str(exc)))
     return checks
 
 
@@ -70,10 +70,10 @@ def onnx_checks(manifest: Manifest) -> list[Check]:
     checks = []
     for entry in manifest.files():
         try:
-            onnx.checker.check_model(str(manifest.path(entry["file"])), full_check=True)
-            checks.append(Check(f"onnx checker {entry['file']}", OK))
+            onnx.checker.check_model(str(manifest.path(entry.file)), full_check=True)
+            checks.append(Check(f"onnx checker {entry.file}", OK))
         except Exception as exc:  # onnx raises checker, inference and protobuf decode errors
-            checks.append(Check(f"onnx checker {entry['file']}", FAIL, _first_line(exc)))
+            checks.append(Check(f"onnx checker {entry.file}", FAIL, _first_line(exc)))
     return checks
 
 

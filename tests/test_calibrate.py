@@ -44,7 +44,7 @@ def measured(bundle, x, y):
 
 
 def policies_for(bundle) -> list[str]:
-    roles = set(load_manifest(bundle).exits[0]["outputs"])
+    roles = set(load_manifest(bundle).exits[0].outputs)
     return sorted(kind for kind, cls in POLICIES.items() if set(cls.roles) <= roles)
 
 
@@ -93,7 +93,7 @@ def test_calibration_reloads_from_manifest(bundle_copy, digits_val):
     x, y = digits_val
     record = calibrate(CascadeRunner(bundle_copy), x, y, ("target_drop", 1.0), {"name": "digits", "split": "val"})
     apply_calibration(bundle_copy, record)
-    stored = load_manifest(bundle_copy).data["calibration"]
+    stored = load_manifest(bundle_copy).calibration
     assert stored == json.loads(json.dumps(record))
     assert stored["data"] == {"name": "digits", "split": "val", "samples": len(x)}
     assert len(stored["curve"]) > 2 and stored["pareto"]
@@ -113,7 +113,7 @@ def test_cli_calibrate_writes_manifest(bundle_copy):
     result = cli.invoke(main, ["calibrate", str(bundle_copy), "--data", "digits", "--budget", "0.9"])
     assert result.exit_code == 0, result.output
     assert "operating point" in result.output
-    assert load_manifest(bundle_copy).data["calibration"]["objective"] == {"budget": 0.9}
+    assert load_manifest(bundle_copy).calibration["objective"] == {"budget": 0.9}
     both = cli.invoke(main, ["calibrate", str(bundle_copy), "--target-drop", "1", "--budget", "0.5"])
     assert both.exit_code == ConfigError.exit_code
     assert "Traceback" not in both.output

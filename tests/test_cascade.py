@@ -13,7 +13,7 @@ def runner(tiny_bundle):
 
 def reference_cascade(runner, x, threshold):
     """A plain numpy re-implementation: run every stage on every input, then pick the first exit."""
-    sessions = [ort.InferenceSession(str(runner.manifest.path(s["file"])), providers=["CPUExecutionProvider"])
+    sessions = [ort.InferenceSession(str(runner.manifest.path(s.file)), providers=["CPUExecutionProvider"])
                 for s in runner.manifest.stages]
     outputs, h = [], x
     for session in sessions:
@@ -52,7 +52,7 @@ def test_batch_compaction_matches_batch_size_one(runner, digits_test):
 
 def test_trained_exits_take_a_real_share_early(runner, digits_test):
     x, y = digits_test
-    runner.set_thresholds(runner.manifest.exits[0]["policy"]["threshold"])
+    runner.set_thresholds(runner.manifest.exits[0].policy.threshold)
     result = runner.predict(x)
     early = (result.exit_index < runner.num_exits).mean()
     assert early >= 0.3, f"only {early:.0%} of digits left early"
