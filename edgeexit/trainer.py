@@ -17,7 +17,7 @@ from edgeexit.losses import get_loss
 from edgeexit.methods import get_method
 from edgeexit.models import EarlyExitModel
 from edgeexit.placement import place_exits
-from edgeexit.runtime.calibrate import CascadeSimulator
+from edgeexit.runtime.simulate import CascadeSimulator
 from edgeexit.runtime.errors import ConfigError
 from edgeexit.runtime.manifest import PolicySpec
 

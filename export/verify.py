@@ -8,7 +8,7 @@ import torch
 
 from edgeexit.models import EarlyExitModel
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.consistency import TOLERANCE, check_chain, max_abs_diff
+from edgeexit.runtime.verify import TOLERANCE, check_chain, max_abs_diff
 from edgeexit.runtime.datasets import digits_split
 from edgeexit.runtime.errors import VerificationError
 from edgeexit.runtime.manifest import normalize

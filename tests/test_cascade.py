@@ -1,9 +1,11 @@
 """The cascade's decisions, survivor compaction and parity with the exported graphs."""
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgeexit.runtime import CascadeRunner, DeviceError, InputError
+from edgeexit.runtime import CascadeRunner, ConfigError, DeviceError, InputError
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +107,21 @@ def test_unknown_and_unavailable_devices(tiny_bundle):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(DeviceError, match="available providers: .*CPUExecutionProvider"):
             CascadeRunner(tiny_bundle, device="cuda")
+
+
+def test_per_call_thresholds_let_threads_share_a_runner(runner, digits_test):
+    x = digits_test[0][:48]
+    before = runner.thresholds
+    expected = {t: runner.predict(x, thresholds=t).exit_index for t in (0.0, 0.5, 0.99)}
+    assert not np.array_equal(expected[0.0], expected[0.99])
+    assert runner.thresholds == before
+
+    def check(threshold):
+        return all(np.array_equal(runner.predict(x[i : i + 6], thresholds=threshold).exit_index, expected[threshold][i : i + 6])
+                   for i in range(0, len(x), 6))
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(check, [0.0, 0.5, 0.99] * 6))
+    assert all(results) and runner.thresholds == before
+    with pytest.raises(ConfigError, match="got 3 thresholds for 2 exits"):
+        runner.predict(x, thresholds=[0.5] * 3)
