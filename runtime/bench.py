@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from edgeexit.runtime.calibrate import shared_grids
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 from edgeexit.runtime.report import Progress, cascade_entry, interleaved_timings, logits_entry, runner_info
 from edgeexit.runtime.simulate import CascadeSimulator, grid_points
 

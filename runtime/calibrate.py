@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 from edgeexit.runtime.manifest import Manifest, load_manifest, save_manifest
 from edgeexit.runtime.policies import Policy
 from edgeexit.runtime.simulate import CascadeSimulator, Point, grid_points

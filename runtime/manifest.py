@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeexit.runtime.errors import BundleError, InputError
+from edgeexit.errors import BundleError, InputError
 from edgeexit.runtime.policies import Policy, get_policy
 
 FORMAT = "edgeexit-bundle"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from edgeexit.runtime.errors import BundleError, ConfigError
+from edgeexit.errors import BundleError, ConfigError
 
 if TYPE_CHECKING:  # the manifest builds policies, so it imports this module
     from edgeexit.runtime.manifest import StageSpec

@@ -14,7 +14,7 @@ from types import ModuleType
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.errors import ConfigError, EdgeExitError, VerificationError
+from edgeexit.errors import ConfigError, EdgeExitError, VerificationError, first_line
 from edgeexit.runtime.manifest import FORMAT_VERSION, Manifest, check_file_hash, load_manifest
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
@@ -54,8 +54,7 @@ class Check:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 def _optional_onnx() -> ModuleType | None:
