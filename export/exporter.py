@@ -97,7 +97,7 @@ def build_manifest(model: EarlyExitModel, folder: Path, stages: tuple[StageSpec,
     config = model.config
     return Manifest(
         root=folder,
-        producer=Producer(__version__, torch.__version__, onnx.__version__, onnxruntime.__version__, opset, platform.machine()),
+        producer=Producer(__version__, opset, torch.__version__, onnx.__version__, onnxruntime.__version__, platform.machine()),
         model=ModelInfo(config.method, config.backbone, config.exit_type, tuple(config.cuts)),
         num_classes=config.num_classes,
         input_spec=InputSpec(

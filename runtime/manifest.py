@@ -393,22 +393,23 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Producer:
-    """Versions of the tools that wrote the bundle, the ONNX opset and the exporting host's machine type."""
+    """Who wrote the bundle: edgeexit's version and the ONNX opset, plus (when exported from PyTorch)
+    the torch, onnx and onnxruntime versions and the exporting host's machine type."""
 
     edgeexit: str
-    torch: str
-    onnx: str
-    onnxruntime: str
     opset: int
-    host: str
+    torch: str | None = None
+    onnx: str | None = None
+    onnxruntime: str | None = None
+    host: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "Producer":
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{k: _require(data, k, int if k == "opset" else str, "producer") for k in names})
+        optional = {k: _require(data, k, str, "producer") for k in ("torch", "onnx", "onnxruntime", "host") if k in data}
+        return cls(_require(data, "edgeexit", str, "producer"), _require(data, "opset", int, "producer"), **optional)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
