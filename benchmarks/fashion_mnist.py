@@ -47,7 +47,7 @@ from edgeexit.train.pretrained import fit_backbone, save_state_dict
 from edgeexit.runtime.bench import oracle
 from edgeexit.runtime.calibrate import CascadeSimulator, apply_calibration, choose_thresholds, search_betas, with_betas
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.datasets import normalize, npz_split
+from edgeexit.runtime.datasets import npz_split
 from edgeexit.runtime.manifest import load_manifest, save_manifest, write_json_atomic
 from edgeexit.runtime.policies import get_policy
 from edgeexit.runtime.report import interleaved_timings
@@ -204,7 +204,7 @@ class Evaluated:
         self.bundle = bundle
         self.runner = CascadeRunner(bundle, threads=threads)
         spec = self.runner.manifest.input_spec
-        self.x = {name: normalize(s.raw, spec["mean"], spec["std"]) for name, s in sets.items()}
+        self.x = {name: spec.normalize(s.raw) for name, s in sets.items()}
         self.y = {name: s.labels for name, s in sets.items()}
         self.outputs = {name: self.runner.stage_outputs(x) for name, x in self.x.items()}
         self.costs = self.runner.manifest.exit_costs()
@@ -260,7 +260,7 @@ class Evaluated:
 def evaluate_bundle(label: str, bundle: Path, kinds: tuple[str, ...], sets: dict[str, Eval], args: argparse.Namespace) -> dict:
     """Every policy of `kinds` on one bundle: calibrated curve, the runtime at the goal point, shift, oracle ratio."""
     ev = Evaluated(bundle, sets, args.threads)
-    entry: dict = {"bundle": label, "cuts": [e["cut"] for e in ev.runner.manifest.exits],
+    entry: dict = {"bundle": label, "cuts": [e.cut for e in ev.runner.manifest.exits],
                    "exit_costs": [round(c, 4) for c in ev.costs], "full_onnx": {n: ev.full_accuracy(n) for n in ("val", "test", "shifted")},
                    "oracle": ev.oracle(), "policies": {}}
     for kind in kinds:
@@ -434,15 +434,15 @@ def run_headline(args: argparse.Namespace) -> None:
     kind, record = best or ("confidence", None)
     record = record or choose_thresholds(policies_of(kind, ev.runner.num_exits), *ev.outputs["val"], ev.y["val"], ev.costs,
                                          ("target_drop", GOAL_DROP))
-    manifest = load_manifest(final, check_hashes=False).data
-    for stage in manifest["stages"][:-1]:
-        stage["exit"]["policy"]["kind"] = kind
-    save_manifest(final, manifest)
+    manifest = load_manifest(final, check_hashes=False)
+    stages = [dataclasses.replace(st, exit=dataclasses.replace(st.exit, policy=dataclasses.replace(st.exit.policy, kind=kind)))
+              for st in manifest.stages[:-1]]
+    save_manifest(final, dataclasses.replace(manifest, stages=(*stages, manifest.stages[-1])))
     apply_calibration(str(final), {"data": {"name": f"npz:{args.data.name}", "split": "val", "samples": len(ev.y["val"])}, **record})
     runner = CascadeRunner(final, threads=args.threads)
     summary = {"policy": kind, "thresholds": runner.thresholds, "seconds": round(time.perf_counter() - started)}
     for name in ("test", "shifted"):
-        x = normalize(sets[name].raw, runner.manifest.input_spec["mean"], runner.manifest.input_spec["std"])
+        x = runner.manifest.input_spec.normalize(sets[name].raw)
         out = runner.predict(x)
         summary[name] = {"accuracy": float((out.predictions == sets[name].labels).mean()),
                          "full_onnx_accuracy": float((runner.predict_full(x).argmax(1) == sets[name].labels).mean()),

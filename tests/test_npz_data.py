@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from edgeexit.cli import main
 from edgeexit.train.data import load_data
 from edgeexit.runtime.datasets import load_eval_data, load_npz, split_indices
+from edgeexit.runtime.manifest import InputSpec
 from edgeexit.errors import InputError
 
 CLASSES = np.array(["zero", "one", "two"])
@@ -20,7 +21,7 @@ def write_npz(path, n=40, size=12, **arrays):
 
 
 def spec(shape=(1, 8, 8), mean=(0.0,), std=(1.0,), classes=CLASSES):
-    return {"shape": ["batch", *shape], "mean": list(mean), "std": list(std), "class_names": list(classes)}
+    return InputSpec("input", ("batch", *shape), tuple(mean), tuple(std), tuple(str(c) for c in classes))
 
 
 def test_training_side_uses_the_digits_split_and_records_normalization(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edgeexit.runtime.policies import per_exit_args
+from edgeexit.runtime.manifest import PolicySpec
 
 
 @dataclass
@@ -22,13 +22,12 @@ class ModelConfig:
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
     class_names: list[str] = field(default_factory=list)
-    policy: dict[str, Any] = field(default_factory=lambda: {"kind": "confidence", "threshold": 0.5, "args": {}})
+    policy: PolicySpec = field(default_factory=lambda: PolicySpec("confidence", 0.5))
     frozen_backbone: bool = False
 
-    def exit_policy(self, index: int) -> dict[str, Any]:
-        """The runtime policy of exit `index`: kind, threshold and args, per-exit args (e.g. beta lists) resolved."""
-        args = per_exit_args(self.policy.get("args", {}), index, len(self.cuts))
-        return {"kind": self.policy["kind"], "threshold": self.policy["threshold"], "args": args}
+    def exit_policy(self, index: int) -> PolicySpec:
+        """The policy of exit `index`, per-exit args (e.g. a beta list) resolved."""
+        return self.policy.for_exit(index, len(self.cuts))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -38,6 +37,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if isinstance(known.get("policy"), dict):
+            known["policy"] = PolicySpec.from_dict(known["policy"], "config.policy")
         config = cls(**known)
         config.input_shape = tuple(config.input_shape)
         return config
