@@ -20,7 +20,7 @@ first correct exit.
     python benchmarks/fashion_mnist.py --quick               # a minutes-long check of the whole path
     python benchmarks/fashion_mnist.py --headline --out DIR  # train, export, calibrate the headline model -> DIR/bundle
     python benchmarks/fashion_mnist.py --latency             # adds interleaved cascade vs full.onnx timings (quiet machine)
-    python benchmarks/fashion_mnist.py --table               # the README table from benchmarks/results/fashion_mnist.json
+    python benchmarks/fashion_mnist.py --table               # README table (and PNG) from benchmarks/results/fashion_mnist.json
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--headline", action="store_true", help="train, export and calibrate the headline model only")
     parser.add_argument("--latency", action="store_true", help="time cascade vs full.onnx interleaved (batch 1)")
     parser.add_argument("--out", type=Path, default=None, help="--headline: write DIR/bundle; else the results stem")
-    parser.add_argument("--table", action="store_true", help="print the README table of an existing results JSON and stop")
+    parser.add_argument("--table", action="store_true", help="print the README table of an existing results JSON, redraw its PNG, and stop")
     args = parser.parse_args()
     if args.quick:
         args.train_size, args.val_size, args.test_size, args.epochs = 600, 400, 400, 1
@@ -455,7 +455,10 @@ def run_headline(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     ARGS = parse_args()
     if ARGS.table:
-        print(table(json.loads((ARGS.out or RESULTS / "fashion_mnist").with_suffix(".json").read_text())))
+        STEM = ARGS.out or RESULTS / "fashion_mnist"
+        RESULTS_JSON = json.loads(STEM.with_suffix(".json").read_text())
+        plot(RESULTS_JSON, STEM.with_suffix(".png"))
+        print(table(RESULTS_JSON))
     elif ARGS.headline:
         run_headline(ARGS)
     else:
