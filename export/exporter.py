@@ -13,8 +13,9 @@ import onnxruntime
 import torch
 
 from edgeexit import __version__
+from edgeexit.export.cascade_graph import write_cascade
 from edgeexit.export.onnx_graphs import DEFAULT_OPSET, FusedStage, SingleOutput, export_graph, graph_io
-from edgeexit.export.verify import verify_bundle_against_model
+from edgeexit.export.verify import verify_bundle_against_model, verify_cascade
 from edgeexit.macs import count_macs, count_params
 from edgeexit.models import EarlyExitModel, load_model
 from edgeexit.runtime.errors import BundleError
@@ -23,6 +24,7 @@ from edgeexit.runtime.manifest import (
     FORMAT_VERSION,
     FULL_NAME,
     MANIFEST_NAME,
+    load_manifest,
     save_manifest,
     sha256_file,
     stage_file,
@@ -211,10 +213,15 @@ def export_bundle(
         graphs = write_graphs(model, staged, opset, progress)
         manifest = build_manifest(model, graphs, opset)
         save_manifest(staged, manifest)
+        progress("building cascade.onnx")
+        manifest["cascade"] = write_cascade(load_manifest(staged, check_hashes=False))
+        save_manifest(staged, manifest)
         verification = None
         if verify:
             progress("verifying against PyTorch")
             verification = verify_bundle_against_model(staged, model)
+            progress("verifying cascade.onnx against the stage chain")
+            verification["cascade"] = verify_cascade(staged, model)
         _replace_dir(staged, out)
     finally:
         shutil.rmtree(staged, ignore_errors=True)

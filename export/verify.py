@@ -8,9 +8,10 @@ import torch
 
 from edgeexit.models import EarlyExitModel
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.consistency import TOLERANCE, check_chain, max_abs_diff
+from edgeexit.runtime.consistency import TOLERANCE, check_chain, check_graph_decisions, max_abs_diff
 from edgeexit.runtime.datasets import digits_split, normalize
 from edgeexit.runtime.errors import VerificationError
+from edgeexit.runtime.graph import GraphRunner
 
 
 def verification_inputs(model: EarlyExitModel, count: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
@@ -59,3 +60,8 @@ def verify_bundle_against_model(bundle: Path, model: EarlyExitModel, tolerance: 
         diffs["chain_vs_full"] = check_chain(runner, x, tolerance)
         report[kind] = {k: float(v) for k, v in diffs.items()}
     return report
+
+
+def verify_cascade(bundle: Path, model: EarlyExitModel, count: int = 64) -> dict:
+    """cascade.onnx against the stage chain (the Python runtime) on random and real inputs, batch `count` and 1."""
+    return check_graph_decisions(GraphRunner(bundle), CascadeRunner(bundle), verification_inputs(model, count=count))

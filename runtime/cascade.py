@@ -63,13 +63,8 @@ def check_batch(x: object, input_shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-class CascadeRunner:
-    """Runs a bundle's stages in order and stops each input at its first accepted exit.
-
-    >>> runner = CascadeRunner("bundle/", device="cpu")
-    >>> result = runner.predict(batch)          # float32 (N, C, H, W), normalized
-    >>> result.predictions, result.exit_index
-    """
+class Runner:
+    """What every engine shares: the manifest, providers, exit policies and thresholds, full.onnx."""
 
     def __init__(
         self,
@@ -86,10 +81,6 @@ class CascadeRunner:
         self.chunk_size = chunk_size
         self.providers = resolve_providers(device, cache_dir=self.manifest.root / "cache")
         self._options = session_options(threads)
-        self.sessions = [self._session(stage["file"], stage["inputs"], stage["outputs"]) for stage in self.manifest.stages]
-        self.output_names = [[t["name"] for t in stage["outputs"]] for stage in self.manifest.stages]
-        self._input_names = [stage["inputs"][0]["name"] for stage in self.manifest.stages]
-        self._roles = [list(exit_spec["outputs"].items()) for exit_spec in self.manifest.exits]
         self._full: ort.InferenceSession | None = None
         self.policies: list[Policy] = []
         for exit_spec, stage in zip(self.manifest.exits, self.manifest.stages):
@@ -104,13 +95,17 @@ class CascadeRunner:
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
-    def _session(self, name: str, inputs: list[dict], outputs: list[dict]) -> ort.InferenceSession:
-        """A session for one graph, refused unless its inputs/outputs match the manifest's."""
+    def _load(self, name: str) -> ort.InferenceSession:
+        """An onnxruntime session for one graph of the bundle, BundleError if it cannot load."""
         path = self.manifest.path(name)
         try:
-            session = ort.InferenceSession(str(path), self._options, providers=self.providers)
+            return ort.InferenceSession(str(path), self._options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises several private exception types
             raise BundleError(f"onnxruntime cannot load {path}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+
+    def _session(self, name: str, inputs: list[dict], outputs: list[dict]) -> ort.InferenceSession:
+        """A session for one graph, refused unless its inputs/outputs match the manifest's."""
+        session = self._load(name)
         check_graph_io(name, inputs, outputs, session.get_inputs(), session.get_outputs())
         return session
 
@@ -119,8 +114,8 @@ class CascadeRunner:
         return len(self.policies)
 
     @property
-    def active_providers(self) -> list[str]:
-        return self.sessions[0].get_providers()
+    def num_stages(self) -> int:
+        return len(self.manifest.stages)
 
     @property
     def thresholds(self) -> list[float]:
@@ -135,6 +130,61 @@ class CascadeRunner:
         for policy, value in zip(self.policies, checked):
             policy.threshold = value
 
+    def predict(self, x: np.ndarray) -> CascadeResult:
+        """Predict a batch; large batches run in chunks so memory stays bounded."""
+        x = check_batch(x, self.manifest.input_shape)
+        parts = [self._predict_chunk(x[i : i + self.chunk_size]) for i in range(0, len(x), self.chunk_size)]
+        if len(parts) == 1:
+            return parts[0]
+        return CascadeResult(
+            np.concatenate([p.predictions for p in parts]),
+            np.concatenate([p.exit_index for p in parts]),
+            self.num_stages,
+        )
+
+    def _predict_chunk(self, x: np.ndarray) -> CascadeResult:
+        raise NotImplementedError
+
+    def full_session(self) -> ort.InferenceSession:
+        """The session of full.onnx (the plain backbone), created on first use."""
+        if self._full is None:
+            self._full = self._session(FULL_NAME, *self.manifest.full_tensors())
+        return self._full
+
+    def predict_full(self, x: np.ndarray) -> np.ndarray:
+        """Logits of full.onnx for a batch: the no-early-exit baseline."""
+        x = check_batch(x, self.manifest.input_shape)
+        session = self.full_session()
+        name = session.get_inputs()[0].name
+        return np.concatenate([session.run(None, {name: x[i : i + self.chunk_size]})[0] for i in range(0, len(x), self.chunk_size)])
+
+    def relative_macs(self, result: CascadeResult) -> float:
+        """Average MACs spent per input relative to full.onnx."""
+        costs = np.asarray(self.manifest.exit_costs())
+        return float(costs[result.exit_index].mean())
+
+
+class CascadeRunner(Runner):
+    """Runs a bundle's stages in order and stops each input at its first accepted exit (the stage chain).
+
+    >>> runner = CascadeRunner("bundle/", device="cpu")
+    >>> result = runner.predict(batch)          # float32 (N, C, H, W), normalized
+    >>> result.predictions, result.exit_index
+    """
+
+    engine = "chain"
+
+    def __init__(self, bundle: str | os.PathLike | Manifest, device: str = "cpu", **options) -> None:
+        super().__init__(bundle, device, **options)
+        self.sessions = [self._session(stage["file"], stage["inputs"], stage["outputs"]) for stage in self.manifest.stages]
+        self.output_names = [[t["name"] for t in stage["outputs"]] for stage in self.manifest.stages]
+        self._input_names = [stage["inputs"][0]["name"] for stage in self.manifest.stages]
+        self._roles = [list(exit_spec["outputs"].items()) for exit_spec in self.manifest.exits]
+
+    @property
+    def active_providers(self) -> list[str]:
+        return self.sessions[0].get_providers()
+
     def run_stage(self, index: int, x: np.ndarray) -> list[np.ndarray]:
         """One session run of stage `index` on its input; outputs in manifest order."""
         return self.sessions[index].run(self.output_names[index], {self._input_names[index]: x})
@@ -143,18 +193,20 @@ class CascadeRunner:
         return {role: outputs[1 + i] for i, (role, _) in enumerate(self._roles[index])}
 
     def predict(self, x: np.ndarray, use_exits: bool = True) -> CascadeResult:
-        """Predict a batch; large batches run in chunks so memory stays bounded."""
+        """Predict a batch (use_exits=False: every input through every stage); chunked for bounded memory."""
+        if use_exits:
+            return super().predict(x)
         x = check_batch(x, self.manifest.input_shape)
-        if len(x) <= self.chunk_size:
-            return self._predict_chunk(x, use_exits)
-        parts = [self._predict_chunk(x[i : i + self.chunk_size], use_exits) for i in range(0, len(x), self.chunk_size)]
-        return CascadeResult(
-            np.concatenate([p.predictions for p in parts]),
-            np.concatenate([p.exit_index for p in parts]),
-            len(self.sessions),
-        )
+        logits = np.concatenate([self._through(x[i : i + self.chunk_size]) for i in range(0, len(x), self.chunk_size)])
+        return CascadeResult(logits.argmax(axis=1), np.full(len(x), self.num_stages - 1, dtype=np.int64), self.num_stages)
 
-    def _predict_chunk(self, x: np.ndarray, use_exits: bool) -> CascadeResult:
+    def _through(self, features: np.ndarray) -> np.ndarray:
+        """Final logits of every stage in sequence, no exiting."""
+        for index in range(self.num_stages):
+            features = self.run_stage(index, features)[0]
+        return features
+
+    def _predict_chunk(self, x: np.ndarray) -> CascadeResult:
         """The cascade on one chunk. Index bookkeeping starts only once some input exits, so the
         path where nothing exits (every hard input, and batch size 1 until it leaves) costs the
         session runs and the policy decisions only."""
@@ -162,11 +214,6 @@ class CascadeRunner:
         last = len(self.sessions) - 1
         exit_index = np.full(n, last, dtype=np.int64)
         features = x
-        if not use_exits or not self.policies:
-            for index in range(last):
-                features = self.run_stage(index, features)[0]
-            logits = self.run_stage(last, features)[0]
-            return CascadeResult(logits.argmax(axis=1), exit_index, last + 1)
         predictions = np.empty(n, dtype=np.int64)
         alive: np.ndarray | None = None  # indices of the survivors once some input has left
         state = self.policies[0].start(n, self.manifest.num_classes)
@@ -205,22 +252,3 @@ class CascadeRunner:
             finals.append(self.run_stage(len(self.sessions) - 1, features)[0])
         merged = [{role: np.concatenate([part[role] for part in parts]) for role in parts[0]} for parts in exits]
         return merged, np.concatenate(finals)
-
-    def full_session(self) -> ort.InferenceSession:
-        """The session of full.onnx (the plain backbone), created on first use."""
-        if self._full is None:
-            self._full = self._session(FULL_NAME, *self.manifest.full_tensors())
-        return self._full
-
-    def predict_full(self, x: np.ndarray) -> np.ndarray:
-        """Logits of full.onnx for a batch: the no-early-exit baseline."""
-        x = check_batch(x, self.manifest.input_shape)
-        session = self.full_session()
-        name = session.get_inputs()[0].name
-        return np.concatenate([session.run(None, {name: x[i : i + self.chunk_size]})[0] for i in range(0, len(x), self.chunk_size)])
-
-    def relative_macs(self, result: CascadeResult) -> float:
-        """Average MACs spent per input relative to full.onnx."""
-        costs = np.asarray(self.manifest.exit_costs())
-        return float(costs[result.exit_index].mean())
-

@@ -20,6 +20,10 @@ FORMAT = "edgeexit-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FULL_NAME = "full.onnx"
+CASCADE_NAME = "cascade.onnx"
+# cascade.onnx's graph inputs besides the image: per-exit float64 vectors defaulting to the manifest's values
+CASCADE_OUTPUTS = ("scores", "prediction", "exit_index")
+CASCADE_DTYPES = ("float32", "float64", "int64")
 BATCH_DIM = "batch"
 GRAPH_DTYPE = "tensor(float)"
 
@@ -171,9 +175,36 @@ def validate(data: Any) -> None:
             raise _fail(f"{where}.exit.policy.args", "must be an object")
         previous_output = outputs[0]["name"]
         previous_shape = outputs[0]["shape"]
+    _check_cascade(data.get("cascade"), spec, num_classes, len(stages) - 1)
     calibration = data.get("calibration")
     if calibration is not None and not isinstance(calibration, dict):
         raise _fail("calibration", "must be an object or null")
+
+
+def _check_cascade(entry: Any, spec: dict, num_classes: int, num_exits: int) -> None:
+    """The optional cascade.onnx entry: file, sha256, and its inputs/outputs with dtypes and shapes."""
+    if entry is None:
+        return
+    where = "cascade"
+    if _require(entry, "file", str, where) != CASCADE_NAME:
+        raise _fail(f"{where}.file", f"expected '{CASCADE_NAME}'")
+    _check_sha256(entry, where)
+    inputs = _require(entry, "inputs", list, where)
+    outputs = _require(entry, "outputs", list, where)
+    for kind, tensors in (("inputs", inputs), ("outputs", outputs)):
+        for i, tensor in enumerate(tensors):
+            _require(tensor, "name", str, f"{where}.{kind}[{i}]")
+            _require(tensor, "shape", list, f"{where}.{kind}[{i}]")
+            if _require(tensor, "dtype", str, f"{where}.{kind}[{i}]") not in CASCADE_DTYPES:
+                raise _fail(f"{where}.{kind}[{i}].dtype", f"must be one of {', '.join(CASCADE_DTYPES)}")
+    if not inputs or inputs[0]["name"] != spec["name"] or inputs[0]["shape"] != spec["shape"]:
+        raise _fail(f"{where}.inputs", f"the first input must be the bundle's '{spec['name']}' {spec['shape']}")
+    for i, tensor in enumerate(inputs[1:], 1):
+        default = _require(tensor, "default", list, f"{where}.inputs[{i}]")
+        if tensor["shape"] != [num_exits] or len(default) != num_exits or not all(_is_number(v) for v in default):
+            raise _fail(f"{where}.inputs[{i}]", f"must be a [{num_exits}] vector with {num_exits} finite default numbers")
+    if [t["name"] for t in outputs] != list(CASCADE_OUTPUTS):
+        raise _fail(f"{where}.outputs", f"must be {', '.join(CASCADE_OUTPUTS)}")
 
 
 def _dims_match(declared: list, actual: Sequence[Any]) -> bool:
@@ -243,9 +274,14 @@ class Manifest:
         """Relative MACs spent by an input that leaves at each exit (last = final stage)."""
         return [stage["macs"]["cumulative"] / self.full_macs for stage in self.stages]
 
+    @property
+    def cascade(self) -> dict | None:
+        """The cascade.onnx entry (file, sha256, inputs, outputs), or None for bundles exported without it."""
+        return self.data.get("cascade")
+
     def files(self) -> list[dict]:
-        """Manifest entries (file, sha256) of every graph: the stages, then full.onnx."""
-        return [*self.stages, self.data["full"]]
+        """Manifest entries (file, sha256) of every graph: the stages, full.onnx, then cascade.onnx if present."""
+        return [*self.stages, self.data["full"], *([self.cascade] if self.cascade else [])]
 
     def full_tensors(self) -> tuple[list[dict], list[dict]]:
         """What full.onnx must look like: the bundle's input in, [batch, num_classes] logits out."""

@@ -14,8 +14,9 @@ from types import ModuleType
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.consistency import TOLERANCE, check_chain
+from edgeexit.runtime.consistency import TOLERANCE, check_chain, check_graph_decisions
 from edgeexit.runtime.errors import ConfigError, EdgeExitError
+from edgeexit.runtime.graph import GraphRunner
 from edgeexit.runtime.manifest import FORMAT_VERSION, Manifest, check_file_hash, load_manifest
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
@@ -93,7 +94,21 @@ def runtime_checks(manifest: Manifest, device: str, samples: int, seed: int, tol
         checks.append(Check("chain vs full.onnx", FAIL, str(exc)))
     except Exception as exc:  # a graph that loads but fails to run raises onnxruntime's own types
         checks.append(Check("chain vs full.onnx", FAIL, f"onnxruntime failed: {_first_line(exc)}"))
-    return checks
+    return checks + [cascade_check(manifest, runner, x)]
+
+
+def cascade_check(manifest: Manifest, chain: CascadeRunner, x: np.ndarray) -> Check:
+    """cascade.onnx makes the chain's decisions (batch and one by one), or a skip for bundles without it."""
+    name = "cascade.onnx vs chain decisions"
+    if manifest.cascade is None:
+        return Check(name, SKIP, "the bundle has no cascade.onnx (exported by an older edgeexit)")
+    try:
+        check_graph_decisions(GraphRunner(manifest, device=chain.device), chain, {"random": x})
+    except EdgeExitError as exc:
+        return Check(name, FAIL, str(exc))
+    except Exception as exc:  # onnxruntime's own error types
+        return Check(name, FAIL, f"onnxruntime failed: {_first_line(exc)}")
+    return Check(name, OK, f"equal predictions and exits on {len(x)} random inputs, batch {len(x)} and 1")
 
 
 def verify_bundle(

@@ -1,0 +1,70 @@
+"""The cascade as one onnxruntime session: cascade.onnx decides every exit inside the graph."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner
+from edgeexit.runtime.errors import BundleError, ConfigError
+from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, Manifest, load_manifest
+
+ENGINES = ("auto", "graph", "chain")
+ONNX_DTYPES = {"float32": "tensor(float)", "float64": "tensor(double)", "int64": "tensor(int64)"}
+
+
+class GraphRunner(Runner):
+    """Runs cascade.onnx: one session run per batch, thresholds (and beta) fed as graph inputs.
+
+    Decisions equal CascadeRunner's (export and `edgeexit verify` check it).
+    """
+
+    engine = "graph"
+
+    def __init__(self, bundle: str | os.PathLike | Manifest, device: str = "cpu", **options) -> None:
+        super().__init__(bundle, device, **options)
+        entry = self.manifest.cascade
+        if entry is None:
+            raise BundleError(f"{self.manifest.root} has no {CASCADE_NAME} (exported by an older edgeexit): re-export it, or use --engine chain")
+        self.session = self._load(CASCADE_NAME)
+        # thresholds and beta have defaults: onnxruntime lists them as overridable initializers, not inputs
+        inputs = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
+        for kind, declared, actual in (("inputs", entry["inputs"], inputs), ("outputs", entry["outputs"], self.session.get_outputs())):
+            got = [(a.name, a.type) for a in actual]
+            want = [(t["name"], ONNX_DTYPES[t["dtype"]]) for t in declared]
+            if got != want:
+                raise BundleError(f"{CASCADE_NAME}: graph {kind} {got} differ from the manifest's {want}")
+        self._input_name = entry["inputs"][0]["name"]
+        self._vector_inputs = [t["name"] for t in entry["inputs"][1:]]
+
+    @property
+    def active_providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The per-exit graph inputs for the current thresholds and policy arguments (float64 vectors)."""
+        values = {"thresholds": self.thresholds, "beta": [p.args.get("beta", 0.0) for p in self.policies]}
+        return {name: np.asarray(values[name], dtype=np.float64) for name in self._vector_inputs}
+
+    def run_graph(self, x: np.ndarray, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """One session run: (scores, prediction, exit_index) for a checked batch; `feeds` overrides inputs."""
+        inputs = {self._input_name: x, **self.feeds(), **(feeds or {})}
+        for name in self._vector_inputs:
+            if np.shape(inputs[name]) != (self.num_exits,):
+                raise ConfigError(f"{CASCADE_NAME} input '{name}' takes {self.num_exits} values (one per exit), got shape {np.shape(inputs[name])}")
+        return self.session.run(list(CASCADE_OUTPUTS), inputs)
+
+    def _predict_chunk(self, x: np.ndarray) -> CascadeResult:
+        _, predictions, exit_index = self.run_graph(x)
+        return CascadeResult(predictions, exit_index, self.num_stages)
+
+
+def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", device: str = "cpu", **options) -> Runner:
+    """A runner for `engine`: graph (cascade.onnx), chain (one session per stage), or auto (graph when the bundle has it)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine '{engine}'; choose from: {', '.join(ENGINES)}")
+    manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle)
+    if engine == "chain" or (engine == "auto" and manifest.cascade is None):
+        return CascadeRunner(manifest, device, **options)
+    return GraphRunner(manifest, device, **options)
