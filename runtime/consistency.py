@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.errors import VerificationError
+from edgeexit.errors import VerificationError
 
 if TYPE_CHECKING:
     from edgeexit.runtime.graph import GraphRunner

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner
-from edgeexit.runtime.errors import BundleError, ConfigError
+from edgeexit.errors import BundleError, ConfigError
 from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, Manifest, load_manifest
 
 ENGINES = ("auto", "graph", "chain")

@@ -11,7 +11,7 @@ from edgeexit.cli import main
 from edgeexit.export.cascade_graph import write_cascade
 from edgeexit.runtime import CascadeRunner, ConfigError, GraphRunner, VerificationError, open_runner
 from edgeexit.runtime.consistency import check_graph_decisions
-from edgeexit.runtime.errors import BundleError
+from edgeexit.errors import BundleError
 from edgeexit.runtime.manifest import CASCADE_NAME, MANIFEST_NAME, load_manifest, save_manifest
 
 # per policy: threshold vectors from "every input leaves at exit 0" to "none leaves", one sending all to exit 1
