@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
+from edgeexit.runtime.graph import set_graph_defaults
 from edgeexit.errors import ConfigError
 from edgeexit.runtime.manifest import load_manifest, save_manifest
 from edgeexit.runtime.policies import Policy
@@ -277,6 +278,7 @@ def apply_calibration(bundle: str, record: dict) -> dict:
     data = manifest.data
     for stage, threshold in zip(data["stages"][:-1], record["chosen"]["thresholds"]):
         stage["exit"]["policy"]["threshold"] = float(threshold)
+    set_graph_defaults(manifest, "thresholds", [float(t) for t in record["chosen"]["thresholds"]])
     data["calibration"] = record
     save_manifest(bundle, data)
     return data

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner
 from edgeexit.errors import BundleError, ConfigError
-from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, Manifest, load_manifest
+from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, Manifest, load_manifest, sha256_file
 
 ENGINES = ("auto", "graph", "chain")
 ONNX_DTYPES = {"float32": "tensor(float)", "float64": "tensor(double)", "int64": "tensor(int64)"}
@@ -68,3 +70,36 @@ def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", devi
     if engine == "chain" or (engine == "auto" and manifest.cascade is None):
         return CascadeRunner(manifest, device, **options)
     return GraphRunner(manifest, device, **options)
+
+
+def set_graph_defaults(manifest: Manifest, name: str, values: Sequence[float]) -> None:
+    """Rewrite the default of cascade.onnx's per-exit input `name` (thresholds or beta) in place, in the
+    file and in manifest.data (the caller saves the manifest); a no-op for bundles without cascade.onnx.
+
+    Runs without the onnx package: the default is a float64 initializer stored as raw little-endian
+    bytes, which are replaced where they occur exactly once (else BundleError: re-export the bundle)."""
+    entry = manifest.cascade
+    if entry is None:
+        return
+    spec = next((t for t in entry["inputs"] if t["name"] == name), None)
+    if spec is None:
+        raise BundleError(f"{CASCADE_NAME} has no input '{name}'")
+    old = np.asarray(spec["default"], dtype="<f8").tobytes()
+    new = np.asarray(values, dtype="<f8").tobytes()
+    if len(new) != len(old):
+        raise ConfigError(f"{CASCADE_NAME} input '{name}' takes {len(spec['default'])} values, got {len(values)}")
+    path = manifest.path(CASCADE_NAME)
+    content = path.read_bytes()
+    if content.count(old) != 1:
+        raise BundleError(f"cannot locate the default {name} in {path} unambiguously; re-export the bundle")
+    fd, tmp = tempfile.mkstemp(prefix=f".{CASCADE_NAME}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content.replace(old, new))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    spec["default"] = [float(v) for v in values]
+    entry["sha256"] = sha256_file(path)

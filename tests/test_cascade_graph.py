@@ -145,3 +145,18 @@ def test_verify_checks_the_cascade(bundle_copy):
         fh.write(b"\0")
     code, out = cli("verify", bundle_copy)
     assert code != 0 and "FAIL sha256 cascade.onnx" in out
+
+
+def test_calibrated_thresholds_become_the_graph_defaults(bundle_copy, digits_test):
+    from edgeexit.runtime.calibrate import apply_calibration
+
+    apply_calibration(str(bundle_copy), {"chosen": {"thresholds": [0.3, 0.7]}})
+    manifest = load_manifest(bundle_copy)  # sha256 of the rewritten cascade.onnx holds
+    assert manifest.cascade["inputs"][1]["default"] == [0.3, 0.7]
+    session = ort.InferenceSession(str(manifest.path(CASCADE_NAME)), providers=["CPUExecutionProvider"])
+    x = digits_test[0][:64]
+    _, predictions, exit_index = session.run(None, {"input": x})  # thresholds left to their defaults
+    want = CascadeRunner(bundle_copy).predict(x)
+    assert CascadeRunner(bundle_copy).thresholds == [0.3, 0.7]
+    np.testing.assert_array_equal(predictions, want.predictions)
+    np.testing.assert_array_equal(exit_index, want.exit_index)
