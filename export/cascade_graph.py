@@ -8,17 +8,20 @@ Layout, for stage k of a batch of n inputs (level 0 is the top graph, level k+1 
     else:              level k's results as they are
 
 So each input leaves at its first accepted exit for any batch size, with one session run and no
-Loop: survivors are compacted exactly as the stage chain compacts them. A Loop over the batch with
-per-input Ifs would also give per-input exits, but runs every stage at batch 1 (no batched
-convolutions at batch 64), and at batch 1 the If-with-compaction graph does the same work as an
-If-only graph plus one Gather and three ScatterND of a few bytes (measured with
-benchmarks/one_graph.py: interleaved with full.onnx and the stage chain).
+Loop: survivors are compacted as the stage chain compacts them. Why not the alternatives: a Loop
+over the batch with per-input Ifs runs every stage at batch 1 (at batch 64 that gives up batched
+convolutions: the chain measured 0.53 of full.onnx at exit 0, a per-input loop cannot beat 64
+batch-1 runs), and an If-only graph (no compaction) is correct at batch 1 only, so larger
+batches would need a second graph or the chain. Compaction costs, per early exit on the
+no-exit path, one Gather of the features and three ScatterND of a few bytes; at batch 1 the
+stage weights must live inside their own subgraph (see _inline_stage). Measured by
+benchmarks/one_graph.py (interleaved with full.onnx and the stage chain).
 
 The policies mirror edgeexit.runtime.policies decision for decision: the same comparisons in the
-same precision (float64 for the confidence logit, max-softmax and entropy; float32 for class
-exclusion, as numpy computes it), ArgMax taking the first of equal maxima as numpy does.
-Thresholds (float64, one per exit) and, for class exclusion, beta (float64, one per exit) are
-graph inputs with the manifest's values as defaults (initializers that are also inputs).
+same precision (float64 for the confidence logit, max-softmax and entropy, numpy's float32 for
+the class-exclusion scores), ArgMax taking the first of equal maxima as numpy does. Per-exit
+float64 vectors are graph inputs with the manifest's values as defaults (initializers that are
+also inputs): thresholds; beta for class exclusion; temperature for max-softmax and entropy.
 """
 from __future__ import annotations
 
@@ -33,14 +36,17 @@ from edgeexit.runtime.policies import get_policy
 
 THRESHOLDS = "thresholds"
 BETA = "beta"
+TEMPERATURE = "temperature"
+SOFTMAX_POLICIES = ("max_softmax", "entropy")
 OUT_SCORES, OUT_PREDICTION, OUT_EXIT = CASCADE_OUTPUTS
 
 
 class _Graph:
     """Node and name bookkeeping for one cascade graph; every stage's tensors get the prefix s{k}/."""
 
-    def __init__(self) -> None:
+    def __init__(self, opset: int) -> None:
         self.initializers: list[onnx.TensorProto] = []
+        self.opset = opset
         self._count = 0
 
     def fresh(self, base: str) -> str:
@@ -91,6 +97,13 @@ def _inline_stage(model: onnx.ModelProto, index: int, input_name: str) -> tuple[
     return nodes, initializers, outputs
 
 
+def _reduce(graph: _Graph, nodes: list, op: str, x: str, base: str) -> str:
+    """Reduce over the class axis (1), keepdims 0; axes became an input of ReduceMax in opset 18 (of ReduceSum in 13)."""
+    if graph.opset >= (13 if op == "ReduceSum" else 18):
+        return graph.node(nodes, op, [x, graph.const("axis", np.array([1], dtype=np.int64))], base, keepdims=0)
+    return graph.node(nodes, op, [x], base, axes=[1], keepdims=0)
+
+
 def _argmax(graph: _Graph, nodes: list, x: str) -> str:
     return graph.node(nodes, "ArgMax", [x], "argmax", axis=1, keepdims=0, select_last_index=0)
 
@@ -101,29 +114,26 @@ def _exit_scalar(graph: _Graph, nodes: list, vector: str, index: int, dtype: int
     return value if dtype is None else graph.node(nodes, "Cast", [value], "cast", to=dtype)
 
 
-def _softmax64(graph: _Graph, nodes: list, logits: str, temperature: float) -> str:
+def _softmax64(graph: _Graph, nodes: list, logits: str, index: int) -> str:
     """softmax(logits / temperature) in float64, as the Python policies compute it."""
     z = graph.node(nodes, "Cast", [logits], "logits64", to=TensorProto.DOUBLE)
-    if temperature != 1.0:
-        z = graph.node(nodes, "Div", [z, graph.const("temperature", np.array(temperature, dtype=np.float64))], "scaled")
+    z = graph.node(nodes, "Div", [z, _exit_scalar(graph, nodes, TEMPERATURE, index)], "scaled")
     return graph.node(nodes, "Softmax", [z], "probs", axis=1)
 
 
-# A decision builder gets (graph, nodes, exit outputs by role, exit index, state, temperature) and returns
+# A decision builder gets (graph, nodes, exit outputs by role, exit index, state) and returns
 # (exits bool (n,), prediction int64 (n,), scores float (n, C), state for the next level).
 Decision = Callable[..., tuple[str, str, str, str | None]]
 
 
-def _confidence(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None, temperature: float):
-    """z / temperature >= logit(T) in float64 (T = 0: every input; T = 1: none)."""
+def _confidence(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
+    """z >= logit(T) in float64 (T = 0: every input; T = 1: none)."""
     if "confidence_logit" not in out:  # bundles whose head outputs sigmoid(z): numpy compares in float32
         z = graph.node(nodes, "Reshape", [out["confidence"], graph.const("flat", np.array([-1], dtype=np.int64))], "conf")
         exits = graph.node(nodes, "GreaterOrEqual", [z, _exit_scalar(graph, nodes, THRESHOLDS, index, TensorProto.FLOAT)], "exits")
         return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
     z = graph.node(nodes, "Reshape", [out["confidence_logit"], graph.const("flat", np.array([-1], dtype=np.int64))], "z")
     z = graph.node(nodes, "Cast", [z], "z64", to=TensorProto.DOUBLE)
-    if temperature != 1.0:
-        z = graph.node(nodes, "Div", [z, graph.const("temperature", np.array(temperature, dtype=np.float64))], "z_scaled")
     t = _exit_scalar(graph, nodes, THRESHOLDS, index)
     one_minus = graph.node(nodes, "Sub", [graph.const("one", np.array(1.0)), t], "one_minus_t")
     cutoff = graph.node(nodes, "Sub", [graph.node(nodes, "Log", [t], "log_t"), graph.node(nodes, "Log", [one_minus], "log_1mt")], "logit_t")
@@ -131,26 +141,26 @@ def _confidence(graph: _Graph, nodes: list, out: dict[str, str], index: int, sta
     return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
 
 
-def _max_softmax(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None, temperature: float):
+def _max_softmax(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
     """max softmax(logits / temperature) >= T in float64."""
-    probs = _softmax64(graph, nodes, out["logits"], temperature)
-    top = graph.node(nodes, "ReduceMax", [probs, graph.const("axis", np.array([1], dtype=np.int64))], "top", keepdims=0)
+    probs = _softmax64(graph, nodes, out["logits"], index)
+    top = _reduce(graph, nodes, "ReduceMax", probs, "top")
     exits = graph.node(nodes, "GreaterOrEqual", [top, _exit_scalar(graph, nodes, THRESHOLDS, index)], "exits")
     return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
 
 
-def _entropy(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None, temperature: float):
+def _entropy(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
     """-sum p log max(p, 1e-12) <= T in float64, p = softmax(logits / temperature)."""
-    probs = _softmax64(graph, nodes, out["logits"], temperature)
+    probs = _softmax64(graph, nodes, out["logits"], index)
     clipped = graph.node(nodes, "Clip", [probs, graph.const("eps", np.array(1e-12))], "clipped")
     plogp = graph.node(nodes, "Mul", [probs, graph.node(nodes, "Log", [clipped], "logp")], "plogp")
-    total = graph.node(nodes, "ReduceSum", [plogp, graph.const("axis", np.array([1], dtype=np.int64))], "sum", keepdims=0)
+    total = _reduce(graph, nodes, "ReduceSum", plogp, "sum")
     entropy = graph.node(nodes, "Neg", [total], "entropy")
     exits = graph.node(nodes, "LessOrEqual", [entropy, _exit_scalar(graph, nodes, THRESHOLDS, index)], "exits")
     return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
 
 
-def _exclusion(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None, temperature: float):
+def _exclusion(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
     """Remove classes in play with s_c <= max(T, beta * max s in play), never the best; exit with one left.
 
     In float32 like numpy (a float32 array with Python floats stays float32)."""
@@ -158,7 +168,7 @@ def _exclusion(graph: _Graph, nodes: list, out: dict[str, str], index: int, stat
     ninf = graph.const("ninf", np.array(-np.inf, dtype=np.float32))
     in_play = graph.node(nodes, "Where", [state, scores, ninf], "in_play")
     best = _argmax(graph, nodes, in_play)
-    top = graph.node(nodes, "ReduceMax", [in_play, graph.const("axis", np.array([1], dtype=np.int64))], "top", keepdims=0)
+    top = _reduce(graph, nodes, "ReduceMax", in_play, "top")
     beta = _exit_scalar(graph, nodes, BETA, index, TensorProto.FLOAT)
     floor = _exit_scalar(graph, nodes, THRESHOLDS, index, TensorProto.FLOAT)
     cut = graph.node(nodes, "Max", [graph.node(nodes, "Mul", [beta, top], "beta_top"), floor], "cut")
@@ -171,8 +181,7 @@ def _exclusion(graph: _Graph, nodes: list, out: dict[str, str], index: int, stat
     best_col = graph.node(nodes, "Unsqueeze", [best, graph.const("axis", np.array([1], dtype=np.int64))], "best_col")
     is_best = graph.node(nodes, "Equal", [classes, best_col], "is_best")
     mask = graph.node(nodes, "Or", [graph.node(nodes, "And", [state, above], "kept"), is_best], "mask")
-    left = graph.node(nodes, "ReduceSum", [graph.node(nodes, "Cast", [mask], "mask64", to=TensorProto.INT64),
-                                           graph.const("axis", np.array([1], dtype=np.int64))], "left", keepdims=0)
+    left = _reduce(graph, nodes, "ReduceSum", graph.node(nodes, "Cast", [mask], "mask64", to=TensorProto.INT64), "left")
     exits = graph.node(nodes, "Equal", [left, graph.const("one", np.array(1, dtype=np.int64))], "exits")
     return exits, best, scores, mask
 
@@ -207,7 +216,7 @@ def _level(graph: _Graph, manifest: Manifest, stages: list[onnx.ModelProto], ind
     roles = {role: outputs[name] for role, name in spec["exit"]["outputs"].items()}
     if policy["kind"] == "exclusion" and state is None:
         state = graph.node(nodes, "Expand", [graph.const("all_true", np.array(True)), graph.node(nodes, "Shape", [roles["exclusion"]], "shape")], "state")
-    exits, prediction, scores, state = DECISIONS[policy["kind"]](graph, nodes, roles, index, state, getattr(_policy(spec["exit"]), "temperature", 1.0))
+    exits, prediction, scores, state = DECISIONS[policy["kind"]](graph, nodes, roles, index, state)
     exit_index = graph.node(nodes, "Expand", [graph.const("exit", np.array(index, dtype=np.int64)), graph.node(nodes, "Shape", [prediction], "n")], "exit_index")
     survivors = graph.node(nodes, "NonZero", [graph.node(nodes, "Not", [exits], "stay")], "survivors")
     any_left = graph.node(nodes, "Greater", [graph.node(nodes, "Size", [survivors], "count"), graph.const("zero", np.array(0, dtype=np.int64))], "any_left")
@@ -233,7 +242,8 @@ def _level(graph: _Graph, manifest: Manifest, stages: list[onnx.ModelProto], ind
 def build_cascade(manifest: Manifest) -> onnx.ModelProto:
     """cascade.onnx for a bundle whose stage graphs are in manifest.root."""
     stages = [onnx.load(str(manifest.path(stage["file"]))) for stage in manifest.stages]
-    graph = _Graph()
+    opset = next(o.version for o in stages[0].opset_import if o.domain in ("", "ai.onnx"))
+    graph = _Graph(opset)
     spec = manifest.input_spec
     nodes, initializers, (scores, prediction, exit_index) = _level(graph, manifest, stages, 0, spec["name"], None)
     graph.initializers += initializers
@@ -241,6 +251,8 @@ def build_cascade(manifest: Manifest) -> onnx.ModelProto:
     defaults = {THRESHOLDS: np.array([e["policy"]["threshold"] for e in manifest.exits], dtype=np.float64)}
     if any(e["policy"]["kind"] == "exclusion" for e in manifest.exits):
         defaults[BETA] = np.array([_policy(e).args.get("beta", 0.0) for e in manifest.exits], dtype=np.float64)
+    if any(e["policy"]["kind"] in SOFTMAX_POLICIES for e in manifest.exits):
+        defaults[TEMPERATURE] = np.array([e.get("temperature", 1.0) for e in manifest.exits], dtype=np.float64)
     for name, value in defaults.items():
         graph.initializers.append(numpy_helper.from_array(value, name))
     nodes += [helper.make_node("Identity", [scores], [OUT_SCORES]), helper.make_node("Identity", [prediction], [OUT_PREDICTION]),
@@ -280,7 +292,7 @@ def write_cascade(manifest: Manifest) -> dict:
     model = build_cascade(manifest)
     path = manifest.path(CASCADE_NAME)
     onnx.save(model, str(path))
-    defaults = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in (THRESHOLDS, BETA)}
+    defaults = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in (THRESHOLDS, BETA, TEMPERATURE)}
     return {
         "file": CASCADE_NAME,
         "sha256": sha256_file(path),

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner
-from edgeexit.errors import BundleError, ConfigError
+from edgeexit.errors import BundleError, ConfigError, first_line
 from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, Manifest, load_manifest, sha256_file
 
 ENGINES = ("auto", "graph", "chain")
@@ -45,8 +45,12 @@ class GraphRunner(Runner):
         return self.session.get_providers()
 
     def feeds(self) -> dict[str, np.ndarray]:
-        """The per-exit graph inputs for the current thresholds and policy arguments (float64 vectors)."""
-        values = {"thresholds": self.thresholds, "beta": [p.args.get("beta", 0.0) for p in self.policies]}
+        """The per-exit graph inputs (float64 vectors) for the current thresholds, beta and temperatures."""
+        values = {
+            "thresholds": self.thresholds,
+            "beta": [p.args.get("beta", 0.0) for p in self.policies],
+            "temperature": [getattr(p, "temperature", 1.0) for p in self.policies],
+        }
         return {name: np.asarray(values[name], dtype=np.float64) for name in self._vector_inputs}
 
     def run_graph(self, x: np.ndarray, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
@@ -55,7 +59,10 @@ class GraphRunner(Runner):
         for name in self._vector_inputs:
             if np.shape(inputs[name]) != (self.num_exits,):
                 raise ConfigError(f"{CASCADE_NAME} input '{name}' takes {self.num_exits} values (one per exit), got shape {np.shape(inputs[name])}")
-        return self.session.run(list(CASCADE_OUTPUTS), inputs)
+        try:
+            return self.session.run(list(CASCADE_OUTPUTS), inputs)
+        except Exception as exc:  # inputs are checked: a failing run is a broken graph (onnxruntime's own error types)
+            raise BundleError(f"{CASCADE_NAME} failed to run: {first_line(exc)}") from None
 
     def _predict_chunk(self, x: np.ndarray) -> CascadeResult:
         _, predictions, exit_index = self.run_graph(x)
@@ -72,26 +79,40 @@ def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", devi
     return GraphRunner(manifest, device, **options)
 
 
-def set_graph_defaults(manifest: Manifest, name: str, values: Sequence[float]) -> None:
-    """Rewrite the default of cascade.onnx's per-exit input `name` (thresholds or beta) in place, in the
-    file and in manifest.data (the caller saves the manifest); a no-op for bundles without cascade.onnx.
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
-    Runs without the onnx package: the default is a float64 initializer stored as raw little-endian
-    bytes, which are replaced where they occur exactly once (else BundleError: re-export the bundle)."""
+
+def _initializer_bytes(name: str, values: Sequence[float]) -> bytes:
+    """How onnx serializes the tail of a float64 initializer: field 8 (name), then field 9 (raw_data)."""
+    raw = np.asarray(values, dtype="<f8").tobytes()
+    encoded = name.encode()
+    return b"\x42" + _varint(len(encoded)) + encoded + b"\x4a" + _varint(len(raw)) + raw
+
+
+def set_graph_defaults(manifest: Manifest, name: str, values: Sequence[float]) -> None:
+    """Rewrite the default of cascade.onnx's per-exit input `name` (thresholds, beta, temperature) in
+    place, in the file and in manifest.data (the caller saves the manifest); a no-op for bundles
+    without cascade.onnx or without that input.
+
+    Runs without the onnx package: the default is a float64 initializer stored as name + raw
+    little-endian bytes, replaced where that byte sequence occurs exactly once (else BundleError)."""
     entry = manifest.cascade
-    if entry is None:
-        return
-    spec = next((t for t in entry["inputs"] if t["name"] == name), None)
+    spec = None if entry is None else next((t for t in entry["inputs"] if t["name"] == name), None)
     if spec is None:
-        raise BundleError(f"{CASCADE_NAME} has no input '{name}'")
-    old = np.asarray(spec["default"], dtype="<f8").tobytes()
-    new = np.asarray(values, dtype="<f8").tobytes()
-    if len(new) != len(old):
+        return
+    if len(values) != len(spec["default"]):
         raise ConfigError(f"{CASCADE_NAME} input '{name}' takes {len(spec['default'])} values, got {len(values)}")
+    old, new = _initializer_bytes(name, spec["default"]), _initializer_bytes(name, values)
     path = manifest.path(CASCADE_NAME)
     content = path.read_bytes()
     if content.count(old) != 1:
-        raise BundleError(f"cannot locate the default {name} in {path} unambiguously; re-export the bundle")
+        raise BundleError(f"cannot locate the default {name} in {path}; re-export the bundle")
     fd, tmp = tempfile.mkstemp(prefix=f".{CASCADE_NAME}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -39,16 +39,6 @@ def tiny_bundle(tmp_path_factory, tiny_model_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def exclusion_bundle(tmp_path_factory):
-    """A tiny resnet8 class-exclusion model on digits, exported and verified: (bundle path, manifest)."""
-    from edgeexit.export import export_bundle
-
-    root = tmp_path_factory.mktemp("exclusion")
-    manifest = export_bundle(tiny_train(root, method="exclusion", exit_type="exclusion"), root / "bundle")
-    return root / "bundle", manifest
-
-
-@pytest.fixture(scope="session")
 def digits_test(tiny_bundle) -> tuple[np.ndarray, np.ndarray]:
     """The digits test split, normalized for the tiny bundle."""
     from edgeexit.runtime.datasets import load_eval_data

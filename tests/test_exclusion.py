@@ -12,6 +12,17 @@ from edgeexit.errors import BundleError, ConfigError
 from edgeexit.runtime.manifest import MANIFEST_NAME, sha256_file
 from edgeexit.runtime.policies import ExclusionPolicy, get_policy
 
+from conftest import tiny_train
+
+
+@pytest.fixture(scope="module")
+def exclusion_bundle(tmp_path_factory):
+    """A tiny resnet8 class-exclusion model on digits, exported and verified."""
+    from edgeexit.export import export_bundle
+
+    root = tmp_path_factory.mktemp("exclusion")
+    manifest = export_bundle(tiny_train(root, method="exclusion", exit_type="exclusion"), root / "bundle")
+    return root / "bundle", manifest
 
 
 @pytest.fixture(scope="module")
