@@ -44,9 +44,10 @@ OUT_SCORES, OUT_PREDICTION, OUT_EXIT = CASCADE_OUTPUTS
 class _Graph:
     """Node and name bookkeeping for one cascade graph; every stage's tensors get the prefix s{k}/."""
 
-    def __init__(self, opset: int) -> None:
+    def __init__(self, opset: int, compact: bool) -> None:
         self.initializers: list[onnx.TensorProto] = []
         self.opset = opset
+        self.compact = compact
         self._count = 0
 
     def fresh(self, base: str) -> str:
@@ -218,6 +219,16 @@ def _level(graph: _Graph, manifest: Manifest, stages: list[onnx.ModelProto], ind
         state = graph.node(nodes, "Expand", [graph.const("all_true", np.array(True)), graph.node(nodes, "Shape", [roles["exclusion"]], "shape")], "state")
     exits, prediction, scores, state = DECISIONS[policy["kind"]](graph, nodes, roles, index, state)
     exit_index = graph.node(nodes, "Expand", [graph.const("exit", np.array(index, dtype=np.int64)), graph.node(nodes, "Shape", [prediction], "n")], "exit_index")
+    types = [TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64]
+    same = []
+    kept = [graph.node(same, "Identity", [base], "same") for base in (scores, prediction, exit_index)]
+    else_graph = helper.make_graph(same, graph.fresh("else"), [], [helper.make_tensor_value_info(n, t, None) for n, t in zip(kept, types)])
+    if not graph.compact:  # batch 1: the input goes on unless it left here
+        stays = graph.node(nodes, "Not", [graph.node(nodes, "Reshape", [exits, graph.const("scalar", np.array([], dtype=np.int64))], "exit")], "stays")
+        inner, inner_inits, results = _level(graph, manifest, stages, index + 1, outputs[names[0]], state)
+        then_graph = helper.make_graph(inner, graph.fresh("then"), [], [helper.make_tensor_value_info(n, t, None) for n, t in zip(results, types)],
+                                       initializer=inner_inits)
+        return nodes, initializers, graph.node(nodes, "If", [stays], "level", outputs=3, then_branch=then_graph, else_branch=else_graph)
     survivors = graph.node(nodes, "NonZero", [graph.node(nodes, "Not", [exits], "stay")], "survivors")
     any_left = graph.node(nodes, "Greater", [graph.node(nodes, "Size", [survivors], "count"), graph.const("zero", np.array(0, dtype=np.int64))], "any_left")
 
@@ -229,21 +240,20 @@ def _level(graph: _Graph, manifest: Manifest, stages: list[onnx.ModelProto], ind
     rows += inner
     at = graph.node(rows, "Transpose", [survivors], "at", perm=[1, 0])
     merged = [graph.node(rows, "ScatterND", [base, at, sub], "merged") for base, sub in zip([scores, prediction, exit_index], results)]
-    same = []
-    kept = [graph.node(same, "Identity", [base], "same") for base in (scores, prediction, exit_index)]
-    types = [TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64]
     then_graph = helper.make_graph(rows, graph.fresh("then"), [], [helper.make_tensor_value_info(n, t, None) for n, t in zip(merged, types)],
                                    initializer=inner_inits)
-    else_graph = helper.make_graph(same, graph.fresh("else"), [], [helper.make_tensor_value_info(n, t, None) for n, t in zip(kept, types)])
     results = graph.node(nodes, "If", [any_left], "level", outputs=3, then_branch=then_graph, else_branch=else_graph)
     return nodes, initializers, results
 
 
-def build_cascade(manifest: Manifest) -> onnx.ModelProto:
-    """cascade.onnx for a bundle whose stage graphs are in manifest.root."""
+def build_cascade(manifest: Manifest, compact: bool = True) -> onnx.ModelProto:
+    """cascade.onnx for a bundle whose stage graphs are in manifest.root.
+
+    compact=False builds the batch-1 graph: no survivor compaction, input and outputs fixed at
+    batch 1 (an If per exit only; for runtimes or benchmarks that want the leanest batch-1 graph)."""
     stages = [onnx.load(str(manifest.path(stage["file"]))) for stage in manifest.stages]
     opset = next(o.version for o in stages[0].opset_import if o.domain in ("", "ai.onnx"))
-    graph = _Graph(opset)
+    graph = _Graph(opset, compact)
     spec = manifest.input_spec
     nodes, initializers, (scores, prediction, exit_index) = _level(graph, manifest, stages, 0, spec["name"], None)
     graph.initializers += initializers
@@ -258,12 +268,13 @@ def build_cascade(manifest: Manifest) -> onnx.ModelProto:
     nodes += [helper.make_node("Identity", [scores], [OUT_SCORES]), helper.make_node("Identity", [prediction], [OUT_PREDICTION]),
               helper.make_node("Identity", [exit_index], [OUT_EXIT])]
     c, h, w = manifest.input_shape
-    inputs = [helper.make_tensor_value_info(spec["name"], TensorProto.FLOAT, [BATCH_DIM, c, h, w])]
+    batch = BATCH_DIM if compact else 1
+    inputs = [helper.make_tensor_value_info(spec["name"], TensorProto.FLOAT, [batch, c, h, w])]
     inputs += [helper.make_tensor_value_info(name, TensorProto.DOUBLE, [num_exits]) for name in defaults]
     outputs = [
-        helper.make_tensor_value_info(OUT_SCORES, TensorProto.FLOAT, [BATCH_DIM, manifest.num_classes]),
-        helper.make_tensor_value_info(OUT_PREDICTION, TensorProto.INT64, [BATCH_DIM]),
-        helper.make_tensor_value_info(OUT_EXIT, TensorProto.INT64, [BATCH_DIM]),
+        helper.make_tensor_value_info(OUT_SCORES, TensorProto.FLOAT, [batch, manifest.num_classes]),
+        helper.make_tensor_value_info(OUT_PREDICTION, TensorProto.INT64, [batch]),
+        helper.make_tensor_value_info(OUT_EXIT, TensorProto.INT64, [batch]),
     ]
     model = helper.make_model(
         helper.make_graph(nodes, "edgeexit_cascade", inputs, outputs, initializer=graph.initializers),
@@ -287,9 +298,9 @@ def _describe(values, initializers: dict[str, np.ndarray]) -> list[dict]:
     return described
 
 
-def write_cascade(manifest: Manifest) -> dict:
+def write_cascade(manifest: Manifest, compact: bool = True) -> dict:
     """Build cascade.onnx into the bundle folder; return its manifest entry (file, sha256, inputs, outputs)."""
-    model = build_cascade(manifest)
+    model = build_cascade(manifest, compact)
     path = manifest.path(CASCADE_NAME)
     onnx.save(model, str(path))
     defaults = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in (THRESHOLDS, BETA, TEMPERATURE)}

@@ -181,6 +181,10 @@ def validate(data: Any) -> None:
         raise _fail("calibration", "must be an object or null")
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _check_cascade(entry: Any, spec: dict, num_classes: int, num_exits: int) -> None:
     """The optional cascade.onnx entry: file, sha256, and its inputs/outputs with dtypes and shapes."""
     if entry is None:
@@ -197,8 +201,10 @@ def _check_cascade(entry: Any, spec: dict, num_classes: int, num_exits: int) -> 
             _require(tensor, "shape", list, f"{where}.{kind}[{i}]")
             if _require(tensor, "dtype", str, f"{where}.{kind}[{i}]") not in CASCADE_DTYPES:
                 raise _fail(f"{where}.{kind}[{i}].dtype", f"must be one of {', '.join(CASCADE_DTYPES)}")
-    if not inputs or inputs[0]["name"] != spec["name"] or inputs[0]["shape"] != spec["shape"]:
-        raise _fail(f"{where}.inputs", f"the first input must be the bundle's '{spec['name']}' {spec['shape']}")
+    first = inputs[0] if inputs else {}
+    batch = first["shape"][0] if first.get("shape") else None
+    if first.get("name") != spec["name"] or first["shape"][1:] != spec["shape"][1:] or not (batch == BATCH_DIM or _is_count(batch)):
+        raise _fail(f"{where}.inputs", f"the first input must be the bundle's '{spec['name']}' {spec['shape']} (or at a fixed batch)")
     for i, tensor in enumerate(inputs[1:], 1):
         default = _require(tensor, "default", list, f"{where}.inputs[{i}]")
         if tensor["shape"] != [num_exits] or len(default) != num_exits or not all(_is_number(v) for v in default):
