@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 import handmade
 
 from edgeexit.cli import main
-from edgeexit.export.cascade_graph import write_cascade
+from edgeexit.export.cascade_graph import build_cascade, write_cascade
 from edgeexit.runtime import CascadeRunner, ConfigError, GraphRunner, VerificationError, open_runner
 from edgeexit.runtime.consistency import check_graph_decisions
 from edgeexit.errors import BundleError
@@ -188,3 +189,18 @@ def test_calibrated_thresholds_become_the_graph_defaults(bundle, handmade_bundle
     want = chain.predict(x)
     np.testing.assert_array_equal(predictions, want.predictions)
     np.testing.assert_array_equal(exit_index, want.exit_index)
+
+
+@pytest.mark.parametrize("kind", sorted(SWEEPS))
+def test_batch1_graph_decides_as_the_chain(handmade_bundles, tmp_path, kind):
+    bundles, x = handmade_bundles
+    chain = CascadeRunner(bundles[kind])
+    path = tmp_path / "batch1.onnx"
+    onnx.save(build_cascade(chain.manifest, compact=False), str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 1
+    want = chain.predict(x)
+    assert set(want.exit_index.tolist()) == {0, 1, 2}
+    for i in range(len(x)):
+        _, p, e = session.run(None, {"input": x[i : i + 1]})
+        assert (p[0], e[0]) == (want.predictions[i], want.exit_index[i]), f"input {i}"
