@@ -17,7 +17,7 @@ Writes benchmarks/results/one_graph.json and one_graph.png.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -30,7 +30,7 @@ from edgeexit.export.cascade_graph import write_cascade
 from edgeexit.runtime.calibrate import stderr_progress
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.graph import GraphRunner
-from edgeexit.runtime.manifest import MANIFEST_NAME, load_manifest, save_manifest, write_json_atomic
+from edgeexit.runtime.manifest import load_manifest, save_manifest, write_json_atomic
 from edgeexit.runtime.report import interleaved_timings
 from edgeexit.train.data import load_data
 from edgeexit.train.models import save_model
@@ -53,9 +53,8 @@ def prepare(backbone: str, work: Path, input_size: int, exit_type: str) -> tuple
     bundle, batch1 = work / backbone, work / f"{backbone}_batch1"
     export_bundle(work / f"{backbone}.pt", bundle)
     shutil.copytree(bundle, batch1)
-    data = json.loads((batch1 / MANIFEST_NAME).read_text())
-    data["cascade"] = write_cascade(load_manifest(batch1, check_hashes=False), compact=False)
-    save_manifest(batch1, data)
+    manifest = load_manifest(batch1, check_hashes=False)
+    save_manifest(batch1, dataclasses.replace(manifest, cascade=write_cascade(manifest, compact=False)))
     return bundle, batch1
 
 

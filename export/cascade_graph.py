@@ -31,8 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeexit.runtime.manifest import BATCH_DIM, CASCADE_NAME, CASCADE_OUTPUTS, Manifest, sha256_file
-from edgeexit.runtime.policies import get_policy
+from edgeexit.runtime.manifest import BATCH_DIM, CASCADE_NAME, CASCADE_OUTPUTS, CascadeGraph, Manifest, sha256_file
 
 THRESHOLDS = "thresholds"
 BETA = "beta"
@@ -197,8 +196,7 @@ DECISIONS: dict[str, Decision] = {
 
 def _policy(exit_spec: dict):
     """The runtime's policy object for a manifest exit (its defaults filled in)."""
-    policy = exit_spec["policy"]
-    return get_policy(policy["kind"])(policy["threshold"], dict(policy.get("args", {})))
+    return exit_spec.policy.build()
 
 
 def _level(graph: _Graph, manifest: Manifest, stages: list[onnx.ModelProto], index: int, x: str,
@@ -206,18 +204,18 @@ def _level(graph: _Graph, manifest: Manifest, stages: list[onnx.ModelProto], ind
     """Level `index` (stage `index` on input `x`, the rest under an If): nodes, initializers, (scores, prediction, exit)."""
     nodes, initializers, outputs = _inline_stage(stages[index], index, x)
     spec = manifest.stages[index]
-    names = [t["name"] for t in spec["outputs"]]
-    if spec["exit"] is None:
+    names = spec.output_names
+    if spec.exit is None:
         logits = outputs[names[0]]
         masked = logits if state is None else graph.node(nodes, "Where", [state, logits, graph.const("ninf", np.array(-np.inf, dtype=np.float32))], "masked")
         prediction = _argmax(graph, nodes, masked)
         exit_index = graph.node(nodes, "Expand", [graph.const("exit", np.array(index, dtype=np.int64)), graph.node(nodes, "Shape", [prediction], "n")], "exit_index")
         return nodes, initializers, [logits, prediction, exit_index]
-    policy = spec["exit"]["policy"]
-    roles = {role: outputs[name] for role, name in spec["exit"]["outputs"].items()}
-    if policy["kind"] == "exclusion" and state is None:
+    kind = spec.exit.policy.kind
+    roles = {role: outputs[name] for role, name in spec.exit.outputs.items()}
+    if kind == "exclusion" and state is None:
         state = graph.node(nodes, "Expand", [graph.const("all_true", np.array(True)), graph.node(nodes, "Shape", [roles["exclusion"]], "shape")], "state")
-    exits, prediction, scores, state = DECISIONS[policy["kind"]](graph, nodes, roles, index, state)
+    exits, prediction, scores, state = DECISIONS[kind](graph, nodes, roles, index, state)
     exit_index = graph.node(nodes, "Expand", [graph.const("exit", np.array(index, dtype=np.int64)), graph.node(nodes, "Shape", [prediction], "n")], "exit_index")
     types = [TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64]
     same = []
@@ -251,25 +249,26 @@ def build_cascade(manifest: Manifest, compact: bool = True) -> onnx.ModelProto:
 
     compact=False builds the batch-1 graph: no survivor compaction, input and outputs fixed at
     batch 1 (an If per exit only; for runtimes or benchmarks that want the leanest batch-1 graph)."""
-    stages = [onnx.load(str(manifest.path(stage["file"]))) for stage in manifest.stages]
+    stages = [onnx.load(str(manifest.path(stage.file))) for stage in manifest.stages]
     opset = next(o.version for o in stages[0].opset_import if o.domain in ("", "ai.onnx"))
     graph = _Graph(opset, compact)
     spec = manifest.input_spec
-    nodes, initializers, (scores, prediction, exit_index) = _level(graph, manifest, stages, 0, spec["name"], None)
+    nodes, initializers, (scores, prediction, exit_index) = _level(graph, manifest, stages, 0, spec.name, None)
     graph.initializers += initializers
     num_exits = len(manifest.exits)
-    defaults = {THRESHOLDS: np.array([e["policy"]["threshold"] for e in manifest.exits], dtype=np.float64)}
-    if any(e["policy"]["kind"] == "exclusion" for e in manifest.exits):
+    kinds = [e.policy.kind for e in manifest.exits]
+    defaults = {THRESHOLDS: np.array([e.policy.threshold for e in manifest.exits], dtype=np.float64)}
+    if "exclusion" in kinds:
         defaults[BETA] = np.array([_policy(e).args.get("beta", 0.0) for e in manifest.exits], dtype=np.float64)
-    if any(e["policy"]["kind"] in SOFTMAX_POLICIES for e in manifest.exits):
-        defaults[TEMPERATURE] = np.array([e.get("temperature", 1.0) for e in manifest.exits], dtype=np.float64)
+    if any(kind in SOFTMAX_POLICIES for kind in kinds):
+        defaults[TEMPERATURE] = np.array([getattr(_policy(e), "temperature", 1.0) for e in manifest.exits], dtype=np.float64)
     for name, value in defaults.items():
         graph.initializers.append(numpy_helper.from_array(value, name))
     nodes += [helper.make_node("Identity", [scores], [OUT_SCORES]), helper.make_node("Identity", [prediction], [OUT_PREDICTION]),
               helper.make_node("Identity", [exit_index], [OUT_EXIT])]
     c, h, w = manifest.input_shape
     batch = BATCH_DIM if compact else 1
-    inputs = [helper.make_tensor_value_info(spec["name"], TensorProto.FLOAT, [batch, c, h, w])]
+    inputs = [helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, [batch, c, h, w])]
     inputs += [helper.make_tensor_value_info(name, TensorProto.DOUBLE, [num_exits]) for name in defaults]
     outputs = [
         helper.make_tensor_value_info(OUT_SCORES, TensorProto.FLOAT, [batch, manifest.num_classes]),
@@ -298,15 +297,12 @@ def _describe(values, initializers: dict[str, np.ndarray]) -> list[dict]:
     return described
 
 
-def write_cascade(manifest: Manifest, compact: bool = True) -> dict:
-    """Build cascade.onnx into the bundle folder; return its manifest entry (file, sha256, inputs, outputs)."""
+def write_cascade(manifest: Manifest, compact: bool = True) -> CascadeGraph:
+    """Build cascade.onnx into the bundle folder; return its manifest record (file, sha256, inputs, outputs)."""
     model = build_cascade(manifest, compact)
     path = manifest.path(CASCADE_NAME)
     onnx.save(model, str(path))
     defaults = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in (THRESHOLDS, BETA, TEMPERATURE)}
-    return {
-        "file": CASCADE_NAME,
-        "sha256": sha256_file(path),
-        "inputs": _describe(model.graph.input, defaults),
-        "outputs": _describe(model.graph.output, {}),
-    }
+    entry = {"file": CASCADE_NAME, "sha256": sha256_file(path), "inputs": _describe(model.graph.input, defaults),
+             "outputs": _describe(model.graph.output, {})}
+    return CascadeGraph.from_dict(entry, manifest.input_spec, len(manifest.exits))

@@ -1,6 +1,7 @@
 """The cascade as one onnxruntime session: cascade.onnx decides every exit inside the graph."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -8,16 +9,17 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner
+from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner, check_batch
 from edgeexit.errors import BundleError, ConfigError, first_line
 from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, Manifest, load_manifest, sha256_file
+from edgeexit.runtime.policies import Policy
 
 ENGINES = ("auto", "graph", "chain")
 ONNX_DTYPES = {"float32": "tensor(float)", "float64": "tensor(double)", "int64": "tensor(int64)"}
 
 
 class GraphRunner(Runner):
-    """Runs cascade.onnx: one session run per batch, thresholds (and beta) fed as graph inputs.
+    """Runs cascade.onnx: one session run per batch, thresholds (and beta, temperature) fed as graph inputs.
 
     Decisions equal CascadeRunner's (export and `edgeexit verify` check it).
     """
@@ -30,26 +32,27 @@ class GraphRunner(Runner):
         if entry is None:
             raise BundleError(f"{self.manifest.root} has no {CASCADE_NAME} (exported by an older edgeexit): re-export it, or use --engine chain")
         self.session = self._load(CASCADE_NAME)
-        # thresholds and beta have defaults: onnxruntime lists them as overridable initializers, not inputs
+        # the per-exit inputs have defaults: onnxruntime lists them as overridable initializers, not inputs
         inputs = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
-        for kind, declared, actual in (("inputs", entry["inputs"], inputs), ("outputs", entry["outputs"], self.session.get_outputs())):
+        for kind, declared, actual in (("inputs", entry.inputs, inputs), ("outputs", entry.outputs, self.session.get_outputs())):
             got = [(a.name, a.type) for a in actual]
-            want = [(t["name"], ONNX_DTYPES[t["dtype"]]) for t in declared]
+            want = [(t.name, ONNX_DTYPES[t.dtype]) for t in declared]
             if got != want:
                 raise BundleError(f"{CASCADE_NAME}: graph {kind} {got} differ from the manifest's {want}")
-        self._input_name = entry["inputs"][0]["name"]
-        self._vector_inputs = [t["name"] for t in entry["inputs"][1:]]
+        self._input_name = entry.inputs[0].name
+        self._vector_inputs = [t.name for t in entry.inputs[1:]]
 
     @property
     def active_providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def feeds(self) -> dict[str, np.ndarray]:
-        """The per-exit graph inputs (float64 vectors) for the current thresholds, beta and temperatures."""
+    def feeds(self, policies: Sequence[Policy] | None = None) -> dict[str, np.ndarray]:
+        """The per-exit graph inputs (float64 vectors) for these policies (default: the runner's)."""
+        policies = self.policies if policies is None else policies
         values = {
-            "thresholds": self.thresholds,
-            "beta": [p.args.get("beta", 0.0) for p in self.policies],
-            "temperature": [getattr(p, "temperature", 1.0) for p in self.policies],
+            "thresholds": [p.threshold for p in policies],
+            "beta": [p.args.get("beta", 0.0) for p in policies],
+            "temperature": [getattr(p, "temperature", 1.0) for p in policies],
         }
         return {name: np.asarray(values[name], dtype=np.float64) for name in self._vector_inputs}
 
@@ -64,9 +67,12 @@ class GraphRunner(Runner):
         except Exception as exc:  # inputs are checked: a failing run is a broken graph (onnxruntime's own error types)
             raise BundleError(f"{CASCADE_NAME} failed to run: {first_line(exc)}") from None
 
-    def _predict_chunk(self, x: np.ndarray) -> CascadeResult:
-        _, predictions, exit_index = self.run_graph(x)
-        return CascadeResult(predictions, exit_index, self.num_stages)
+    def predict(self, x: np.ndarray, thresholds: float | Sequence[float] | None = None) -> CascadeResult:
+        """Predict a batch in one session run per chunk; `thresholds` apply to this call only."""
+        x = check_batch(x, self.manifest.input_shape)
+        feeds = self.feeds(None if thresholds is None else self.policies_at(thresholds))
+        parts = [self.run_graph(x[i : i + self.chunk_size], feeds) for i in range(0, len(x), self.chunk_size)]
+        return CascadeResult(np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]), self.num_stages)
 
 
 def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", device: str = "cpu", **options) -> Runner:
@@ -95,20 +101,20 @@ def _initializer_bytes(name: str, values: Sequence[float]) -> bytes:
     return b"\x42" + _varint(len(encoded)) + encoded + b"\x4a" + _varint(len(raw)) + raw
 
 
-def set_graph_defaults(manifest: Manifest, name: str, values: Sequence[float]) -> None:
-    """Rewrite the default of cascade.onnx's per-exit input `name` (thresholds, beta, temperature) in
-    place, in the file and in manifest.data (the caller saves the manifest); a no-op for bundles
-    without cascade.onnx or without that input.
+def with_graph_defaults(manifest: Manifest, name: str, values: Sequence[float]) -> Manifest:
+    """Rewrite the default of cascade.onnx's per-exit input `name` (thresholds, beta, temperature) in the
+    file; returns the manifest with the new default and sha256 (the caller saves it). Unchanged for
+    bundles without cascade.onnx or without that input.
 
     Runs without the onnx package: the default is a float64 initializer stored as name + raw
     little-endian bytes, replaced where that byte sequence occurs exactly once (else BundleError)."""
     entry = manifest.cascade
-    spec = None if entry is None else next((t for t in entry["inputs"] if t["name"] == name), None)
-    if spec is None:
-        return
-    if len(values) != len(spec["default"]):
-        raise ConfigError(f"{CASCADE_NAME} input '{name}' takes {len(spec['default'])} values, got {len(values)}")
-    old, new = _initializer_bytes(name, spec["default"]), _initializer_bytes(name, values)
+    default = None if entry is None else entry.default(name)
+    if default is None:
+        return manifest
+    if len(values) != len(default):
+        raise ConfigError(f"{CASCADE_NAME} input '{name}' takes {len(default)} values, got {len(values)}")
+    old, new = _initializer_bytes(name, default), _initializer_bytes(name, values)
     path = manifest.path(CASCADE_NAME)
     content = path.read_bytes()
     if content.count(old) != 1:
@@ -122,5 +128,5 @@ def set_graph_defaults(manifest: Manifest, name: str, values: Sequence[float]) -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    spec["default"] = [float(v) for v in values]
-    entry["sha256"] = sha256_file(path)
+    inputs = tuple(dataclasses.replace(t, default=tuple(float(v) for v in values)) if t.name == name else t for t in entry.inputs)
+    return dataclasses.replace(manifest, cascade=dataclasses.replace(entry, inputs=inputs, sha256=sha256_file(path)))

@@ -1,4 +1,5 @@
 """cascade.onnx: the one-graph cascade decides exactly as the stage chain, for every policy and batch size."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import handmade
 from edgeexit.cli import main
 from edgeexit.export.cascade_graph import build_cascade, write_cascade
 from edgeexit.runtime import CascadeRunner, ConfigError, GraphRunner, VerificationError, open_runner
-from edgeexit.runtime.consistency import check_graph_decisions
+from edgeexit.runtime.verify import check_graph_decisions
 from edgeexit.errors import BundleError
 from edgeexit.runtime.manifest import CASCADE_NAME, MANIFEST_NAME, load_manifest, save_manifest
 
@@ -29,9 +30,8 @@ SWEEPS = {
 
 def with_cascade(bundle):
     """Add cascade.onnx (built from the bundle's stage graphs) to a bundle and its manifest."""
-    data = json.loads((bundle / MANIFEST_NAME).read_text())
-    data["cascade"] = write_cascade(load_manifest(bundle, check_hashes=False))
-    save_manifest(bundle, data)
+    manifest = load_manifest(bundle, check_hashes=False)
+    save_manifest(bundle, dataclasses.replace(manifest, cascade=write_cascade(manifest)))
     return bundle
 
 
@@ -99,10 +99,10 @@ def bundle(handmade_bundles, tmp_path):
 
 def test_export_writes_and_verifies_cascade(tiny_bundle):
     manifest = load_manifest(tiny_bundle)
-    assert manifest.cascade["file"] == CASCADE_NAME and manifest.path(CASCADE_NAME).is_file()
-    assert [t["name"] for t in manifest.cascade["inputs"]] == ["input", "thresholds"]
-    assert manifest.cascade["inputs"][1]["default"] == [e["policy"]["threshold"] for e in manifest.exits]
-    assert [(t["name"], t["dtype"]) for t in manifest.cascade["outputs"]] == [
+    assert manifest.cascade.file == CASCADE_NAME and manifest.path(CASCADE_NAME).is_file()
+    assert [t.name for t in manifest.cascade.inputs] == ["input", "thresholds"]
+    assert manifest.cascade.default("thresholds") == tuple(e.policy.threshold for e in manifest.exits)
+    assert [(t.name, t.dtype) for t in manifest.cascade.outputs] == [
         ("scores", "float32"), ("prediction", "int64"), ("exit_index", "int64")]
 
 
@@ -112,7 +112,7 @@ def test_defaults_are_the_manifest_values(bundle, handmade_bundles):
     session = ort.InferenceSession(str(bundle / CASCADE_NAME), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input"]  # the others are optional
     defaulted = session.run(None, {"input": x})
-    fed = session.run(None, {"input": x, "thresholds": np.array(entry["inputs"][1]["default"])})
+    fed = session.run(None, {"input": x, "thresholds": np.array(entry.default("thresholds"))})
     for a, b in zip(defaulted, fed):
         np.testing.assert_array_equal(a, b)
 
@@ -180,7 +180,7 @@ def test_calibrated_thresholds_become_the_graph_defaults(bundle, handmade_bundle
 
     apply_calibration(str(bundle), {"chosen": {"thresholds": [0.3, 0.7]}})
     manifest = load_manifest(bundle)  # the sha256 of the rewritten cascade.onnx holds
-    assert manifest.cascade["inputs"][1]["default"] == [0.3, 0.7]
+    assert manifest.cascade.default("thresholds") == (0.3, 0.7)
     session = ort.InferenceSession(str(bundle / CASCADE_NAME), providers=["CPUExecutionProvider"])
     x = handmade_bundles[1]
     _, predictions, exit_index = session.run(None, {"input": x})  # thresholds left to their defaults
