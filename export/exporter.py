@@ -178,7 +178,8 @@ def export_bundle(
     verify: bool = True,
     progress: Callable[[str], None] = lambda message: None,
 ) -> dict:
-    """Export model.pt to a verified bundle folder; returns the manifest (plus 'verification').
+    """Export model.pt to a verified bundle folder; returns the manifest (plus 'verification': max diffs
+    against PyTorch, and 'cascade_verification': cascade.onnx's decisions against the chain's).
 
     Graphs are written into a hidden temp folder beside `out` and renamed into place only after
     verification, so a failed or killed export leaves any earlier bundle at `out` intact.
@@ -196,13 +197,13 @@ def export_bundle(
         manifest = save_manifest(staged, build_manifest(model, staged, stages, full, opset))
         progress("building cascade.onnx")
         manifest = save_manifest(staged, dataclasses.replace(manifest, cascade=write_cascade(manifest)))
-        verification = None
+        verification = cascade_verification = None
         if verify:
             progress("verifying against PyTorch")
             verification = verify_bundle_against_model(staged, model)
             progress("verifying cascade.onnx against the stage chain")
-            verification["cascade"] = verify_cascade(staged, model)
+            cascade_verification = verify_cascade(staged, model)
         _replace_dir(staged, out)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return {**manifest.to_dict(), "verification": verification}
+    return {**manifest.to_dict(), "verification": verification, "cascade_verification": cascade_verification}

@@ -550,6 +550,9 @@ class Manifest:
                 policy = stage.exit.policy
                 line += f"; exit at {stage.exit.cut or '?'}: {policy.kind} threshold {policy.threshold}"
             lines.append(line)
+        if self.cascade:
+            optional = ", ".join(f"{t.name} (default {list(t.default)})" for t in self.cascade.inputs[1:])
+            lines.append(f"{self.cascade.file}: the whole cascade in one graph; optional inputs: {optional}")
         if self.calibration:
             lines.append(f"calibrated: {json.dumps(self.calibration.get('chosen', {}))}")
         return lines
