@@ -54,12 +54,12 @@ def leaving_at(runner: CascadeRunner, exit_index: int) -> CascadeRunner:
     return forced
 
 
-def _stage_calls(runner: CascadeRunner, x: np.ndarray) -> list[Callable[[object], object]]:
+def _stage_calls(runner: CascadeRunner, x: np.ndarray) -> list[Callable[[], object]]:
     """One callable per stage: its session run on its real input plus its exit decision."""
     calls = []
     features, state = x, runner.policies[0].start(len(x), runner.manifest.num_classes)
     for index, policy in enumerate(runner.policies):
-        def call(_, index=index, policy=policy, features=features, state=state):
+        def call(index=index, policy=policy, features=features, state=state):
             return policy.decide(runner._exit_outputs(index, runner.run_stage(index, features)), state)
 
         calls.append(call)
@@ -68,30 +68,34 @@ def _stage_calls(runner: CascadeRunner, x: np.ndarray) -> list[Callable[[object]
         features = outputs[0]
     last = runner.num_exits
     final = runner.policies[-1].final
-    calls.append(lambda _, features=features, state=state: final(runner.run_stage(last, features)[0], state))
+    calls.append(lambda features=features, state=state: final(runner.run_stage(last, features)[0], state))
     return calls
 
 
-def _block(fn: Callable[[object], object]) -> Callable[[object], list[float]]:
+def _block(fn: Callable[[], object]) -> Callable[[object], list[float]]:
     """`fn` run BLOCK times in a row; returns the seconds of each call."""
     def run(_: object) -> list[float]:
         seconds = []
         for _ in range(BLOCK):
             start = time.perf_counter()
-            fn(None)
+            fn()
             seconds.append(time.perf_counter() - start)
         return seconds
 
     return run
 
 
-def _exit_timings(runner: CascadeRunner, x: np.ndarray, repeats: int, extra: dict, progress: Progress,
-                  label: str) -> dict[str, list[float]]:
-    """Seconds per call of each exit's forced cascade (plus `extra` callables), `repeats` calls each, interleaved."""
-    fns = {f"exit_{k}": (lambda _, r=leaving_at(runner, k): r.predict(x)) for k in range(runner.num_exits + 1)}
-    blocks = {name: _block(fn) for name, fn in {**fns, **extra}.items()}
+def time_calls(fns: dict[str, Callable[[], object]], repeats: int, progress: Progress = lambda m: None,
+               label: str = "profile") -> dict[str, Timing]:
+    """Timing of `repeats` warm calls of each fn, interleaved in rotating turns of BLOCK calls."""
+    blocks = {name: _block(fn) for name, fn in fns.items()}
     timed = interleaved_timings(blocks, np.arange(math.ceil(repeats / BLOCK)), 1, WARMUP, progress, label)
-    return {name: [s for block in outputs for s in block] for name, (outputs, _) in timed.items()}
+    return {name: Timing.from_seconds([s for block in outputs for s in block]) for name, (outputs, _) in timed.items()}
+
+
+def _exit_calls(runner: CascadeRunner, x: np.ndarray) -> dict[str, Callable[[], object]]:
+    """One call per exit: a cascade call on x in which every input leaves there (last = final stage)."""
+    return {f"exit_{k}": (lambda r=leaving_at(runner, k): r.predict(x)) for k in range(runner.num_exits + 1)}
 
 
 def measure_profile(runner: CascadeRunner, batch_size: int = 1, repeats: int = DEFAULT_REPEATS,
@@ -104,19 +108,19 @@ def measure_profile(runner: CascadeRunner, batch_size: int = 1, repeats: int = D
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch_size, *runner.manifest.input_shape)).astype(np.float32)
     stages = {f"stage_{k}": call for k, call in enumerate(_stage_calls(runner, x))}
-    extra = {**stages, "full": lambda _: runner.predict_full(x)}
-    seconds = _exit_timings(runner, x, repeats, extra, progress, f"profile batch {batch_size}")
+    timed = time_calls({**_exit_calls(runner, x), **stages, "full": lambda: runner.predict_full(x)}, repeats, progress,
+                       f"profile batch {batch_size}")
     num_stages = runner.num_exits + 1
-    exits = tuple(Timing.from_seconds(seconds[f"exit_{k}"]) for k in range(num_stages))
+    exits = tuple(timed[f"exit_{k}"] for k in range(num_stages))
     if batch_size == 1:
         at_one = exits
     else:
-        one = _exit_timings(runner, x[:1], repeats, {}, progress, "profile batch 1")
-        at_one = tuple(Timing.from_seconds(one[f"exit_{k}"]) for k in range(num_stages))
+        one = time_calls(_exit_calls(runner, x[:1]), repeats, progress, "profile batch 1")
+        at_one = tuple(one[f"exit_{k}"] for k in range(num_stages))
     return DeviceProfile(
         host=current_host(), device=runner.device, threads=runner.threads or 0, batch_size=batch_size, engine=ENGINE,
-        stages=tuple(Timing.from_seconds(seconds[f"stage_{k}"]) for k in range(num_stages)), exits=exits,
-        exits_at_one=at_one, full=Timing.from_seconds(seconds["full"]), repeats=repeats,
+        stages=tuple(timed[f"stage_{k}"] for k in range(num_stages)), exits=exits,
+        exits_at_one=at_one, full=timed["full"], repeats=repeats,
         providers=tuple(runner.active_providers), onnxruntime=ort.__version__,
     )
 
