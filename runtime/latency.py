@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 from edgeexit.runtime.manifest import DeviceProfile, Manifest, Timing, profile_key
 
 STATS = ("mean", "p50", "p95")

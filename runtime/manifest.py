@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeexit.runtime.errors import BundleError
+from edgeexit.errors import BundleError
 
 FORMAT = "edgeexit-bundle"
 FORMAT_VERSION = 1

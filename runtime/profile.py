@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 from edgeexit.runtime.latency import ENGINE, current_host
 from edgeexit.runtime.manifest import DeviceProfile, Timing, load_manifest, save_manifest
 from edgeexit.runtime.report import Progress, interleaved_timings

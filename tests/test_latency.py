@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from edgeexit.cli import main
 from edgeexit.runtime.calibrate import LatencyTarget, choose_thresholds, shared_grids
-from edgeexit.runtime.errors import BundleError, ConfigError
+from edgeexit.errors import BundleError, ConfigError
 from edgeexit.runtime.latency import current_host, mixture_quantile, predict_latency
 from edgeexit.runtime.manifest import DeviceProfile, Timing, load_manifest
 from edgeexit.runtime.policies import ConfidencePolicy

@@ -16,10 +16,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edgeexit.cuts import CutGraph, CutPoint
+from edgeexit.train.cuts import CutGraph, CutPoint
 from edgeexit.export.onnx_graphs import SingleOutput, export_graph
 from edgeexit.runtime.cascade import session_options
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 from edgeexit.runtime.manifest import Timing
 from edgeexit.runtime.profile import time_calls
 
