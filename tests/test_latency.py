@@ -187,3 +187,33 @@ def test_latency_budget_calibration_via_cli(profiled_bundle):
     record = load_manifest(profiled_bundle).data["calibration"]
     assert record["objective"]["latency"] == budget and record["chosen"]["met"]
     assert record["chosen"]["predicted_latency_ms"] <= budget
+
+
+def test_latency_placement_reads_measured_fractions():
+    from edgeexit.train.cut_latency import latency_candidates
+    from edgeexit.train.cuts import CutPoint
+    from edgeexit.train.placement import place_exits
+
+    # MACs say the cuts sit at 0.2/0.4/0.6/0.8; measured time says the early ones are slower per MAC
+    candidates = [CutPoint(f"c{i}", f"n{i}", (8, 4, 4), int(f * 1000), f) for i, f in enumerate((0.2, 0.4, 0.6, 0.8))]
+    measured = {"c0": timing(0.35), "c1": timing(0.55), "c2": timing(0.7), "c3": timing(0.9)}
+    by_latency = latency_candidates(candidates, measured, timing(1.0))
+    assert [p.fraction for p in by_latency] == pytest.approx([0.35, 0.55, 0.7, 0.9])
+    assert [p.name for p in place_exits("linear", 2, candidates)] == ["c1", "c3"]  # targets 1/3, 2/3
+    assert [p.name for p in place_exits("linear", 2, by_latency)] == ["c0", "c2"]
+
+
+@pytest.mark.slow
+def test_cuts_profile_times_every_cut_via_cli():
+    result = cli("cuts", "--backbone", "resnet8", "--input-size", 16, "--profile", "--repeats", 10)
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines() if line.startswith(("layer", "relu"))]
+    assert rows and all(float(row[4]) > 0 for row in rows)  # cum. ms p50
+    assert "measured latency fraction" in result.output
+
+
+def test_placement_cost_is_checked():
+    from edgeexit.train.cut_latency import check_placement_cost
+
+    with pytest.raises(ConfigError, match="choose from: macs, latency"):
+        check_placement_cost("flops")
