@@ -91,7 +91,7 @@ def prediction_check(bundle: Path, data: str, threads: int, batch: int, samples:
 def budget_row(bundle: Path, data: str, threads: int, budget: float, stat: str, val: tuple, test: tuple) -> dict:
     """Calibrate by latency and by the MACs proxy at one budget; measure both on test (batch 1)."""
     runner = CascadeRunner(bundle, threads=threads)
-    profile = [p for p in runner.manifest.profiles().values() if p.batch_size == 1 and p.threads == (threads or 0)][0]
+    profile = [p for p in runner.manifest.profiles.values() if p.batch_size == 1 and p.threads == (threads or 0)][0]
     target = LatencyTarget(profile, stat)
     macs_fraction = min(1.0, budget / profile.full.stat(stat))
     row = {"budget_ms": budget, "macs_budget": macs_fraction}
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_calibration(str(bundle), calibrate(CascadeRunner(bundle, threads=args.threads), *val, ("target_drop", 0.5),
                                              {"name": data, "split": "val"}, stderr_progress))
     prediction = [prediction_check(bundle, data, args.threads, batch, args.samples, args.repeats) for batch in (1, 64)]
-    profile = [p for p in load_manifest(bundle).profiles().values() if p.batch_size == 1][0]
+    profile = [p for p in load_manifest(bundle).profiles.values() if p.batch_size == 1][0]
     low, high = profile.exits[0].stat(args.stat), profile.exits[-1].stat(args.stat)
     budgets = [float(b) for b in np.linspace(low * 1.05, high, args.budgets)]
     rows = [budget_row(bundle, data, args.threads, b, args.stat, val, test) for b in budgets]

@@ -38,7 +38,7 @@ def current_host() -> str:
 
 def find_profile(manifest: Manifest, name: str) -> DeviceProfile:
     """The profile stored under `name`, or a ConfigError naming the profiles the bundle has."""
-    profiles = manifest.profiles()
+    profiles = manifest.profiles
     if name in profiles:
         return profiles[name]
     if not profiles:
@@ -50,7 +50,7 @@ def find_profile(manifest: Manifest, name: str) -> DeviceProfile:
 def matching_profile(manifest: Manifest, device: str, threads: int | None, batch_size: int) -> DeviceProfile | None:
     """The profile measured on this host for this device, thread count and batch size, if any."""
     key = profile_key(current_host(), device, threads or 0, batch_size, ENGINE)
-    return manifest.profiles().get(key)
+    return manifest.profiles.get(key)
 
 
 def exit_fractions(exit_counts: Sequence[int]) -> np.ndarray:

@@ -127,7 +127,4 @@ def measure_profile(runner: CascadeRunner, batch_size: int = 1, repeats: int = D
 
 def save_profile(bundle: str, profile: DeviceProfile) -> None:
     """Add (or replace) `profile` in the bundle's manifest; other profiles stay; atomic rewrite."""
-    manifest = load_manifest(bundle, check_hashes=False)
-    data = manifest.data
-    data["profiles"] = {**data.get("profiles", {}), profile.key: profile.to_dict()}
-    save_manifest(bundle, data)
+    save_manifest(bundle, load_manifest(bundle, check_hashes=False).with_profile(profile))

@@ -86,8 +86,9 @@ def logits_entry(parts: Sequence[np.ndarray], seconds: Sequence[float], labels: 
 
 
 def cascade_entry(runner: CascadeRunner, parts: Sequence[CascadeResult], seconds: Sequence[float],
-                  labels: np.ndarray | None) -> dict:
-    """Accuracy, MACs, exits and latency of a cascade run, with latency grouped by the deepest exit per call.
+                  labels: np.ndarray | None, thresholds: Sequence[float] | None = None) -> dict:
+    """Accuracy, MACs, exits and latency of a cascade run (at `thresholds`, default the runner's), with
+    latency grouped by the deepest exit per call.
 
     When the bundle has a device profile for this host, device, threads and batch size, the
     entry carries the latency it predicts for this run's exit histogram beside the measured one
@@ -107,7 +108,7 @@ def cascade_entry(runner: CascadeRunner, parts: Sequence[CascadeResult], seconds
         "measured_latency_ms": float(np.sum(seconds)) * 1e3 / len(result.predictions),
         "expected_latency": expected,
         "exit_counts": result.exit_counts(),
-        "thresholds": runner.thresholds,
+        "thresholds": runner.thresholds if thresholds is None else list(thresholds),
         **timing_entry(seconds, len(result.predictions)),
         "latency_by_exit_ms": per_exit,
     }

@@ -12,7 +12,7 @@ from edgeexit.cli import main
 from edgeexit.runtime.calibrate import LatencyTarget, choose_thresholds, shared_grids
 from edgeexit.errors import BundleError, ConfigError
 from edgeexit.runtime.latency import current_host, mixture_quantile, predict_latency
-from edgeexit.runtime.manifest import DeviceProfile, Timing, load_manifest
+from edgeexit.runtime.manifest import DeviceProfile, Timing, load_manifest, read_manifest
 from edgeexit.runtime.policies import ConfidencePolicy
 
 
@@ -47,10 +47,10 @@ def profiled_bundle(tmp_path_factory, tiny_bundle):
 
 def test_profiles_coexist_with_positive_increasing_costs(profiled_bundle):
     manifest = load_manifest(profiled_bundle)
-    profiles = manifest.profiles()
+    profiles = manifest.profiles
     host = current_host()
     assert set(profiles) == {f"{host}/cpu/t1/b1/chain", f"{host}/cpu/t1/b4/chain"}
-    raw = manifest.data["profiles"][f"{host}/cpu/t1/b1/chain"]
+    raw = read_manifest(profiled_bundle)["profiles"][f"{host}/cpu/t1/b1/chain"]
     assert set(raw["full"]) >= {"p50", "p95"} and raw["full"]["p50"] > 0
     for profile in profiles.values():
         assert len(profile.stages) == len(profile.exits) == len(manifest.stages)
@@ -65,7 +65,7 @@ def test_profiles_coexist_with_positive_increasing_costs(profiled_bundle):
 def test_profile_survives_calibration_and_info_lists_it(profiled_bundle):
     result = cli("calibrate", profiled_bundle, "--target-drop", 1)
     assert result.exit_code == 0, result.output
-    assert len(load_manifest(profiled_bundle).profiles()) == 2
+    assert len(load_manifest(profiled_bundle).profiles) == 2
     info = cli("info", profiled_bundle)
     assert f"profile {current_host()}/cpu/t1/b1/chain" in info.output
 
@@ -146,7 +146,7 @@ def test_budget_below_the_cheapest_exit_names_the_minimum():
 
 
 def test_corrupt_profile_is_a_bundle_error(bundle_copy):
-    from edgeexit.runtime.manifest import read_manifest, write_json_atomic
+    from edgeexit.runtime.manifest import write_json_atomic
 
     data = read_manifest(bundle_copy)
     profile = synthetic_profile([1.0, 2.0, 4.0]).to_dict()
@@ -162,7 +162,7 @@ def test_corrupt_profile_is_a_bundle_error(bundle_copy):
 
 def test_latency_budget_errors_via_cli(profiled_bundle):
     name = f"{current_host()}/cpu/t1/b1/chain"
-    least = load_manifest(profiled_bundle).profiles()[name].exits[0].p95
+    least = load_manifest(profiled_bundle).profiles[name].exits[0].p95
     cases = [
         (["--latency-budget", least / 10, "--percentile", 95, "--profile", name], f"minimum budget is {least:.4g} ms"),
         (["--latency-budget", 5, "--profile", "pi/cpu/t4/b1/chain"], f"has profiles for: {name}"),
@@ -180,11 +180,11 @@ def test_latency_budget_errors_via_cli(profiled_bundle):
 
 def test_latency_budget_calibration_via_cli(profiled_bundle):
     name = f"{current_host()}/cpu/t1/b1/chain"
-    profile = load_manifest(profiled_bundle).profiles()[name]
+    profile = load_manifest(profiled_bundle).profiles[name]
     budget = profile.exits[-1].p50 * 2
     result = cli("calibrate", profiled_bundle, "--latency-budget", budget, "--profile", name)
     assert result.exit_code == 0, result.output
-    record = load_manifest(profiled_bundle).data["calibration"]
+    record = load_manifest(profiled_bundle).calibration
     assert record["objective"]["latency"] == budget and record["chosen"]["met"]
     assert record["chosen"]["predicted_latency_ms"] <= budget
 
