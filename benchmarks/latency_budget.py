@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "latency_budget_quick" if args.quick else "latency_budget"
     write_json_atomic(args.out / f"{stem}.json", results)
     plot(results, args.out / f"{stem}.png")
-    print(f"prediction: " + ", ".join(f"batch {c['batch_size']} {c['relative_error']:+.1%}" for c in prediction))
+    print("prediction: " + ", ".join(f"batch {c['batch_size']} {c['relative_error']:+.1%}" for c in prediction))
     print(f"{'budget ms':>10}{'MACs frac':>10}{'acc lat':>9}{'acc MACs':>9}{'ms lat':>8}{'ms MACs':>8}")
     for r in rows:
         print(f"{r['budget_ms']:>10.3f}{r['macs_budget']:>10.3f}{r['latency']['test_accuracy']:>9.4f}"
