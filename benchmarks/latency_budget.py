@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [budget_row(bundle, data, args.threads, b, args.stat, val, test) for b in budgets]
     results = {
         "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "data": "fashion-mnist subset as folder (seeded split)"},
-        "bundle_cuts": [s.get("exit", {}).get("cut") if s.get("exit") else None for s in load_manifest(bundle).stages],
+        "bundle_cuts": [s.exit.cut for s in load_manifest(bundle).stages[:-1]],
         "prediction": prediction,
         "budgets": rows,
         "latency_at_least_as_accurate": sum(r["latency"]["test_accuracy"] >= r["macs"]["test_accuracy"] for r in rows),
