@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from edgeexit.backbones import build_backbone, first_conv_name
 from edgeexit.data import load_data
+from edgeexit.models import atomic_save
 from edgeexit.runtime.errors import ConfigError, InputError
 
 CHECKPOINT_KEYS = ("state_dict", "model")
@@ -78,15 +79,8 @@ def load_backbone_weights(net: nn.Module, path: str | os.PathLike, name: str = "
 
 
 def save_state_dict(net: nn.Module, path: str | os.PathLike) -> None:
-    """Write the plain state_dict atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the plain state_dict atomically."""
+    atomic_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)
 
 
 @torch.no_grad()
