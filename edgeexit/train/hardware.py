@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from edgeexit.runtime.errors import ConfigError, DeviceError
+from edgeexit.errors import ConfigError, DeviceError
 
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"
 

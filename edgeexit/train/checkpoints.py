@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeexit.runtime.errors import InputError
-from edgeexit.models import atomic_save, safe_load
+from edgeexit.errors import InputError
+from edgeexit.train.models import atomic_save, safe_load
 
 CHECKPOINT_FORMAT = "edgeexit-train-checkpoint"
 CHECKPOINT_VERSION = 1
