@@ -6,6 +6,25 @@ from typing import Any
 import click
 
 from edgeexit.cli.common import training_extra
+from edgeexit.train.config import TrainConfig  # plain dataclasses: no torch needed for --help
+
+BATCH_HELP = "Examples per step in each process; under torchrun the global batch is this times the process count."
+
+
+def hardware_options(command: Any) -> Any:
+    """--device, --precision and --workers, shared by train and pretrain."""
+    options = [
+        click.option("--device", default=TrainConfig.device, show_default=True,
+                     help="auto (cuda when available), cpu, cuda, cuda:N or mps. Under torchrun, cuda means cuda:LOCAL_RANK."),
+        click.option("--precision", default=TrainConfig.precision, show_default=True,
+                     help="32, bf16 (autocast; CPUs and recent GPUs) or 16-mixed (autocast float16 + gradient scaling; GPUs). "
+                          "Exported graphs are float32 either way."),
+        click.option("--workers", "num_workers", type=int, default=TrainConfig.num_workers, show_default=True,
+                     help="DataLoader worker processes per training process (memory is pinned on CUDA)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.command()
@@ -22,7 +41,7 @@ from edgeexit.cli.common import training_extra
 @click.option("--loss", default=None, help="Loss (default: the method's), e.g. v1 or v2.")
 @click.option("--lambda", "lam", type=float, default=1.0, show_default=True, help="Weight of the cost term.")
 @click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help=BATCH_HELP)
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate (cosine schedule).")
 @click.option("--warmup-epochs", type=int, default=1, show_default=True,
               help="Epochs of the method's warm-up loss (EENets: v0, classifiers only) before the main loss.")
@@ -33,6 +52,11 @@ from edgeexit.cli.common import training_extra
               help="Pre-trained backbone weights (a state_dict file, or a checkpoint with 'state_dict'/'model'); never downloaded.")
 @click.option("--branch-channels", type=int, default=None, help="Branch exits: conv channels (default: the cut's).")
 @click.option("--branch-depth", type=int, default=None, help="Branch exits: conv-BN-ReLU blocks (default 2).")
+@hardware_options
+@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False),
+              help="Write DIR/checkpoint.pt (atomically) after every epoch: weights, optimizer, scheduler, RNG states.")
+@click.option("--resume", is_flag=True,
+              help="Continue from --checkpoint-dir's checkpoint (same settings required); starts fresh when there is none yet.")
 def train(**opts: Any) -> None:
     """Train an exit-augmented model and write model.pt.
 
@@ -40,14 +64,17 @@ def train(**opts: Any) -> None:
     Example: edgeexit train --data digits --backbone resnet20 --num-exits 2 --epochs 10 --out model.pt
     PTEENet (branches on a frozen pre-trained backbone, see `edgeexit pretrain`):
       edgeexit train --method pteenet --backbone torchvision:resnet18 --weights backbone.pt --data digits
+    Several GPUs or machines (DistributedDataParallel; only rank 0 writes model.pt):
+      torchrun --nproc_per_node 4 -m edgeexit train --device cuda --batch-size 64 ...
     """
     with training_extra():
         from edgeexit import workflows
     summary = workflows.train(**opts, progress=True)
-    click.echo(
-        f"wrote {opts['out']}: cuts {', '.join(summary['cuts'])}; val accuracy {summary['val_accuracy']:.4f}, "
-        f"early-exit rate {summary['val_exit_rate']:.2f}"
-    )
+    if summary["rank"] == 0:
+        click.echo(
+            f"wrote {opts['out']}: cuts {', '.join(summary['cuts'])}; val accuracy {summary['val_accuracy']:.4f}, "
+            f"early-exit rate {summary['val_exit_rate']:.2f}"
+        )
 
 
 
@@ -58,10 +85,11 @@ def train(**opts: Any) -> None:
 @click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
 @click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
 @click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help=BATCH_HELP)
 @click.option("--lr", type=float, default=0.05, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default="backbone.pt", show_default=True, type=click.Path(dir_okay=False), help="Output state_dict.")
+@hardware_options
 def pretrain(**opts: Any) -> None:
     """Train a plain backbone (no exits) and write its state_dict, the input of `train --weights`.
 
@@ -70,7 +98,8 @@ def pretrain(**opts: Any) -> None:
     with training_extra():
         from edgeexit.train.pretrained import pretrain_backbone
     summary = pretrain_backbone(**opts, progress=True)
-    click.echo(f"wrote {opts['out']}: val accuracy {summary['val_accuracy']:.4f}, test accuracy {summary['test_accuracy']:.4f}")
+    if summary["rank"] == 0:
+        click.echo(f"wrote {opts['out']}: val accuracy {summary['val_accuracy']:.4f}, test accuracy {summary['test_accuracy']:.4f}")
 
 
 
