@@ -2,9 +2,9 @@
 
 `--checkpoint-dir DIR` keeps one file, DIR/checkpoint.pt, replaced atomically after every
 epoch: model, optimizer, scheduler and gradient-scaler states, the number of finished
-epochs, the history and best-so-far state, and the python/numpy/torch(/cuda) RNG states.
-The data order needs no state of its own: it is a function of the seed and the epoch
-(TrainEnv.train_loader). The file holds tensors and plain data only and is read with the
+epochs, the history and best-so-far state, and the python/numpy/torch(/cuda) RNG states
+with the data-order generator's (under torchrun the order is a function of the seed and
+the epoch: TrainEnv.train_loader). The file holds tensors and plain data only and is read with the
 same weights-only loader as model.pt.
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ class Checkpoint:
     best: dict[str, Any] = field(default_factory=dict)
 
 
-def capture_rng(device: torch.device) -> dict[str, Any]:
-    """The RNG states of python, numpy, torch and (on CUDA) the device, as tensors and plain data."""
+def capture_rng(device: torch.device, data_order: torch.Generator | None = None) -> dict[str, Any]:
+    """The RNG states of python, numpy, torch, (on CUDA) the device and the data-order generator, as tensors and plain data."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -53,10 +53,12 @@ def capture_rng(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if data_order is not None:
+        state["data_order"] = data_order.get_state()
     return state
 
 
-def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+def restore_rng(state: dict[str, Any], device: torch.device, data_order: torch.Generator | None = None) -> None:
     """Put back the RNG states `capture_rng` took."""
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
@@ -65,6 +67,8 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if data_order is not None and "data_order" in state:
+        data_order.set_state(state["data_order"])
 
 
 def checkpoint_path(directory: str | os.PathLike) -> Path:

@@ -118,15 +118,26 @@ class TrainEnv:
         return torch.amp.GradScaler(self.device.type, enabled=self.precision.scaled)
 
     def train_loader(self, dataset: Dataset, batch_size: int, seed: int, workers: int = 0) -> DataLoader:
-        """Shuffled batches of this rank's share of `dataset`; call `loader.sampler.set_epoch(e)` each epoch.
+        """Shuffled batches of this rank's share of `dataset`; call `begin_epoch` before each epoch.
 
-        The order is a function of (seed, epoch, rank, world size) only, so every rank shuffles
-        with the same seed, a run repeats for a fixed world size, and a resumed run sees the
-        same batches as an uninterrupted one. `batch_size` is per process.
+        One process shuffles with a generator seeded by `seed` (its state is the data order a
+        checkpoint saves). Under torchrun a DistributedSampler shuffles by (seed, epoch), the
+        same on every rank, each rank taking its share. `batch_size` is per process.
         """
-        sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        pin = self.device.type == "cuda"
+        if self.distributed:
+            sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed)
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+                              persistent_workers=workers > 0)
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, num_workers=workers,
+                          pin_memory=pin, persistent_workers=workers > 0)
+
+    @staticmethod
+    def begin_epoch(loader: DataLoader, epoch: int) -> None:
+        """Tell a DistributedSampler which epoch it shuffles for (a single process's generator moves on by itself)."""
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
 
     def shard(self, dataset: Dataset) -> Dataset:
         """This rank's strided share of an evaluation set: every example once across ranks, none padded."""

@@ -133,7 +133,7 @@ def pretrain_backbone(
         scaler = env.grad_scaler()
         wrapped = env.wrap(net)
         for epoch in tqdm(range(epochs), desc="pretrain", unit="epoch", disable=not (progress and env.is_main)):
-            loader.sampler.set_epoch(epoch)
+            env.begin_epoch(loader, epoch)
             wrapped.train()
             for x, y in loader:
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)

@@ -140,7 +140,7 @@ def train_model(
         scheduler.load_state_dict(resumed.scheduler)
         scaler.load_state_dict(resumed.scaler)
         history = History(**resumed.history)
-        restore_rng(resumed.rng, env.device)
+        restore_rng(resumed.rng, env.device, loader.generator)
     start = resumed.epoch if resumed is not None else 0
     net = env.wrap(model, frozen=("backbone",) if model.config.frozen_backbone else ())
     show = progress and env.is_main
@@ -149,7 +149,7 @@ def train_model(
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="train", unit="epoch", disable=not show)
     for epoch in bar:
         loss_fn = warmup_loss if warmup_loss is not None and epoch < config.warmup_epochs else main_loss
-        loader.sampler.set_epoch(epoch)
+        env.begin_epoch(loader, epoch)
         net.train()
         total, count = torch.zeros((), device=env.device), 0
         for x, y in loader:
@@ -170,7 +170,7 @@ def train_model(
             save_checkpoint(config.checkpoint_dir, Checkpoint(
                 model_config=model.config.to_dict(), run=run, epoch=epoch + 1, model=model.state_dict(),
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                rng=capture_rng(env.device), history=vars(history),
+                rng=capture_rng(env.device, loader.generator), history=vars(history),
             ))
     model.eval().cpu()
     return history
