@@ -169,11 +169,18 @@ def clean_stale(out: Path) -> list[Path]:
     return removed
 
 
+def check_target(out: Path) -> None:
+    """BundleError unless `out` is absent, an empty folder or an earlier bundle (export never overwrites anything else)."""
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"refusing to overwrite {out}: it is a file, not a bundle folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise BundleError(f"refusing to overwrite {out}: it exists and is not an edgeexit bundle")
+
+
 def _replace_dir(staged: Path, out: Path) -> None:
     """Move a finished bundle into place; an earlier bundle at `out` survives any failure."""
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
-            raise BundleError(f"refusing to overwrite {out}: it exists and is not an edgeexit bundle")
+        check_target(out)  # again: the target may have changed while the graphs were exported
         old = _temp_dir(out, "old")
         os.replace(out, old / out.name)
         try:
@@ -202,8 +209,7 @@ def export_bundle(
     out = Path(out).resolve()
     model = load_model(model_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not out.is_dir():
-        raise BundleError(f"refusing to overwrite {out}: it is a file, not a bundle folder")
+    check_target(out)  # before any work: a wrong target fails in a second, not after the export
     for path in clean_stale(out):
         progress(f"removed {path.name}, left by an export that was killed")
     staged = _temp_dir(out, "tmp")

@@ -190,3 +190,49 @@ def write_bundle(root: Path, layout: Layout = Layout(), roles: tuple[str, ...] =
     }
     save_manifest(root, manifest)
     return root
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def reference_cascade(kind: str, thresholds, args: dict, exits: list[dict[str, np.ndarray]], final: np.ndarray):
+    """The cascade written out input by input from stored exit outputs, without onnxruntime or the runtime's policies.
+
+    Returns predictions, exit indices and each input's smallest distance between a score and the cut it
+    was compared with: inputs closer than a tie margin may fall either side between float32 graphs,
+    batch sizes or a float64 reference, so equality checks leave them out."""
+    n, last = len(final), len(exits)
+    predictions, exit_index, margin = np.empty(n, np.int64), np.full(n, last), np.full(n, np.inf)
+    for i in range(n):
+        in_play = np.ones(final.shape[1], dtype=bool)
+        for k, (out, threshold) in enumerate(zip(exits, thresholds)):
+            if kind == "exclusion":
+                s = np.asarray(out["exclusion"][i], dtype=np.float64)
+                best = int(np.argmax(np.where(in_play, s, -np.inf)))
+                cut = max(threshold, args["beta"] * s[best])
+                others = in_play.copy()
+                others[best] = False
+                if others.any():
+                    margin[i] = min(margin[i], np.abs(s[others] - cut).min(), s[best] - s[others].max())
+                in_play = others & (s > cut)
+                in_play[best] = True
+                leave, guess = in_play.sum() == 1, best
+            else:
+                if kind == "confidence":
+                    score = float(out["confidence"][i, 0])
+                elif kind == "max_softmax":
+                    score = _softmax(out["logits"][i]).max()
+                else:
+                    p = _softmax(out["logits"][i])
+                    score = -(p * np.log(np.clip(p, 1e-12, None))).sum()
+                margin[i] = min(margin[i], abs(score - threshold))
+                leave = score <= threshold if kind == "entropy" else score >= threshold
+                guess = int(np.argmax(out["logits"][i]))
+            if leave:
+                predictions[i], exit_index[i] = guess, k
+                break
+        else:
+            predictions[i] = int(np.argmax(np.where(in_play, final[i], -np.inf)))
+    return predictions, exit_index, margin

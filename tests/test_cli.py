@@ -65,16 +65,17 @@ def test_run_on_npy_input_prints_predictions(tiny_bundle, digits_test, tmp_path)
 @pytest.mark.parametrize(
     "args, code, fragment",
     [
-        (("run", "/nonexistent/bundle"), 3, "bundle folder not found"),
-        (("info", "/nonexistent/bundle"), 3, "bundle folder not found"),
-        (("export", "/nonexistent/model.pt", "/tmp/edgeexit-never"), 4, "model file not found"),
-        (("train", "--backbone", "resnet8", "--epochs", "0", "--out", "/tmp/edgeexit-never.pt"), 2, "--epochs must be >= 1"),
-        (("train", "--backbone", "alexnet9", "--epochs", "1", "--out", "/tmp/edgeexit-never.pt"), 2, "unknown backbone"),
+        (("run", "{tmp}/missing/bundle"), 3, "bundle folder not found"),
+        (("info", "{tmp}/missing/bundle"), 3, "bundle folder not found"),
+        (("export", "{tmp}/missing/model.pt", "{tmp}/bundle"), 4, "model file not found"),
+        (("train", "--backbone", "resnet8", "--epochs", "0", "--out", "{tmp}/m.pt"), 2, "--epochs must be >= 1"),
+        (("train", "--backbone", "alexnet9", "--epochs", "1", "--out", "{tmp}/m.pt"), 2, "unknown backbone"),
         (("cuts", "--backbone", "nope"), 2, "unknown backbone 'nope'; choose from"),
     ],
 )
-def test_bad_arguments_get_one_line_errors(args, code, fragment):
-    assert_one_line_error(invoke(*args), code, fragment)
+def test_bad_arguments_get_one_line_errors(tmp_path, args, code, fragment):
+    assert_one_line_error(invoke(*(a.format(tmp=tmp_path) for a in args)), code, fragment)
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing written, not even a half file
 
 
 def test_bad_device_threshold_and_input(tiny_bundle, tmp_path):
