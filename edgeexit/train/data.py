@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from edgeexit.runtime.datasets import DIGITS_CLASSES, digits_split, split_indices
+from edgeexit.runtime.datasets import DIGITS_CLASSES, SPLITS, digits_split, folder_classes, folder_split
 from edgeexit.errors import ConfigError, InputError, first_line
 
 VAL_SEED = 0
@@ -107,35 +107,42 @@ def load_torchvision_data(name: str, data_dir: str | None, download: bool, input
     return DataSplits(train, val, test, DataInfo((channels, size, size), mean, std, classes))
 
 
+class ImageFiles(Dataset):
+    """Labeled image files read with PIL and a torchvision transform."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, transform: Callable, mode: str) -> None:
+        self.files, self.labels, self.transform, self.mode = files, labels, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[index]) as image:
+                return self.transform(image.convert(self.mode)), int(self.labels[index])
+        except OSError as exc:
+            raise InputError(f"cannot read image {self.files[index]}: {first_line(exc)}") from None
+
+
 def load_folder_data(root: str, input_size: int | None, channels: int = 3) -> DataSplits:
-    """ImageFolder data: root/{train,val,test}/CLASS/*.png if those exist, else root/CLASS/* split 70/15/15."""
-    from torchvision import datasets, transforms
+    """Image folder data split exactly as the runtime splits it (runtime.datasets.folder_split):
+    root/{train,val,test}/CLASS/* (a missing val/ or test/ carved out of train/), else root/CLASS/* 70/15/15."""
+    from torchvision import transforms
 
     root_path = Path(root)
     if not root_path.is_dir():
         raise InputError(f"image folder not found: {root}")
-    size = input_size or 32
-    mean, std = [0.5] * channels, [0.5] * channels
-    steps = [transforms.Resize((size, size))]
-    if channels == 1:
-        steps.append(transforms.Grayscale(1))
-    transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
-    try:
-        if (root_path / "train").is_dir():
-            sets = {}
-            for split in ("train", "val", "test"):
-                folder = root_path / split if (root_path / split).is_dir() else root_path / "train"
-                sets[split] = datasets.ImageFolder(str(folder), transform=transform)
-            classes = sets["train"].classes
-        else:
-            full = datasets.ImageFolder(str(root_path), transform=transform)
-            classes = full.classes
-            sets = {split: Subset(full, split_indices(len(full), split).tolist()) for split in ("train", "val", "test")}
-    except (FileNotFoundError, OSError) as exc:
-        raise InputError(f"cannot read image folder {root}: {first_line(exc)}") from None
+    classes = folder_classes(root_path)
     if len(classes) < 2:
         raise InputError(f"image folder {root} needs at least two class subfolders, found {len(classes)}")
-    return DataSplits(sets["train"], sets["val"], sets["test"], DataInfo((channels, size, size), mean, std, list(classes)))
+    size = input_size or 32
+    mean, std = [0.5] * channels, [0.5] * channels
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    mode = "L" if channels == 1 else "RGB"
+    sets = {split: ImageFiles(*folder_split(root_path, split, classes), transform, mode) for split in SPLITS}
+    return DataSplits(sets["train"], sets["val"], sets["test"], DataInfo((channels, size, size), mean, std, classes))
 
 
 DATASET_NAMES = ("digits", *TORCHVISION_SETS, "folder:PATH")
