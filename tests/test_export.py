@@ -13,7 +13,7 @@ from edgeexit.cli import main
 from edgeexit.export import export_bundle
 from edgeexit.export.verify import torch_stage_outputs, verification_inputs
 from edgeexit.runtime.consistency import TOLERANCE, max_abs_diff
-from edgeexit.runtime.errors import VerificationError
+from edgeexit.runtime import VerificationError
 from edgeexit.runtime.manifest import MANIFEST_NAME, sha256_file
 from edgeexit.train.models import load_model
 from edgeexit.runtime import CascadeRunner, load_manifest
