@@ -78,26 +78,24 @@ def test_pretrain_writes_weights_that_train_loads(tmp_path):
     assert one_error_line(invoke("pretrain", "--backbone", "resnet8", "--epochs", "0", "--out", out), 2)
 
 
-def patched_cli(patch: str, *args: str, env: dict | None = None, **popen) -> subprocess.Popen:
-    """`edgeexit ARGS` in a subprocess after running `patch` (Python) in it."""
-    code = f"{patch}\nimport sys\nfrom edgeexit.cli import main\nsys.argv = ['edgeexit', *{list(map(str, args))!r}]\nmain()\n"
+def cli_with(command: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`edgeexit COMMAND` in a subprocess, with COMMAND (Python defining `def command()`) added to the real group."""
+    code = (f"import sys, time\nfrom edgeexit.cli import main\n{command}\nmain.command('probe')(command)\n"
+            f"sys.argv = ['edgeexit', 'probe', *{list(args)!r}]\nmain()\n")
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env or {})}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 BOOM = """
-import edgeexit.runtime.manifest as manifest
-def boom(*args, **kwargs):
+def command():
     raise ZeroDivisionError("boom\\nsecond line")
-manifest.load_manifest = boom
 """
 
 
 @pytest.mark.parametrize("debug", [False, True])
-def test_unexpected_errors_exit_1_with_a_traceback_only_in_debug(tiny_bundle, debug):
-    env = {DEBUG_ENV: "1"} if debug else {}
-    proc = patched_cli(BOOM, "info", str(tiny_bundle), env=env)
-    stdout, stderr = proc.communicate(timeout=120)
+def test_unexpected_errors_exit_1_with_a_traceback_only_in_debug(debug):
+    proc = cli_with(BOOM, env={DEBUG_ENV: "1" if debug else ""})
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr
     if debug:
         assert "Traceback (most recent call last)" in stderr and "ZeroDivisionError: boom" in stderr
@@ -105,18 +103,15 @@ def test_unexpected_errors_exit_1_with_a_traceback_only_in_debug(tiny_bundle, de
         assert stderr.strip().splitlines() == [f"error: unexpected ZeroDivisionError: boom (set {DEBUG_ENV}=1 for details)"]
 
 
-SLOW_LOAD = """
-import time
-import edgeexit.runtime.manifest as manifest
-def slow(*args, **kwargs):
+SLEEP = """
+def command():
     print("ready", flush=True)
     time.sleep(120)
-manifest.load_manifest = slow
 """
 
 
-def test_ctrl_c_exits_130_in_one_line(tiny_bundle):
-    proc = patched_cli(SLOW_LOAD, "info", str(tiny_bundle), env={DEBUG_ENV: ""})
+def test_ctrl_c_exits_130_in_one_line():
+    proc = cli_with(SLEEP, env={DEBUG_ENV: ""})
     try:
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGINT)
