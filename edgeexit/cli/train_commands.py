@@ -76,7 +76,7 @@ def pretrain(**opts: Any) -> None:
 
 @click.command("export")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path())  # a file here is refused by export itself, as a one-line BundleError
+@click.argument("out", type=click.Path())
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--no-verify", is_flag=True, help="Skip the PyTorch parity checks (not recommended).")
 def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:
