@@ -47,11 +47,13 @@ def check_demo(result, out: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["model", "accuracy", "rel.", "MACs", "exits", "p50", "ms", "p95", "ms"]
-    rows = {line.split()[0]: line.split() for line in lines[1:3]}
+    rows = {line[:18].split()[0]: line[18:].split() for line in lines[1:3]}  # model name, then the columns
     assert set(rows) == {"full.onnx", "cascade"}
     report = json.loads((out / "report.json").read_text())
-    assert float(rows["cascade"][2]) == pytest.approx(report["accuracy"], abs=1e-4)
-    assert float(rows["full.onnx"][2]) == pytest.approx(report["full_onnx"]["accuracy"], abs=1e-4)
+    assert float(rows["cascade"][0]) == pytest.approx(report["accuracy"], abs=1e-4)
+    assert float(rows["full.onnx"][0]) == pytest.approx(report["full_onnx"]["accuracy"], abs=1e-4)
+    assert float(rows["cascade"][1]) == pytest.approx(report["relative_macs"], abs=1e-3)
+    assert rows["cascade"][2] == "/".join(map(str, report["exit_counts"]))
     assert sum(report["exit_counts"]) == report["samples"] > 100
     assert (out / "model.pt").is_file() and CascadeRunner(out / "bundle").num_exits == 2
     assert lines[-1] == f"wrote {out}/model.pt, {out}/bundle/, {out}/report.json"
