@@ -198,7 +198,7 @@ def test_a_folder_of_images_is_read_in_name_order(tiny_bundle, digits_test, tmp_
     from edgeexit.runtime.datasets import digits_split
 
     spec = CascadeRunner(tiny_bundle).manifest.input_spec
-    images, labels = digits_split("test", tuple(spec["shape"][1:]))
+    images, labels = digits_split("test", spec.sample_shape)
     images, labels = images[:40], labels[:40]
     order = np.random.default_rng(0).permutation(len(images))
     folder = tmp_path / "images"

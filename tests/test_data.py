@@ -1,4 +1,6 @@
 """Data: the embedded digits split, ImageFolder and torchvision loaders, runtime input loading."""
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -6,6 +8,7 @@ from PIL import Image
 from edgeexit.train.data import TORCHVISION_SETS, load_data
 from edgeexit.runtime.datasets import digits_split, load_eval_data, load_input, split_indices
 from edgeexit.errors import ConfigError, InputError
+from edgeexit.runtime.manifest import InputSpec
 
 
 def test_digits_split_is_fixed_disjoint_and_complete():
@@ -46,7 +49,7 @@ def test_folder_data_trains_side(tmp_path):
     assert tuple(x.shape) == (3, 24, 24) and y in (0, 1)
 
 
-SPEC = {"shape": ["batch", 3, 8, 8], "mean": [0.5] * 3, "std": [0.5] * 3, "class_names": ["cat", "dog"]}
+SPEC = InputSpec("input", ("batch", 3, 8, 8), (0.5,) * 3, (0.5,) * 3, ("cat", "dog"))
 
 
 def levels_training(dataset) -> list[int]:
@@ -77,7 +80,7 @@ def test_flat_folder_uses_the_training_split_everywhere(tmp_path):
     sides = assert_same_split_both_sides(tmp_path)
     assert [len(sides[s]) for s in ("train", "val", "test")] == [28, 6, 6]  # seeded 70/15/15 of 40
     with pytest.raises(InputError, match="not one of the classes"):
-        load_eval_data(f"folder:{tmp_path}", "test", {**SPEC, "class_names": ["a", "b"]})
+        load_eval_data(f"folder:{tmp_path}", "test", dataclasses.replace(SPEC, class_names=("a", "b")))
 
 
 def test_train_val_test_folders_are_each_their_split(tmp_path):
@@ -130,7 +133,7 @@ def test_torchvision_set_needs_data_dir_and_unknown_sets_are_named():
 
 
 def test_load_input_npy_image_and_folder(tmp_path):
-    spec = {"shape": ["batch", 1, 8, 8], "mean": [0.5], "std": [0.25], "class_names": ["0", "1"]}
+    spec = InputSpec("input", ("batch", 1, 8, 8), (0.5,), (0.25,), ("0", "1"))
     ready = np.zeros((3, 1, 8, 8), np.float32)
     np.save(tmp_path / "ready.npy", ready)
     x, names = load_input(tmp_path / "ready.npy", spec)
