@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from signal import SIGPIPE
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,6 +41,9 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader left (`edgeexit cuts | head -3`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again
+            sys.exit(128 + SIGPIPE)
         except Exception as exc:  # last line of defence: no traceback unless asked for
             if os.environ.get(DEBUG_ENV):
                 raise
