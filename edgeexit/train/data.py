@@ -67,12 +67,12 @@ TORCHVISION_SETS: dict[str, tuple[str, int, int, list[float], list[float]]] = {
 }
 
 
-def _transform(input_size: int, mean: list[float], std: list[float]) -> Callable:
+def _transform(input_size: int, mean: list[float] | None, std: list[float] | None) -> Callable:
+    """Resize, to a [0, 1] tensor, then normalize (skipped when mean is None: the caller normalizes)."""
     from torchvision import transforms
 
-    return transforms.Compose(
-        [transforms.Resize((input_size, input_size)), transforms.ToTensor(), transforms.Normalize(mean, std)]
-    )
+    steps = [transforms.Resize((input_size, input_size)), transforms.ToTensor()]
+    return transforms.Compose(steps if mean is None else [*steps, transforms.Normalize(mean, std)])
 
 
 def _train_val(dataset: Dataset) -> tuple[Subset, Subset]:
@@ -82,15 +82,17 @@ def _train_val(dataset: Dataset) -> tuple[Subset, Subset]:
     return Subset(dataset, np.sort(order[:cut]).tolist()), Subset(dataset, np.sort(order[cut:]).tolist())
 
 
-def load_torchvision_data(name: str, data_dir: str | None, download: bool, input_size: int | None) -> DataSplits:
-    """MNIST / CIFAR10 / CIFAR100 / SVHN from `data_dir`; downloads only when asked to."""
+def load_torchvision_data(name: str, data_dir: str | None, download: bool, input_size: int | None,
+                          normalized: bool = True) -> DataSplits:
+    """MNIST / CIFAR10 / CIFAR100 / SVHN from `data_dir`; downloads only when asked to. Unless `normalized`,
+    images stay in [0, 1] (evaluation normalizes with the bundle's own InputSpec instead)."""
     import torchvision.datasets as tvd
 
     cls_name, channels, native, mean, std = TORCHVISION_SETS[name]
     if data_dir is None:
         raise ConfigError(f"--data {name} needs --data-dir (add --download to fetch it there)")
     size = input_size or native
-    transform = _transform(size, mean, std)
+    transform = _transform(size, mean, std) if normalized else _transform(size, None, None)
     cls = getattr(tvd, cls_name)
     try:
         if name == "svhn":
