@@ -38,6 +38,7 @@ import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.errors import ConfigError
+from edgeexit.registry import Registry
 from edgeexit.runtime.manifest import Manifest, load_manifest, save_manifest
 from edgeexit.runtime.policies import Policy
 from edgeexit.runtime.simulate import CascadeSimulator, Point, grid_points
@@ -46,7 +47,8 @@ GRID_SIZE = 41
 MAX_ROUNDS = 4
 EXHAUSTIVE_POINTS = 70_000  # 41**3 = 68,921: about a second or two of simulation
 Objective = tuple[str, float]  # ("target_drop", points) or ("budget", fraction)
-GRIDS: dict[str, Callable[[Policy, Sequence[dict[str, np.ndarray]], int], np.ndarray]] = {}
+GridFn = Callable[[Policy, Sequence[dict[str, np.ndarray]], int], np.ndarray]
+GRIDS: Registry[GridFn] = Registry("calibration grid")  # policy kind -> its candidate thresholds
 
 
 def score_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]], size: int = GRID_SIZE) -> np.ndarray:
@@ -65,7 +67,8 @@ def score_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]], size: i
 
 def candidate_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
     """The thresholds calibration tries for a policy (a registered grid wins over the default)."""
-    return np.asarray(GRIDS.get(policy.name, score_grid)(policy, outputs, GRID_SIZE), dtype=np.float64)
+    grid = GRIDS.get(policy.name) if policy.name in GRIDS else score_grid
+    return np.asarray(grid(policy, outputs, GRID_SIZE), dtype=np.float64)
 
 
 def objective_key(objective: Objective, reference_accuracy: float) -> Callable[[Point], tuple]:
