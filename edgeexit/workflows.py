@@ -13,7 +13,8 @@ from edgeexit.runtime.manifest import InputSpec
 from edgeexit.train.backbones import build_backbone
 from edgeexit.train.config import TrainConfig
 from edgeexit.train.cuts import CutGraph
-from edgeexit.train.data import DATASET_NAMES, TORCHVISION_SETS, load_data, load_torchvision_data
+from edgeexit.runtime.datasets import DATASETS
+from edgeexit.train.data import load_data, load_torchvision_data
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import save_model
 from edgeexit.train.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
@@ -94,8 +95,8 @@ def eval_arrays(name: str, split: str, input_spec: InputSpec, data_dir: str | No
     to its channel count and normalized with its mean/std (InputSpec.preprocess), never the set's own table."""
     if split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split '{split}'; choose from: train, val, test")
-    if name not in TORCHVISION_SETS:
-        raise ConfigError(f"unknown data set '{name}'; choose from: {', '.join(DATASET_NAMES)}")
+    if DATASETS.resolve(name)[0].torchvision is None:
+        raise ConfigError(f"data set '{name}' is not a torchvision set")
     splits = load_torchvision_data(name, data_dir, download=False, input_size=input_spec.sample_shape[1], normalized=False)
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in DataLoader(getattr(splits, split), batch_size=512)])
     return input_spec.preprocess(np.concatenate(xs)), np.concatenate(ys)

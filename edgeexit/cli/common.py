@@ -5,12 +5,13 @@ import os
 import sys
 from signal import SIGPIPE
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import click
 
 from edgeexit.errors import ConfigError, EdgeExitError, MissingExtraError, first_line
+from edgeexit.runtime.datasets import DATASETS
+from edgeexit.runtime.providers import DEVICES
 
 DEBUG_ENV = "EDGEEXIT_DEBUG"
 
@@ -65,21 +66,12 @@ def parse_thresholds(value: str | None) -> float | list[float] | None:
 
 
 
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write a report atomically."""
-    from edgeexit.runtime.manifest import write_json_atomic
-
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(target, data)
-
-
-
+DEVICE_HELP = f"One of: {DEVICES.choices()}."
 DATA_DIR_OPTION = click.option("--data-dir", default=None, help="Where torchvision data sets live (mnist, cifar10, ...).")
 
 
 def labeled_data_options(command: Any) -> Any:
     """--data (default digits) and --data-dir, for the commands that need labels (calibrate, bench)."""
-    data = click.option("--data", default="digits", show_default=True, help="Labeled data: digits, folder:PATH, or a torchvision set.")
+    data = click.option("--data", default="digits", show_default=True, help=f"Labeled data: {DATASETS.choices()}.")
     return data(DATA_DIR_OPTION(command))
 

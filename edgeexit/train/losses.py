@@ -12,7 +12,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from edgeexit.errors import ConfigError
 from edgeexit.registry import Registry
 
 LossFn = Callable[[Sequence[tuple[torch.Tensor, ...]], torch.Tensor, torch.Tensor, Sequence[float], float], torch.Tensor]

@@ -16,6 +16,7 @@ from edgeexit.train.cuts import CutGraph
 from edgeexit.train.exits import build_exit
 from edgeexit.train.macs import count_macs
 from edgeexit.errors import ConfigError, InputError, first_line
+from edgeexit.runtime.manifest import atomic_write
 
 MODEL_FORMAT = "edgeexit-model"
 MODEL_VERSION = 1
@@ -90,14 +91,8 @@ def checkpoint_dict(model: EarlyExitModel, extra: dict | None = None) -> dict:
 
 def save_model(model: EarlyExitModel, path: str | os.PathLike, extra: dict | None = None) -> None:
     """Write model.pt atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(checkpoint_dict(model, extra), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    checkpoint = checkpoint_dict(model, extra)
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
