@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeResult, CascadeRunner
+from edgeexit.runtime.latency import latency_prediction, matching_profile
 
 Progress = Callable[[str], None]
 
@@ -87,8 +88,14 @@ def logits_entry(parts: Sequence[np.ndarray], seconds: Sequence[float], labels: 
 def cascade_entry(runner: CascadeRunner, parts: Sequence[CascadeResult], seconds: Sequence[float],
                   labels: np.ndarray | None, thresholds: Sequence[float] | None = None) -> dict:
     """Accuracy, MACs, exits and latency of a cascade run (at `thresholds`, default the runner's), with
-    latency grouped by the deepest exit per call."""
+    latency grouped by the deepest exit per call.
+
+    When the bundle has a device profile for this host, device, threads and batch size, the
+    entry carries the latency it predicts for this run's exit histogram beside the measured one
+    (`predicted_latency_ms` / `measured_latency_ms`: mean ms per input)."""
     result = merge_results(parts)
+    profile = matching_profile(runner.manifest, runner.device, runner.threads, len(parts[0].predictions))
+    expected = None if profile is None else latency_prediction(profile, result.exit_counts())
     deepest = np.array([p.exit_index.max() for p in parts])
     per_exit = {}
     for index in range(result.num_stages):
@@ -97,6 +104,9 @@ def cascade_entry(runner: CascadeRunner, parts: Sequence[CascadeResult], seconds
     return {
         "accuracy": accuracy(result.predictions, labels),
         "relative_macs": runner.relative_macs(result),
+        "predicted_latency_ms": None if expected is None else expected["mean_per_input_ms"],
+        "measured_latency_ms": float(np.sum(seconds)) * 1e3 / len(result.predictions),
+        "expected_latency": expected,
         "exit_counts": result.exit_counts(),
         "thresholds": runner.thresholds if thresholds is None else list(thresholds),
         **timing_entry(seconds, len(result.predictions)),
