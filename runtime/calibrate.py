@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
+from edgeexit.runtime.graph import with_graph_defaults
 from edgeexit.errors import ConfigError
 from edgeexit.registry import Registry
 from edgeexit.runtime.latency import cheapest_latency, predict_latency
@@ -263,4 +264,5 @@ def calibrate(
 def apply_calibration(bundle: str, record: dict) -> Manifest:
     """Write the chosen thresholds into each exit's policy plus the record, atomically; returns the manifest."""
     manifest = load_manifest(bundle, check_hashes=False).with_thresholds(record["chosen"]["thresholds"])
+    manifest = with_graph_defaults(manifest, "thresholds", [float(t) for t in record["chosen"]["thresholds"]])
     return save_manifest(bundle, dataclasses.replace(manifest, calibration=record))

@@ -30,6 +30,9 @@ FORMAT = "edgeexit-bundle"
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FULL_NAME = "full.onnx"
+CASCADE_NAME = "cascade.onnx"
+CASCADE_OUTPUTS = ("scores", "prediction", "exit_index")
+CASCADE_DTYPES = ("float32", "float64", "int64")
 BATCH_DIM = "batch"
 GRAPH_DTYPE = "tensor(float)"
 # ITU-R 601 luma weights: Pillow's RGB -> "L" conversion, so arrays and image files agree
@@ -371,6 +374,73 @@ class FullGraph:
 
 
 @dataclass(frozen=True)
+class CascadeTensor:
+    """An input or output of cascade.onnx: name, shape, dtype, and for optional inputs their default."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    default: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "CascadeTensor":
+        name = _require(data, "name", str, where)
+        shape = _require(data, "shape", list, where)
+        if not shape or not all(d == BATCH_DIM or (isinstance(d, int) and not isinstance(d, bool) and d > 0) for d in shape):
+            raise _fail(f"{where}.shape", f"dims must be '{BATCH_DIM}' or positive ints")
+        dtype = _require(data, "dtype", str, where)
+        if dtype not in CASCADE_DTYPES:
+            raise _fail(f"{where}.dtype", f"must be one of {', '.join(CASCADE_DTYPES)}")
+        default = data.get("default")
+        if default is not None and (not isinstance(default, list) or not all(_is_number(v) for v in default)):
+            raise _fail(f"{where}.default", "must be a list of finite numbers")
+        return cls(name, tuple(shape), dtype, None if default is None else tuple(float(v) for v in default))
+
+    def to_dict(self) -> dict:
+        entry = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return entry if self.default is None else {**entry, "default": list(self.default)}
+
+
+@dataclass(frozen=True)
+class CascadeGraph:
+    """cascade.onnx: the whole cascade as one graph. Inputs: the bundle's input, then per-exit float64
+    vectors with defaults (thresholds; beta; temperature); outputs: scores, prediction, exit_index."""
+
+    sha256: str
+    inputs: tuple[CascadeTensor, ...]
+    outputs: tuple[CascadeTensor, ...]
+    file: str = CASCADE_NAME
+
+    def default(self, name: str) -> tuple[float, ...] | None:
+        """The default of optional input `name`, None if the graph has no such input."""
+        return next((t.default for t in self.inputs[1:] if t.name == name), None)
+
+    @classmethod
+    def from_dict(cls, data: Any, input_spec: "InputSpec", num_exits: int) -> "CascadeGraph":
+        where = "cascade"
+        if _require(data, "file", str, where) != CASCADE_NAME:
+            raise _fail(f"{where}.file", f"expected '{CASCADE_NAME}'")
+        sha = _sha256(data, where)
+        tensors = {}
+        for kind in ("inputs", "outputs"):
+            raw = _require(data, kind, list, where)
+            tensors[kind] = tuple(CascadeTensor.from_dict(t, f"{where}.{kind}[{i}]") for i, t in enumerate(raw))
+        inputs, outputs = tensors["inputs"], tensors["outputs"]
+        if not inputs or inputs[0].name != input_spec.name or inputs[0].shape[1:] != tuple(input_spec.shape[1:]):
+            raise _fail(f"{where}.inputs", f"the first input must be the bundle's '{input_spec.name}' {list(input_spec.shape)}")
+        for i, tensor in enumerate(inputs[1:], 1):
+            if tensor.shape != (num_exits,) or tensor.default is None or len(tensor.default) != num_exits:
+                raise _fail(f"{where}.inputs[{i}]", f"must be a [{num_exits}] vector with {num_exits} default numbers")
+        if tuple(t.name for t in outputs) != CASCADE_OUTPUTS:
+            raise _fail(f"{where}.outputs", f"must be {', '.join(CASCADE_OUTPUTS)}")
+        return cls(sha, inputs, outputs)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256, "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs]}
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """How the bundle's model was built (informational: the runtime never needs it)."""
 
@@ -533,6 +603,7 @@ class Manifest:
     stages: tuple[StageSpec, ...]
     calibration: dict | None = None  # the record `edgeexit calibrate` wrote (see calibrate.calibrate)
     profiles: dict[str, DeviceProfile] = dataclasses.field(default_factory=dict)  # by key, from `edgeexit profile`
+    cascade: CascadeGraph | None = None  # cascade.onnx; None in bundles exported without it
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -556,9 +627,9 @@ class Manifest:
         """Relative MACs spent by an input that leaves at each exit (last = final stage)."""
         return [stage.macs.cumulative / self.full_macs for stage in self.stages]
 
-    def files(self) -> list[StageSpec | FullGraph]:
-        """Entries (file, sha256) of every graph: the stages, then full.onnx."""
-        return [*self.stages, self.full]
+    def files(self) -> list[StageSpec | FullGraph | CascadeGraph]:
+        """Entries (file, sha256) of every graph: the stages, full.onnx, then cascade.onnx if present."""
+        return [*self.stages, self.full, *([self.cascade] if self.cascade else [])]
 
     def full_tensors(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """What full.onnx must look like: the bundle's input in, [batch, num_classes] logits out."""
@@ -592,6 +663,9 @@ class Manifest:
                 policy = stage.exit.policy
                 line += f"; exit at {stage.exit.cut or '?'}: {policy.kind} threshold {policy.threshold}"
             lines.append(line)
+        if self.cascade:
+            optional = ", ".join(f"{t.name} (default {list(t.default)})" for t in self.cascade.inputs[1:])
+            lines.append(f"{self.cascade.file}: the whole cascade in one graph; optional inputs: {optional}")
         for key, profile in self.profiles.items():
             lines.append(f"profile {key}: full.onnx p50 {profile.full.p50:.3f} ms; leaving at each exit p50 "
                          + ", ".join(f"{t.p50:.3f}" for t in profile.exits) + " ms")
@@ -631,8 +705,11 @@ class Manifest:
         calibration = data.get("calibration")
         if calibration is not None and not isinstance(calibration, dict):
             raise _fail("calibration", "must be an object or null")
+        cascade = data.get("cascade")
+        if cascade is not None:
+            cascade = CascadeGraph.from_dict(cascade, input_spec, len(stages) - 1)
         return cls(Path(root), producer, model, num_classes, input_spec, full, tuple(stages), calibration,
-                   read_profiles(data.get("profiles"), len(stages)))
+                   read_profiles(data.get("profiles"), len(stages)), cascade)
 
     def to_dict(self) -> dict:
         return {
@@ -646,6 +723,7 @@ class Manifest:
             "stages": [stage.to_dict() for stage in self.stages],
             "calibration": self.calibration,
             "profiles": {key: profile.to_dict() for key, profile in self.profiles.items()},
+            **({"cascade": self.cascade.to_dict()} if self.cascade else {}),
         }
 
 

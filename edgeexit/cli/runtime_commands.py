@@ -43,20 +43,22 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
 @click.option("--beta", type=float, default=None, help="Class-exclusion bundles: override the dynamic-threshold beta in [0, 1].")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--engine", type=click.Choice(["auto", "graph", "chain"]), default="auto", show_default=True,
+              help="graph: cascade.onnx, one session run per batch; chain: one session per stage; auto: graph when the bundle has cascade.onnx.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
 def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_path: str | None, split: str, threshold: str | None,
-        beta: float | None, batch_size: int, threads: int | None, json_path: str | None) -> None:
+        beta: float | None, batch_size: int, threads: int | None, engine: str, json_path: str | None) -> None:
     """Run a bundle as an early-exit cascade and report accuracy, MACs, exits and latency.
 
     Example: edgeexit run bundle/ --device cpu --data digits --json report.json
     """
-    from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.graph import open_runner
     from edgeexit.runtime.report import run_report
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     policy_args = None if beta is None else {"beta": beta}
-    runner = CascadeRunner(bundle, device=device, threads=threads, thresholds=parse_thresholds(threshold), policy_args=policy_args)
+    runner = open_runner(bundle, engine, device=device, threads=threads, thresholds=parse_thresholds(threshold), policy_args=policy_args)
     x, labels = _load_run_data(runner, data, input_path, split, data_dir)
     report, result = run_report(runner, x, labels, batch_size)
     if labels is None:

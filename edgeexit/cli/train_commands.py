@@ -93,8 +93,8 @@ def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:
     worst = None
     if manifest["verification"]:
         worst = max(v for kind in manifest["verification"].values() for v in kind.values())
-    checked = "not verified" if worst is None else f"verified, max diff {worst:.1e}"
-    click.echo(f"wrote {out}: {len(manifest['stages'])} stages + full.onnx ({checked})")
+    checked = "not verified" if worst is None else f"verified, max diff {worst:.1e}; cascade.onnx decides as the chain"
+    click.echo(f"wrote {out}: {len(manifest['stages'])} stages + full.onnx + cascade.onnx ({checked})")
 
 
 
