@@ -17,7 +17,7 @@ from edgeexit import __version__
 from edgeexit.export.onnx_graphs import DEFAULT_OPSET, FusedStage, SingleOutput, export_graph, graph_io
 from edgeexit.export.cascade_graph import write_cascade
 from edgeexit.export.verify import verify_bundle_against_model, verify_cascade
-from edgeexit.train.macs import count_macs, count_params
+from edgeexit.train.macs import count_params
 from edgeexit.train.models import EarlyExitModel, load_model
 from edgeexit.errors import BundleError
 from edgeexit.runtime.manifest import (
@@ -58,21 +58,19 @@ def write_graphs(model: EarlyExitModel, folder: Path, opset: int,
     previous = TensorSpec(INPUT_NAME, (BATCH_DIM, *config.input_shape))
     cumulative = 0
     heads = list(model.exits)
-    for index, segment in enumerate(model.segments):
+    for index, (segment, (segment_macs, head_macs)) in enumerate(zip(model.segments, model.stage_macs())):
         final = index == len(model.segments) - 1
         if final:
-            module, outputs, head_macs, exit_spec = SingleOutput(segment), ["logits"], 0, None
+            module, outputs, exit_spec = SingleOutput(segment), ["logits"], None
         else:
             head = heads[index]
             roles = tuple(head.outputs)
             module = FusedStage(segment, head)
             outputs = [_features_name(index), *_exit_names(index, roles)]
-            head_macs = count_macs(head, model.cut_shapes[index])
             exit_spec = ExitSpec(dict(zip(roles, outputs[1:])), config.policy, config.cuts[index])
         progress(f"exporting {stage_file(index)}")
         graph = export_graph(module, example, folder / stage_file(index), previous.name, outputs, opset)
         inputs, outs = graph_io(graph)
-        segment_macs = count_macs(segment, previous.shape[1:])
         cumulative += segment_macs + head_macs
         stages.append(StageSpec(
             index=index,

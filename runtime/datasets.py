@@ -5,14 +5,16 @@ was tested on is the split `edgeexit run --data digits` evaluates.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from edgeexit.runtime.cascade import check_batch
 from edgeexit.errors import ConfigError, InputError
+from edgeexit.registry import Registry
 from edgeexit.runtime.manifest import InputSpec, resize, to_channels
 
 SPLITS = ("train", "val", "test")
@@ -142,15 +144,57 @@ def load_labeled_folder(root: Path, spec: InputSpec) -> tuple[np.ndarray, np.nda
     return load_images(files, spec), np.asarray(labels, dtype=np.int64)
 
 
-def load_eval_data(spec_name: str, split: str, input_spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Labeled evaluation data without torch: `digits` (a split) or `folder:PATH` (class subfolders)."""
-    if spec_name == "digits":
-        x, y = digits_split(split, input_spec.sample_shape)
-        return input_spec.normalize(x), y
-    if spec_name.startswith("folder:"):
-        root = Path(spec_name[len("folder:") :])
-        if not root.is_dir():
-            raise InputError(f"image folder not found: {root}")
-        sub = root / split
-        return load_labeled_folder(sub if sub.is_dir() else root, input_spec)
-    raise ConfigError(f"unknown data set '{spec_name}' for the runtime; use digits or folder:PATH")
+EvalFn = Callable[[str | None, str, InputSpec], tuple[np.ndarray, np.ndarray]]  # (ARG of NAME:ARG, split, spec)
+
+
+class TorchvisionSet(NamedTuple):
+    """A torchvision data set: its class in torchvision.datasets, channels, native size, the mean/std training uses."""
+
+    cls_name: str
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One `--data` choice. `evaluate` loads a labeled split as model-ready arrays for a bundle without torch;
+    a set read through torchvision (`torchvision` set, evaluate None) needs the training extra."""
+
+    summary: str
+    evaluate: EvalFn | None = None
+    torchvision: TorchvisionSet | None = None
+
+
+def _digits(arg: str | None, split: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    x, y = digits_split(split, spec.sample_shape)
+    return spec.normalize(x), y
+
+
+def _folder(path: str | None, split: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"image folder not found: {root}")
+    sub = root / split
+    return load_labeled_folder(sub if sub.is_dir() else root, spec)
+
+
+DATASETS: Registry[DataSource] = Registry("data set")
+DATASETS.register("digits", DataSource("scikit-learn's 8x8 digits, shipped with edgeexit", _digits))
+for _name, _set in (
+    ("mnist", TorchvisionSet("MNIST", 1, 28, (0.1307,), (0.3081,))),
+    ("cifar10", TorchvisionSet("CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
+    ("cifar100", TorchvisionSet("CIFAR100", 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
+    ("svhn", TorchvisionSet("SVHN", 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))),
+):
+    DATASETS.register(_name, DataSource(f"torchvision {_set.cls_name} from --data-dir", torchvision=_set))
+DATASETS.register("folder", DataSource("PATH/CLASS/*.png (or PATH/SPLIT/CLASS/*.png)", _folder), arg="PATH")
+
+
+def load_eval_data(name: str, split: str, input_spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Labeled evaluation data without torch for a DATASETS name (`digits`, `folder:PATH`, ...)."""
+    source, arg = DATASETS.resolve(name)
+    if source.evaluate is None:
+        raise ConfigError(f"data set '{name}' is read through torchvision, which the runtime does not use")
+    return source.evaluate(arg, split, input_spec)

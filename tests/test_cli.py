@@ -1,5 +1,6 @@
 """The CLI end to end through click's CliRunner, and its one-line errors."""
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -100,3 +101,12 @@ def test_every_command_has_help_with_an_example():
     for name, command in cli.main.commands.items():
         result = invoke(name, "--help")
         assert result.exit_code == 0 and "Example" in result.output, name
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`edgeexit cuts --backbone resnet20 | head -3`: the reader leaves early; no error line, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "edgeexit", "cuts", "--backbone", "resnet20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line: every write meets a broken pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 141 and err == ""

@@ -89,3 +89,19 @@ def test_load_input_npy_image_and_folder(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(InputError, match="cannot read image"):
         load_input(tmp_path / "bad.png", spec)
+
+
+def test_torchvision_evaluation_uses_the_bundles_channels_and_normalization(tmp_path, fake_torchvision):
+    """mnist (1 channel, 28x28) into a 3-channel 16x16 bundle: gray repeated, resized, the bundle's mean/std."""
+    from edgeexit.workflows import eval_arrays
+
+    fake_torchvision("mnist")
+    spec = InputSpec("input", ("batch", 3, 16, 16), (0.2, 0.4, 0.6), (0.5, 0.25, 0.125), tuple("0123456789"))
+    x, y = eval_arrays("mnist", "test", spec, str(tmp_path))
+    assert x.shape == (20, 3, 16, 16) and y.shape == (20,)
+    pixels = x * np.asarray(spec.std, np.float32).reshape(1, 3, 1, 1) + np.asarray(spec.mean, np.float32).reshape(1, 3, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and pixels.std() > 0.1
+    np.testing.assert_allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)
+    gray, _ = eval_arrays("mnist", "test", dataclasses.replace(spec, shape=("batch", 1, 16, 16), mean=(0.2,), std=(0.5,)),
+                          str(tmp_path))
+    np.testing.assert_allclose(gray[:, 0], x[:, 0], atol=1e-5)
