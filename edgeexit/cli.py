@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -154,13 +155,22 @@ def pretrain(**opts: Any) -> None:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--no-verify", is_flag=True, help="Skip the PyTorch parity checks (not recommended).")
-def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:
+@click.option("--static-batch", type=int, default=None,
+              help="Fix every graph's batch dim to N (NNAPI/CoreML need fixed shapes); same as `edgeexit static-batch`.")
+def export_cmd(model: str, out: str, opset: int, no_verify: bool, static_batch: int | None) -> None:
     """Export model.pt to a bundle of per-stage ONNX graphs plus manifest.json.
 
-    Example: edgeexit export model.pt bundle/
+    Example: edgeexit export model.pt bundle/   (for a phone NPU: --static-batch 1)
     """
     exporter = train_side("edgeexit.export")
-    manifest = exporter.export_bundle(model, out, opset=opset, verify=not no_verify, progress=lambda m: click.echo(m, err=True))
+    progress = lambda m: click.echo(m, err=True)  # noqa: E731
+    if static_batch is None:
+        manifest = exporter.export_bundle(model, out, opset=opset, verify=not no_verify, progress=progress)
+    else:
+        fixer = train_side("edgeexit.static_batch")
+        with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.symbolic-", dir=Path(out).resolve().parent) as tmp:
+            manifest = exporter.export_bundle(model, Path(tmp) / "bundle", opset=opset, verify=not no_verify, progress=progress)
+            fixer.static_batch_bundle(Path(tmp) / "bundle", out, static_batch, progress)
     worst = None
     if manifest["verification"]:
         worst = max(v for kind in manifest["verification"].values() for v in kind.values())
@@ -329,6 +339,61 @@ def demo(out: str, epochs: int) -> None:
     click.echo(f"wrote {out}/model.pt, {out}/bundle/, {out}/report.json")
 
 
+@main.command("static-batch")
+@click.argument("bundle", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--batch", type=int, default=1, show_default=True, help="The fixed batch size.")
+def static_batch_cmd(bundle: str, out: str, batch: int) -> None:
+    """Write a copy of a bundle whose graphs have a fixed batch dim (for NNAPI / CoreML), checked against the original.
+
+    The runtime feeds such a bundle N inputs at a time (the last group zero-padded). Needs the
+    onnx package (the [train] extra), not torch.
+
+    Example: edgeexit static-batch bundle/ bundle-b1/ --batch 1 && edgeexit run bundle-b1/ --device nnapi
+    """
+    fixer = train_side("edgeexit.static_batch")
+    manifest = fixer.static_batch_bundle(bundle, out, batch, lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {out}: {len(manifest['stages'])} stages + full.onnx with batch fixed to {batch}")
+
+
+def calibration_objective(target_drop: float | None, budget: float | None, required: bool = True) -> tuple[str, float] | None:
+    """("target_drop", points) or ("budget", fraction) from the two options; None if neither and not required."""
+    if target_drop is not None and budget is not None or (required and target_drop is None and budget is None):
+        raise ConfigError("give exactly one of --target-drop POINTS or --budget FRACTION")
+    if target_drop is not None:
+        return ("target_drop", target_drop)
+    return None if budget is None else ("budget", budget)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@labeled_data_options
+@click.option("--split", default="val", show_default=True, help="Split whose inputs calibrate activation ranges and thresholds.")
+@click.option("--target-drop", type=float, default=None, help="Thresholds: lowest MACs within this accuracy drop (points).")
+@click.option("--budget", type=float, default=None,
+              help="Thresholds: best accuracy within this MACs fraction (default: what the fp32 bundle spends on the data).")
+def quantize(bundle: str, out: str, data: str, data_dir: str | None, split: str, target_drop: float | None,
+             budget: float | None) -> None:
+    """Write an int8 copy of a bundle (static QDQ quantization, per-channel weights) with re-calibrated thresholds.
+
+    Stage k is calibrated on the features stage k-1 of the fp32 bundle gives for the data.
+    Needs the onnx package (the [train] extra), not torch.
+
+    Example: edgeexit quantize bundle/ bundle-int8/ --data digits --split val
+    """
+    from edgeexit.runtime.calibrate import describe, stderr_progress
+    from edgeexit.runtime.cascade import CascadeRunner
+
+    objective = calibration_objective(target_drop, budget, required=False)
+    quantizer = train_side("edgeexit.quantize")
+    runner = CascadeRunner(bundle)
+    x, labels = _load_run_data(runner, data, None, split, data_dir)
+    manifest = quantizer.quantize_bundle(bundle, out, x, labels, objective, {"name": data, "split": split}, stderr_progress)
+    chosen = manifest["calibration"]["chosen"]
+    click.echo(f"wrote {out}: int8 ({len(manifest['stages'])} stages + full.onnx); operating point on {data}/{split}: {describe(chosen)}")
+
+
 @main.command()
 @click.argument("bundle", type=click.Path())
 @labeled_data_options
@@ -345,9 +410,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     from edgeexit.runtime.calibrate import apply_calibration, calibrate as run_calibration, describe, stderr_progress
     from edgeexit.runtime.cascade import CascadeRunner
 
-    if (target_drop is None) == (budget is None):
-        raise ConfigError("give exactly one of --target-drop POINTS or --budget FRACTION")
-    objective = ("target_drop", target_drop) if target_drop is not None else ("budget", budget)
+    objective = calibration_objective(target_drop, budget)
     runner = CascadeRunner(bundle, threads=threads)
     x, labels = _load_run_data(runner, data, None, split, data_dir)
     record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress)

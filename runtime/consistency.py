@@ -7,6 +7,10 @@ from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.errors import VerificationError
 
 TOLERANCE = 1e-4
+# int8 bundles: full.onnx and the stages are quantized as separate graphs, so the chain and full.onnx
+# round different tensors (each graph's own QDQ placement); measured 1e-2 (tiny resnet8) on random
+# inputs, i.e. a few uint8 activation steps. Decisions are compared separately (agreement).
+TOLERANCES = {"fp32": TOLERANCE, "int8": 5e-2}
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -22,6 +22,8 @@ MANIFEST_NAME = "manifest.json"
 FULL_NAME = "full.onnx"
 BATCH_DIM = "batch"
 GRAPH_DTYPE = "tensor(float)"
+FP32, INT8 = "fp32", "int8"
+PRECISIONS = (FP32, INT8)
 
 
 def stage_file(index: int) -> str:
@@ -69,23 +71,45 @@ def _check_sha256(entry: dict, where: str) -> None:
         raise _fail(f"{where}.sha256", "must be 64 lowercase hex digits")
 
 
-def _check_shape(shape: Any, where: str) -> None:
+def _check_shape(shape: Any, where: str, batch: str | int = BATCH_DIM) -> None:
     if not isinstance(shape, list) or not shape:
         raise _fail(where, "shape must be a non-empty list")
-    if shape[0] != BATCH_DIM:
-        raise _fail(where, f"first dim must be the symbolic '{BATCH_DIM}'")
+    if shape[0] != batch or isinstance(shape[0], bool):
+        expected = f"the symbolic '{BATCH_DIM}'" if batch == BATCH_DIM else f"the static batch {batch}"
+        raise _fail(where, f"first dim must be {expected}")
     for dim in shape[1:]:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise _fail(where, f"dims after the batch must be positive ints, got {dim!r}")
 
 
-def _check_tensors(tensors: Any, where: str) -> list[dict]:
+def _check_tensors(tensors: Any, where: str, batch: str | int) -> list[dict]:
     if not isinstance(tensors, list) or not tensors:
         raise _fail(where, "must be a non-empty list of tensors")
     for i, tensor in enumerate(tensors):
         _require(tensor, "name", str, f"{where}[{i}]")
-        _check_shape(_require(tensor, "shape", list, f"{where}[{i}]"), f"{where}[{i}].shape")
+        _check_shape(_require(tensor, "shape", list, f"{where}[{i}]"), f"{where}[{i}].shape", batch)
     return tensors
+
+
+def batch_dim(data: dict) -> str | int:
+    """The first dim of every tensor: the symbolic 'batch', or the int N of a static-batch bundle."""
+    static = data.get("static_batch")
+    if static is None:
+        return BATCH_DIM
+    if isinstance(static, bool) or not isinstance(static, int) or static < 1:
+        raise _fail("static_batch", f"must be a positive int or null, got {static!r}")
+    return static
+
+
+def _check_precision(data: dict) -> None:
+    """precision is fp32 (default) or int8; an int8 bundle names its fp32 parent under quantization.parent."""
+    precision = data.get("precision", FP32)
+    if precision not in PRECISIONS:
+        raise _fail("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == INT8:
+        parent = _require(_require(data, "quantization", dict, "manifest"), "parent", dict, "quantization")
+        _require(parent, "name", str, "quantization.parent")
+        _require(parent, "manifest_sha256", str, "quantization.parent")
 
 
 def validate(data: Any) -> None:
@@ -101,9 +125,11 @@ def validate(data: Any) -> None:
             f"(it reads version {FORMAT_VERSION}); re-export the model or upgrade edgeexit"
         )
     _require(data, "producer", dict, "manifest")
+    batch = batch_dim(data)
+    _check_precision(data)
     spec = _require(data, "input", dict, "manifest")
     _require(spec, "name", str, "input")
-    _check_shape(_require(spec, "shape", list, "input"), "input.shape")
+    _check_shape(_require(spec, "shape", list, "input"), "input.shape", batch)
     if _require(spec, "dtype", str, "input") != "float32":
         raise _fail("input.dtype", "only float32 inputs are supported")
     if len(spec["shape"]) != 4 or _require(spec, "layout", str, "input") != "NCHW":
@@ -141,8 +167,8 @@ def validate(data: Any) -> None:
         if _require(stage, "file", str, where) != stage_file(index):
             raise _fail(f"{where}.file", f"expected '{stage_file(index)}'")
         _check_sha256(stage, where)
-        inputs = _check_tensors(_require(stage, "inputs", list, where), f"{where}.inputs")
-        outputs = _check_tensors(_require(stage, "outputs", list, where), f"{where}.outputs")
+        inputs = _check_tensors(_require(stage, "inputs", list, where), f"{where}.inputs", batch)
+        outputs = _check_tensors(_require(stage, "outputs", list, where), f"{where}.outputs", batch)
         if len(inputs) != 1 or inputs[0]["name"] != previous_output or inputs[0]["shape"] != previous_shape:
             raise _fail(f"{where}.inputs", f"must be the single tensor '{previous_output}' {previous_shape}")
         macs = _require(stage, "macs", dict, where)
@@ -154,8 +180,8 @@ def validate(data: Any) -> None:
         if final:
             if exit_spec is not None:
                 raise _fail(f"{where}.exit", "the final stage has no exit: must be null")
-            if len(outputs) != 1 or outputs[0]["shape"] != [BATCH_DIM, num_classes]:
-                raise _fail(f"{where}.outputs", f"final stage must output logits [batch, {num_classes}]")
+            if len(outputs) != 1 or outputs[0]["shape"] != [batch, num_classes]:
+                raise _fail(f"{where}.outputs", f"final stage must output logits [{batch}, {num_classes}]")
             continue
         if not isinstance(exit_spec, dict):
             raise _fail(f"{where}.exit", "early stages need an exit description")
@@ -177,11 +203,13 @@ def validate(data: Any) -> None:
 
 
 def _dims_match(declared: list, actual: Sequence[Any]) -> bool:
-    """A declared shape matches a graph's: same rank, symbolic batch, equal fixed dims."""
+    """A declared shape matches a graph's: same rank, the same batch (symbolic, or the static int), equal other dims."""
     if len(declared) != len(actual):
         return False
     batch, *rest = actual
-    return (batch is None or isinstance(batch, str)) and list(rest) == list(declared[1:])
+    symbolic = batch is None or isinstance(batch, str)
+    same_batch = symbolic if declared[0] == BATCH_DIM else batch == declared[0]
+    return same_batch and list(rest) == list(declared[1:])
 
 
 def check_graph_io(
@@ -227,6 +255,16 @@ class Manifest:
         return self.data["num_classes"]
 
     @property
+    def precision(self) -> str:
+        """fp32, or int8 for a bundle made by `edgeexit quantize`."""
+        return self.data.get("precision", FP32)
+
+    @property
+    def static_batch(self) -> int | None:
+        """The fixed batch size every graph was written for (`edgeexit static-batch`), or None."""
+        return self.data.get("static_batch")
+
+    @property
     def stages(self) -> list[dict]:
         return self.data["stages"]
 
@@ -250,7 +288,7 @@ class Manifest:
     def full_tensors(self) -> tuple[list[dict], list[dict]]:
         """What full.onnx must look like: the bundle's input in, [batch, num_classes] logits out."""
         spec = self.input_spec
-        return [{"name": spec["name"], "shape": spec["shape"]}], [{"shape": [BATCH_DIM, self.num_classes]}]
+        return [{"name": spec["name"], "shape": spec["shape"]}], [{"shape": [spec["shape"][0], self.num_classes]}]
 
     def path(self, name: str) -> Path:
         return self.root / name

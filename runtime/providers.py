@@ -18,6 +18,7 @@ DEVICES: dict[str, tuple[str, ...]] = {
     "tensorrt": (TENSORRT, CUDA, CPU),
     "jetson": (TENSORRT, CUDA, CPU),
     "coreml": ("CoreMLExecutionProvider", CPU),
+    "nnapi": ("NnapiExecutionProvider", CPU),
     "openvino": ("OpenVINOExecutionProvider", CPU),
     "directml": ("DmlExecutionProvider", CPU),
     "rocm": ("ROCMExecutionProvider", CPU),

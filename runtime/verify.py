@@ -14,7 +14,7 @@ from types import ModuleType
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.consistency import TOLERANCE, check_chain
+from edgeexit.runtime.consistency import TOLERANCES, check_chain
 from edgeexit.runtime.errors import ConfigError, EdgeExitError
 from edgeexit.runtime.manifest import FORMAT_VERSION, Manifest, check_file_hash, load_manifest
 
@@ -88,7 +88,8 @@ def runtime_checks(manifest: Manifest, device: str, samples: int, seed: int, tol
     x = np.random.default_rng(seed).standard_normal((samples, *manifest.input_shape)).astype(np.float32)
     try:
         diff = check_chain(runner, x, tolerance)
-        checks.append(Check("chain vs full.onnx", OK, f"max diff {diff:.1e} on {samples} random inputs"))
+        checks.append(Check("chain vs full.onnx", OK, f"max diff {diff:.1e} on {samples} random inputs "
+                                                        f"({manifest.precision} tolerance {tolerance:.0e})"))
     except EdgeExitError as exc:
         checks.append(Check("chain vs full.onnx", FAIL, str(exc)))
     except Exception as exc:  # a graph that loads but fails to run raises onnxruntime's own types
@@ -101,9 +102,11 @@ def verify_bundle(
     device: str = "cpu",
     samples: int = 8,
     seed: int = 0,
-    tolerance: float = TOLERANCE,
+    tolerance: float | None = None,
 ) -> list[Check]:
-    """Every check of a bundle, in order; BundleError if the manifest itself cannot be read or validated."""
+    """Every check of a bundle, in order; BundleError if the manifest itself cannot be read or validated.
+
+    The chain vs full.onnx tolerance defaults to the bundle precision's (consistency.TOLERANCES)."""
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
     manifest = load_manifest(root, check_hashes=False)
@@ -112,4 +115,5 @@ def verify_bundle(
     checks += onnx_checks(manifest)
     if any(check.failed for check in checks):
         return checks + [Check("graphs and chain", SKIP, "earlier checks failed: tampered or corrupt graphs are not run")]
+    tolerance = TOLERANCES[manifest.precision] if tolerance is None else tolerance
     return checks + runtime_checks(manifest, device, samples, seed, tolerance)

@@ -264,7 +264,7 @@ def test_failed_final_rename_restores_the_earlier_bundle(tiny_model_path, bundle
 
 
 def test_killed_export_keeps_the_earlier_bundle_and_its_temp_dir_is_cleaned(tiny_model_path, bundle_copy):
-    from edgeexit.export.exporter import clean_stale
+    from edgeexit.staging import clean_stale
 
     before = snapshot(bundle_copy)
     proc = subprocess.Popen(
@@ -288,7 +288,7 @@ def test_killed_export_keeps_the_earlier_bundle_and_its_temp_dir_is_cleaned(tiny
 
 
 def test_bundle_moved_aside_by_a_kill_is_put_back(bundle_copy):
-    from edgeexit.export.exporter import clean_stale
+    from edgeexit.staging import clean_stale
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
