@@ -21,7 +21,7 @@ import numpy as np
 
 from edgeexit.runtime.calibrate import Objective, apply_calibration, calibrate
 from edgeexit.runtime.cascade import CascadeRunner, check_batch
-from edgeexit.runtime.errors import ConfigError, MissingExtraError
+from edgeexit.errors import ConfigError, MissingExtraError
 from edgeexit.runtime.manifest import (
     FP32,
     INT8,

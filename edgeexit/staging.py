@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from edgeexit.runtime.errors import BundleError
+from edgeexit.errors import BundleError
 from edgeexit.runtime.manifest import MANIFEST_NAME
 
 

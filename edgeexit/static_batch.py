@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.errors import ConfigError, MissingExtraError, VerificationError
+from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
 from edgeexit.runtime.manifest import BATCH_DIM, load_manifest, save_manifest, sha256_file
 from edgeexit.staging import staged_bundle
 

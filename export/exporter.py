@@ -14,8 +14,8 @@ from edgeexit import __version__
 from edgeexit.export.onnx_graphs import DEFAULT_OPSET, FusedStage, SingleOutput, export_graph, graph_io
 from edgeexit.export.verify import verify_bundle_against_model
 from edgeexit.staging import staged_bundle
-from edgeexit.macs import count_macs, count_params
-from edgeexit.models import EarlyExitModel, load_model
+from edgeexit.train.macs import count_macs, count_params
+from edgeexit.train.models import EarlyExitModel, load_model
 from edgeexit.runtime.manifest import (
     FORMAT,
     FORMAT_VERSION,

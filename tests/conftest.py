@@ -14,11 +14,11 @@ TINY = {"backbone": "resnet8", "input_size": 16, "epochs": 3, "num_exits": 2, "p
 
 def tiny_train(tmp: Path, **overrides) -> Path:
     """Train a tiny model on digits (a few seconds) and return its model.pt path."""
-    from edgeexit import api
+    from edgeexit import workflows
 
     opts = {**TINY, **overrides}
     out = tmp / "model.pt"
-    api.train(out=str(out), progress=False, **opts)
+    workflows.train(out=str(out), progress=False, **opts)
     return out
 
 
@@ -47,6 +47,16 @@ def digits_test(tiny_bundle) -> tuple[np.ndarray, np.ndarray]:
     return load_eval_data("digits", "test", load_manifest(tiny_bundle).input_spec)
 
 
+@pytest.fixture(scope="session")
+def handmade_bundles(tmp_path_factory) -> dict[str, Path]:
+    """One hand-made bundle per exit policy (known scores, no training; see handmade.py), all stages taking inputs."""
+    import handmade
+
+    root = tmp_path_factory.mktemp("handmade")
+    return {kind: handmade.write_bundle(root / kind, kind=kind, threshold=threshold, args=args)
+            for kind, (threshold, args) in handmade.POLICY_DEFAULTS.items()}
+
+
 @pytest.fixture
 def bundle_copy(tmp_path, tiny_bundle) -> Path:
     """A private copy of the tiny bundle that a test may tamper with."""
@@ -61,7 +71,7 @@ def fake_torchvision(monkeypatch):
     import torchvision.datasets as tvd
     from torchvision.datasets import FakeData
 
-    from edgeexit.data import TORCHVISION_SETS
+    from edgeexit.train.data import TORCHVISION_SETS
 
     def install(name: str) -> list:
         cls_name, channels, size, _, _ = TORCHVISION_SETS[name]

@@ -1,5 +1,6 @@
 """The CLI end to end through click's CliRunner, and its one-line errors."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -61,19 +62,6 @@ def test_run_on_npy_input_prints_predictions(tiny_bundle, digits_test, tmp_path)
     assert report["accuracy"] is None and len(report["predictions"]) == 5
 
 
-def test_threshold_override_reaches_the_runner(tiny_bundle, digits_test, tmp_path):
-    from edgeexit.runtime import CascadeRunner
-
-    reports = {}
-    for t in ("0.0", "1.0,0.0"):
-        assert invoke("run", tiny_bundle, "--threshold", t, "--json", tmp_path / "r.json").exit_code == 0
-        reports[t] = json.loads((tmp_path / "r.json").read_text())
-    assert reports["0.0"]["exit_counts"][0] == reports["0.0"]["samples"]  # T=0: everyone leaves at exit 0
-    assert reports["1.0,0.0"]["thresholds"] == [1.0, 0.0]
-    expected = CascadeRunner(tiny_bundle, thresholds=[1.0, 0.0]).predict(digits_test[0]).exit_counts()
-    assert reports["1.0,0.0"]["exit_counts"] == expected
-
-
 @pytest.mark.parametrize(
     "args, code, fragment",
     [
@@ -99,12 +87,11 @@ def test_bad_device_threshold_and_input(tiny_bundle, tmp_path):
 
 
 def test_missing_train_extra_is_a_one_line_hint(monkeypatch):
-    def no_torch(name):
-        error = ImportError("No module named 'torch'")
-        error.name = "torch"
-        raise error
+    import edgeexit
 
-    monkeypatch.setattr(cli.importlib, "import_module", no_torch)
+    monkeypatch.delitem(sys.modules, "edgeexit.workflows", raising=False)
+    monkeypatch.delattr(edgeexit, "workflows", raising=False)  # else `from edgeexit import workflows` reuses it
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError(name="torch")
     result = invoke("train", "--epochs", "1")
     assert_one_line_error(result, 6, 'pip install "edgeexit[train]"')
 

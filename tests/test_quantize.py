@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from edgeexit import cli
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
-from edgeexit.runtime.errors import ConfigError, InputError
+from edgeexit.errors import ConfigError, InputError
 from edgeexit.runtime.manifest import load_manifest, sha256_file
 from edgeexit.runtime.verify import verify_bundle
 

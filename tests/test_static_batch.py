@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from edgeexit import cli
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.errors import BundleError, ConfigError, DeviceError
+from edgeexit.errors import BundleError, ConfigError, DeviceError
 from edgeexit.runtime.manifest import load_manifest, validate
 
 static_batch = pytest.importorskip("edgeexit.static_batch", reason="static-batch needs the onnx package")

@@ -1,0 +1,216 @@
+"""Runtime commands (torch-free; a torchvision --data set or --model baseline needs the [train] extra):
+run, info, verify, calibrate, bench."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edgeexit.cli.common import (
+    DATA_DIR_OPTION,
+    training_extra,
+    calibration_objective,
+    labeled_data_options,
+    load_run_data,
+    parse_thresholds,
+    write_json,
+)
+from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
+
+
+@click.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, jetson, coreml, openvino, ...")
+@click.option("--data", default=None, help="Labeled data: digits (default), folder:PATH, or a torchvision set.")
+@DATA_DIR_OPTION
+@click.option("--input", "input_path", default=None, help="An image, a folder of images or a .npy array.")
+@click.option("--split", default="test", show_default=True, help="Data split to evaluate.")
+@click.option("--threshold", default=None, help="Override thresholds: T or T1,T2,...")
+@click.option("--beta", type=float, default=None, help="Class-exclusion bundles: override the dynamic-threshold beta in [0, 1].")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
+def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_path: str | None, split: str, threshold: str | None,
+        beta: float | None, batch_size: int, threads: int | None, json_path: str | None) -> None:
+    """Run a bundle as an early-exit cascade and report accuracy, MACs, exits and latency.
+
+    Example: edgeexit run bundle/ --device cpu --data digits --json report.json
+    """
+    from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.report import run_report
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    policy_args = None if beta is None else {"beta": beta}
+    runner = CascadeRunner(bundle, device=device, threads=threads, thresholds=parse_thresholds(threshold), policy_args=policy_args)
+    x, labels = load_run_data(runner, data, input_path, split, data_dir)
+    report, result = run_report(runner, x, labels, batch_size)
+    if labels is None:
+        report["predictions"] = result.predictions.tolist()
+        report["exit_index"] = result.exit_index.tolist()
+        names = runner.manifest.input_spec["class_names"]
+        for i, (p, e) in enumerate(zip(result.predictions, result.exit_index)):
+            click.echo(f"{i}\t{names[p]}\texit {e}")
+    if json_path:
+        write_json(json_path, report)
+    click.echo(format_report(report))
+
+
+def format_report(report: dict) -> str:
+    """One readable line of a run report."""
+    acc = "n/a" if report.get("accuracy") is None else f"{report['accuracy']:.4f}"
+    lat = report["latency_ms"]
+    return (
+        f"accuracy {acc}  relative MACs {report['relative_macs']:.3f}  exits {report['exit_counts']}  "
+        f"latency p50 {lat['p50']:.3f} ms p95 {lat['p95']:.3f} ms p99 {lat['p99']:.3f} ms (batch {report['batch_size']})"
+    )
+
+
+
+@click.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def info(bundle: str, as_json: bool) -> None:
+    """Describe a bundle: input, stages, MACs, exit policies.
+
+    Example: edgeexit info bundle/
+    """
+    from edgeexit.runtime.manifest import load_manifest
+
+    manifest = load_manifest(bundle)
+    if as_json:
+        click.echo(json.dumps(manifest.data, indent=2))
+        return
+    data = manifest.data
+    spec = data["input"]
+    model = data.get("model", {})
+    click.echo(f"bundle {bundle}: {model.get('method', '?')} on {model.get('backbone', '?')}, {data['num_classes']} classes")
+    click.echo(f"input {spec['name']} {spec['shape']} {spec['dtype']} {spec['layout']}")
+    click.echo(f"full.onnx {data['full']['macs'] / 1e6:.2f} MMACs")
+    for stage, cost in zip(data["stages"], manifest.exit_costs()):
+        line = f"  {stage['file']}: segment {stage['macs']['segment'] / 1e6:.2f} M + head {stage['macs']['head'] / 1e6:.3f} M"
+        line += f", leaving here costs {cost:.3f} of full"
+        if stage.get("exit"):
+            policy = stage["exit"]["policy"]
+            line += f"; exit at {stage['exit'].get('cut', '?')}: {policy['kind']} threshold {policy['threshold']}"
+        click.echo(line)
+    if data.get("calibration"):
+        click.echo(f"calibrated: {json.dumps(data['calibration'].get('chosen', {}))}")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--device", default="cpu", show_default=True, help="Device whose execution providers load the graphs.")
+@click.option("--samples", type=int, default=8, show_default=True, help="Random inputs for the chain vs full.onnx check.")
+def verify(bundle: str, device: str, samples: int) -> None:
+    """Check a bundle: manifest schema, sha256 of every graph, ONNX checker, chained stages vs full.onnx.
+
+    Prints one line per check (ok, FAIL, or skip: the ONNX checker is skipped when the onnx
+    package is not installed). Exit code 0 only if no check failed.
+
+    Example: edgeexit verify bundle/
+    """
+    from edgeexit.runtime.verify import verify_bundle
+
+    checks = verify_bundle(bundle, device=device, samples=samples)
+    for check in checks:
+        click.echo(check.line())
+    failed = [check for check in checks if check.failed]
+    if failed:
+        raise VerificationError(f"{len(failed)} of {len(checks)} checks failed for {bundle}")
+    click.echo(f"bundle {bundle} verified")
+
+
+
+@click.command()
+@click.argument("bundle", type=click.Path())
+@labeled_data_options
+@click.option("--split", default="val", show_default=True, help="Data split to calibrate on (keep test for evaluation).")
+@click.option("--target-drop", type=float, default=None, help="Lowest MACs within this accuracy drop (percentage points vs the final classifier).")
+@click.option("--budget", type=float, default=None, help="Best accuracy within this fraction of the full model's MACs.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_drop: float | None, budget: float | None,
+              threads: int | None) -> None:
+    """Choose per-exit thresholds for an accuracy-drop or MACs-budget target and write them into the manifest.
+
+    Example: edgeexit calibrate bundle/ --data digits --split val --target-drop 1.0
+    """
+    from edgeexit.runtime.calibrate import apply_calibration, calibrate as run_calibration, describe, stderr_progress
+    from edgeexit.runtime.cascade import CascadeRunner
+
+    objective = calibration_objective(target_drop, budget)
+    runner = CascadeRunner(bundle, threads=threads)
+    x, labels = load_run_data(runner, data, None, split, data_dir)
+    record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress)
+    apply_calibration(bundle, record)
+    chosen = record["chosen"]
+    status = "met" if chosen["met"] else "NOT met (closest point chosen)"
+    click.echo(f"reference accuracy {record['reference_accuracy']:.4f} on {data}/{split}; target {status}")
+    click.echo(f"operating point: {describe(chosen)}")
+    click.echo(f"wrote thresholds and calibration curve into {bundle}/manifest.json")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path())
+@labeled_data_options
+@click.option("--split", default="test", show_default=True, help="Data split to benchmark on.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, ...")
+@click.option("--threads", type=int, default=None, help="onnxruntime (and PyTorch) intra-op threads.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
+              help="model.pt the bundle was exported from: adds a PyTorch eager baseline (needs torch).")
+@click.option("--limit", type=int, default=None, help="Use only the first N inputs.")
+@click.option("--sweep-points", type=int, default=6, show_default=True, help="Thresholds timed in the sweep.")
+@click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json and PNGs.")
+def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str, threads: int | None, batch_size: int,
+          model_path: str | None, limit: int | None, sweep_points: int, out: str) -> None:
+    """Measure full.onnx vs the cascade (and PyTorch eager) on the same inputs; write bench.json and plots.
+
+    Example: edgeexit bench bundle/ --data digits --threads 1 --batch-size 1 --model model.pt --out bench/
+    """
+    from edgeexit.runtime.bench import run_bench
+    from edgeexit.runtime.bench_plots import write_plots
+    from edgeexit.runtime.calibrate import stderr_progress
+    from edgeexit.runtime.cascade import CascadeRunner
+
+    if sweep_points < 2:
+        raise ConfigError(f"--sweep-points must be >= 2, got {sweep_points}")
+    runner = CascadeRunner(bundle, device=device, threads=threads)
+    x, labels = load_run_data(runner, data, None, split, data_dir)
+    if limit is not None:
+        x, labels = x[:limit], labels[:limit]
+    baselines = {}
+    if model_path is not None:
+        with training_extra():
+            from edgeexit.train.eager import eager_predictor
+        baselines["pytorch_eager"] = eager_predictor(model_path, threads)
+    report = run_bench(runner, x, labels, batch_size, baselines, sweep_points, progress=stderr_progress)
+    write_json(Path(out) / "bench.json", report)
+    click.echo(format_bench(report))
+    try:
+        plots = ", ".join(p.name for p in write_plots(report, out))
+    except MissingExtraError as exc:  # a runtime-only device still gets its numbers
+        click.echo(f"warning: no plots: {exc}", err=True)
+        plots = "no plots"
+    click.echo(f"wrote {Path(out) / 'bench.json'} ({plots})")
+
+
+def format_bench(report: dict) -> str:
+    """A small table of a bench report."""
+    rows = [name for name in ("full_onnx", "cascade", "cascade_no_exit", "pytorch_eager") if name in report]
+    lines = [f"{'variant':<17}{'accuracy':>9}{'rel. MACs':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'inputs/s':>10}"]
+    for name in rows:
+        row, lat = report[name], report[name]["latency_ms"]
+        acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        lines.append(f"{name:<17}{acc:>9}{row['relative_macs']:>10.3f}{lat['p50']:>9.3f}{lat['p95']:>9.3f}"
+                     f"{lat['p99']:>9.3f}{row['throughput_per_s']:>10.0f}")
+    speed = report["speedup"]
+    lines.append(f"speedup realized {speed['realized']:.2f}x vs MACs-predicted {speed['macs_predicted']:.2f}x "
+                 f"(ratio {speed['realized_over_predicted']:.2f}); no-exit/full {speed['no_exit_over_full']:.3f}")
+    if "oracle" in report:
+        lines.append(f"oracle: accuracy {report['oracle']['accuracy']:.4f} at relative MACs {report['oracle']['relative_macs']:.3f}")
+    return "\n".join(lines)
+
+
+COMMANDS = [run, info, verify, calibrate, bench]
