@@ -18,13 +18,16 @@ score). qemu timings mean nothing; only parity is measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -82,13 +85,32 @@ def setup_rootfs(rootfs: Path) -> Path:
        "--platform", "manylinux2014_aarch64", "--platform", "manylinux_2_28_aarch64", "-d", str(wheels), *WHEELS)
     for old in wheels.glob("edgeexit-*.whl"):
         old.unlink()
-    sh(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO))
+    with tempfile.TemporaryDirectory() as tmp:  # a clean copy: no stale build/ or egg-info in the wheel
+        source = Path(tmp) / "edgeexit"
+        shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__"))
+        sh(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source))
     if not python.exists():
         sh("chroot", str(rootfs), "/usr/bin/python3", "-m", "venv", "/ee")
     sh("chroot", str(rootfs), "/ee/bin/pip", "install", "-q", "--no-index", "--force-reinstall", "--no-deps",
        "--find-links", "/wheels", "edgeexit")
     sh("chroot", str(rootfs), "/ee/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels", "edgeexit")
     return python
+
+
+@contextlib.contextmanager
+def host_mounts(rootfs: Path) -> Iterator[None]:
+    """/proc and /sys inside the userland, so onnxruntime's cpuinfo sees the (emulated) CPU features."""
+    mounted = []
+    try:
+        for name in ("proc", "sys"):
+            target = rootfs / name
+            if not os.path.ismount(target):
+                sh("mount", "--bind", f"/{name}", str(target))
+                mounted.append(target)
+        yield
+    finally:
+        for target in reversed(mounted):
+            subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 # ---- one side: run a bundle, keep everything --------------------------------------------------
@@ -185,8 +207,9 @@ def parity(rootfs: Path, bundles: dict[str, Path], cpus: list[str]) -> dict:
                  "x86": json.loads((work / f"{name}.x86.npz.json").read_text()), "aarch64": {}}
         for cpu in cpus:
             log(f"{name}: aarch64 {cpu} (qemu)")
-            sh("chroot", str(rootfs), "/usr/bin/env", f"QEMU_CPU={cpu}", "/ee/bin/python", "/parity/aarch64_parity.py",
-               "dump", f"/parity/{name}", f"/parity/{name}.npy", f"/parity/{name}.{cpu}.npz")
+            with host_mounts(rootfs):
+                sh("chroot", str(rootfs), "/usr/bin/env", f"QEMU_CPU={cpu}", "/ee/bin/python", "/parity/aarch64_parity.py",
+                   "dump", f"/parity/{name}", f"/parity/{name}.npy", f"/parity/{name}.{cpu}.npz")
             arm = dict(np.load(work / f"{name}.{cpu}.npz"))
             entry["aarch64"][cpu] = {**json.loads((work / f"{name}.{cpu}.npz.json").read_text()), **compare(x86, arm)}
         results["bundles"][name] = entry

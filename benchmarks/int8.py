@@ -76,7 +76,7 @@ def main() -> None:
         log("quantizing")
         quantize_bundle(fp32_path, int8_path, *val, data={"name": "digits", "split": "val"}, progress=log)
         runners = {name: CascadeRunner(path, threads=args.threads) for name, path in (("fp32", fp32_path), ("int8", int8_path))}
-        report: dict = {"bundle": str(args.bundle), "host": platform.machine(), "processor": platform.processor(),
+        report: dict = {"bundle": Path(args.bundle).name, "host": platform.machine(), "processor": platform.processor(),
                         "threads": args.threads, "batch_size": args.batch_size, "test_samples": int(len(test[1]))}
         for name, runner in runners.items():
             log(f"{name}: accuracy and curve")
