@@ -18,7 +18,6 @@ score). qemu timings mean nothing; only parity is measured.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -27,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -95,22 +93,6 @@ def setup_rootfs(rootfs: Path) -> Path:
        "--find-links", "/wheels", "edgeexit")
     sh("chroot", str(rootfs), "/ee/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels", "edgeexit")
     return python
-
-
-@contextlib.contextmanager
-def host_mounts(rootfs: Path) -> Iterator[None]:
-    """/proc and /sys inside the userland, so onnxruntime's cpuinfo sees the (emulated) CPU features."""
-    mounted = []
-    try:
-        for name in ("proc", "sys"):
-            target = rootfs / name
-            if not os.path.ismount(target):
-                sh("mount", "--bind", f"/{name}", str(target))
-                mounted.append(target)
-        yield
-    finally:
-        for target in reversed(mounted):
-            subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 # ---- one side: run a bundle, keep everything --------------------------------------------------
@@ -207,9 +189,10 @@ def parity(rootfs: Path, bundles: dict[str, Path], cpus: list[str]) -> dict:
                  "x86": json.loads((work / f"{name}.x86.npz.json").read_text()), "aarch64": {}}
         for cpu in cpus:
             log(f"{name}: aarch64 {cpu} (qemu)")
-            with host_mounts(rootfs):
-                sh("chroot", str(rootfs), "/usr/bin/env", f"QEMU_CPU={cpu}", "/ee/bin/python", "/parity/aarch64_parity.py",
-                   "dump", f"/parity/{name}", f"/parity/{name}.npy", f"/parity/{name}.{cpu}.npz")
+            # No /proc or /sys in the chroot: with the host's bind-mounted the arm python died with SIGSEGV
+            # (measured, qemu 7.2); without them onnxruntime's cpuinfo warns it cannot list the processors.
+            sh("chroot", str(rootfs), "/usr/bin/env", f"QEMU_CPU={cpu}", "/ee/bin/python", "/parity/aarch64_parity.py",
+               "dump", f"/parity/{name}", f"/parity/{name}.npy", f"/parity/{name}.{cpu}.npz")
             arm = dict(np.load(work / f"{name}.{cpu}.npz"))
             entry["aarch64"][cpu] = {**json.loads((work / f"{name}.{cpu}.npz.json").read_text()), **compare(x86, arm)}
         results["bundles"][name] = entry
