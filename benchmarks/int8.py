@@ -19,10 +19,11 @@ import tempfile
 from pathlib import Path
 
 from edgeexit.quantize import quantize_bundle
-from edgeexit.runtime.calibrate import CascadeSimulator, apply_calibration, calibrate, choose_thresholds
+from edgeexit.runtime.calibrate import apply_calibration, calibrate, choose_thresholds
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.runtime.report import interleaved_timings, latency_stats
+from edgeexit.runtime.simulate import CascadeSimulator
 
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RESULTS = Path(__file__).resolve().parent / "results"

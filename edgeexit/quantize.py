@@ -10,8 +10,8 @@ quantizer imports it) but not torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import json
 import os
 from pathlib import Path
 from types import ModuleType
@@ -98,7 +98,7 @@ def quantize_bundle(
     objective: Objective | None = None,
     data: dict | None = None,
     progress: Callable[[str], None] = lambda message: None,
-) -> dict:
+) -> Manifest:
     """Write an int8 copy of an fp32 bundle to `out` (atomically) with thresholds re-calibrated; returns its manifest.
 
     x (float32, normalized, shaped like the bundle's input) calibrates the activation ranges
@@ -107,7 +107,7 @@ def quantize_bundle(
     parent = load_manifest(bundle)
     if parent.precision != FP32:
         raise ConfigError(f"{bundle} is already an {parent.precision} bundle (quantized from "
-                          f"'{parent.data['quantization']['parent']['name']}'); quantize its fp32 parent instead")
+                          f"'{parent.quantization['parent']['name']}'); quantize its fp32 parent instead")
     x = check_batch(x, parent.input_shape)
     if len(x) != len(labels):
         raise ConfigError(f"calibration data has {len(x)} inputs but {len(labels)} labels")
@@ -118,7 +118,7 @@ def quantize_bundle(
     progress(f"running the fp32 chain over {len(x)} calibration inputs")
     inputs = chain_inputs(fp32, x)
     with staged_bundle(out, progress) as staged:
-        manifest = json.loads(json.dumps(parent.data))
+        manifest = parent.to_dict()
         graphs = [*zip(manifest["stages"], inputs), (manifest["full"], x)]
         for entry, stage_input in graphs:
             progress(f"quantizing {entry['file']}")
@@ -133,4 +133,4 @@ def quantize_bundle(
         progress("re-calibrating the thresholds on the int8 bundle")
         record = calibrate(CascadeRunner(staged), x, labels, objective, data, progress)
         manifest = apply_calibration(str(staged), record)
-    return manifest
+    return dataclasses.replace(manifest, root=Path(out).resolve())

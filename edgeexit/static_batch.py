@@ -7,8 +7,8 @@ zero-padded), so the cascade still works on survivors. Needs the `onnx` package,
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import json
 import os
 from pathlib import Path
 from types import ModuleType
@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
-from edgeexit.runtime.manifest import BATCH_DIM, load_manifest, save_manifest, sha256_file
+from edgeexit.runtime.manifest import BATCH_DIM, Manifest, load_manifest, save_manifest, sha256_file
 from edgeexit.staging import staged_bundle
 
 TOLERANCE = 1e-5  # same graphs, same kernels: only the batch dim changed
@@ -57,7 +57,7 @@ def static_batch_bundle(
     out: str | os.PathLike,
     batch: int,
     progress: Callable[[str], None] = lambda message: None,
-) -> dict:
+) -> Manifest:
     """Write a copy of `bundle` whose graphs take exactly `batch` inputs, checked against the original; returns its manifest."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"--batch must be a positive int, got {batch!r}")
@@ -66,16 +66,16 @@ def static_batch_bundle(
         raise ConfigError(f"{bundle} already has the static batch {parent.static_batch}; fix the batch of its "
                           f"symbolic-batch original instead")
     with staged_bundle(out, progress) as staged:
-        manifest = json.loads(json.dumps(parent.data))
+        manifest = parent.to_dict()
         for entry in [*manifest["stages"], manifest["full"]]:
             progress(f"fixing the batch of {entry['file']} to {batch}")
             fix_graph(parent.path(entry["file"]), staged / entry["file"], batch)
             entry["sha256"] = sha256_file(staged / entry["file"])
         _fix_shapes(manifest, batch)
         manifest["static_batch"] = batch
-        save_manifest(staged, manifest)
-        check_same_outputs(CascadeRunner(parent), CascadeRunner(staged), batch)
-    return manifest
+        fixed = save_manifest(staged, manifest)
+        check_same_outputs(CascadeRunner(parent), CascadeRunner(fixed), batch)
+    return dataclasses.replace(fixed, root=Path(out).resolve())
 
 
 def check_same_outputs(original: CascadeRunner, fixed: CascadeRunner, batch: int, seed: int = 0) -> float:

@@ -32,35 +32,21 @@ import itertools
 import math
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.errors import ConfigError
-from edgeexit.runtime.manifest import load_manifest, save_manifest
+from edgeexit.runtime.manifest import Manifest, load_manifest, save_manifest
 from edgeexit.runtime.policies import Policy
+from edgeexit.runtime.simulate import CascadeSimulator, Point, grid_points
 
 GRID_SIZE = 41
 MAX_ROUNDS = 4
 EXHAUSTIVE_POINTS = 70_000  # 41**3 = 68,921: about a second or two of simulation
 Objective = tuple[str, float]  # ("target_drop", points) or ("budget", fraction)
 GRIDS: dict[str, Callable[[Policy, Sequence[dict[str, np.ndarray]], int], np.ndarray]] = {}
-
-
-@dataclass(frozen=True)
-class Point:
-    """One simulated operating point of the cascade."""
-
-    thresholds: tuple[float, ...]
-    accuracy: float
-    relative_macs: float
-    exit_counts: tuple[int, ...]
-
-    def as_dict(self) -> dict:
-        return {"thresholds": list(self.thresholds), "accuracy": self.accuracy,
-                "relative_macs": self.relative_macs, "exit_counts": list(self.exit_counts)}
 
 
 def score_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]], size: int = GRID_SIZE) -> np.ndarray:
@@ -80,64 +66,6 @@ def score_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]], size: i
 def candidate_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
     """The thresholds calibration tries for a policy (a registered grid wins over the default)."""
     return np.asarray(GRIDS.get(policy.name, score_grid)(policy, outputs, GRID_SIZE), dtype=np.float64)
-
-
-class CascadeSimulator:
-    """The cascade's exit decisions replayed in numpy from stored per-exit outputs."""
-
-    def __init__(self, policies: Sequence[Policy], exit_outputs: Sequence[dict[str, np.ndarray]],
-                 final_logits: np.ndarray, labels: np.ndarray, exit_costs: Sequence[float]) -> None:
-        self.policies = list(policies)
-        self.exit_outputs = list(exit_outputs)
-        self.final_logits = final_logits
-        self.labels = labels
-        self.costs = np.asarray(exit_costs, dtype=np.float64)
-        self.num_classes = final_logits.shape[1]
-        self._cache: dict[tuple[float, ...], tuple[np.ndarray, np.ndarray, object]] = {}
-        self.evaluated: dict[tuple[float, ...], Point] = {}
-
-    def _decide(self, thresholds: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, object]:
-        """(exits, predictions, state) at exit len(thresholds)-1 for every input, cached by prefix."""
-        if thresholds not in self._cache:
-            k = len(thresholds) - 1
-            state = self.policies[0].start(len(self.labels), self.num_classes) if k == 0 else self._decide(thresholds[:-1])[2]
-            policy = dataclasses.replace(self.policies[k], threshold=thresholds[k])
-            self._cache[thresholds] = policy.decide(self.exit_outputs[k], state)
-        return self._cache[thresholds]
-
-    def evaluate(self, thresholds: Sequence[float]) -> Point:
-        """Accuracy, relative MACs and exit counts of the cascade at these thresholds."""
-        key = tuple(float(t) for t in thresholds)
-        if key in self.evaluated:
-            return self.evaluated[key]
-        n = len(self.labels)
-        last = len(self.policies)
-        exit_index = np.full(n, last, dtype=np.int64)
-        predictions = np.empty(n, dtype=np.int64)
-        alive = np.ones(n, dtype=bool)
-        state = None
-        for k in range(last):
-            exits, preds, state = self._decide(key[: k + 1])
-            leaving = exits & alive
-            exit_index[leaving] = k
-            predictions[leaving] = preds[leaving]
-            alive &= ~exits
-        if alive.any():
-            final = dataclasses.replace(self.policies[-1], threshold=key[-1]).final(self.final_logits, state)
-            predictions[alive] = final[alive]
-        point = Point(key, float((predictions == self.labels).mean()), float(self.costs[exit_index].mean()),
-                      tuple(np.bincount(exit_index, minlength=last + 1).tolist()))
-        self.evaluated[key] = point
-        return point
-
-    def pareto(self) -> list[Point]:
-        """Evaluated points no other point beats on both accuracy and MACs, by rising MACs."""
-        front, best = [], -1.0
-        for point in sorted(self.evaluated.values(), key=lambda p: (p.relative_macs, -p.accuracy)):
-            if point.accuracy > best:
-                front.append(point)
-                best = point.accuracy
-        return front
 
 
 def objective_key(objective: Objective, reference_accuracy: float) -> Callable[[Point], tuple]:
@@ -166,11 +94,7 @@ def search(sim: CascadeSimulator, grids: Sequence[np.ndarray], key: Callable[[Po
            progress: Callable[[str], None]) -> tuple[Point, list[Point]]:
     """Shared sweep, then every grid combination (or per-exit coordinate descent when there are too many);
     returns the chosen point and the sweep curve."""
-    levels = max(len(g) for g in grids)
-    curve = []
-    for level in range(levels):
-        thresholds = [g[round(level * (len(g) - 1) / max(levels - 1, 1))] for g in grids]
-        curve.append(sim.evaluate(thresholds))
+    curve = [sim.evaluate(thresholds) for thresholds in grid_points(grids)]
     best = min(curve, key=key)
     progress(f"shared sweep: {len(curve)} points, best {describe(best.as_dict())}")
     if math.prod(len(g) for g in grids) <= EXHAUSTIVE_POINTS:
@@ -271,12 +195,7 @@ def calibrate(
     return {"data": {**(data or {}), "samples": int(len(x))}, **record}
 
 
-def apply_calibration(bundle: str, record: dict) -> dict:
+def apply_calibration(bundle: str, record: dict) -> Manifest:
     """Write the chosen thresholds into each exit's policy plus the record, atomically; returns the manifest."""
-    manifest = load_manifest(bundle, check_hashes=False)
-    data = manifest.data
-    for stage, threshold in zip(data["stages"][:-1], record["chosen"]["thresholds"]):
-        stage["exit"]["policy"]["threshold"] = float(threshold)
-    data["calibration"] = record
-    save_manifest(bundle, data)
-    return data
+    manifest = load_manifest(bundle, check_hashes=False).with_thresholds(record["chosen"]["thresholds"])
+    return save_manifest(bundle, dataclasses.replace(manifest, calibration=record))

@@ -38,12 +38,12 @@ def test_int8_manifest_names_its_parent_and_graphs_are_qdq_per_channel(int8_bund
 
     manifest = load_manifest(int8_bundle)
     assert manifest.precision == "int8" and load_manifest(tiny_bundle).precision == "fp32"
-    parent = manifest.data["quantization"]["parent"]
+    parent = manifest.quantization["parent"]
     assert parent["manifest_sha256"] == sha256_file(tiny_bundle / "manifest.json") and parent["name"] == tiny_bundle.name
     for entry in manifest.files():
-        graph = onnx.load(str(int8_bundle / entry["file"])).graph
+        graph = onnx.load(str(int8_bundle / entry.file)).graph
         ops = [node.op_type for node in graph.node]
-        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops, entry["file"]
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops, entry.file
         weights = {init.name: init for init in graph.initializer}
         per_channel = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights
                        and weights[n.input[0]].data_type == onnx.TensorProto.INT8 and len(weights[n.input[1]].dims) == 1
@@ -53,7 +53,7 @@ def test_int8_manifest_names_its_parent_and_graphs_are_qdq_per_channel(int8_bund
 
 
 def test_int8_thresholds_recalibrated_at_the_fp32_cost(int8_bundle, tiny_bundle, val):
-    record = load_manifest(int8_bundle).data["calibration"]
+    record = load_manifest(int8_bundle).calibration
     fp32 = CascadeRunner(tiny_bundle)
     assert record["objective"] == {"budget": pytest.approx(fp32.relative_macs(fp32.predict(val[0])))}
     assert record["data"] == {"name": "digits", "split": "val", "samples": len(val[1])}

@@ -40,22 +40,22 @@ def coverage(path):
 
 def test_mobile_checker_gives_nnapi_and_coreml_every_node_once_the_batch_is_fixed(b1_bundle, tiny_bundle):
     for entry in load_manifest(b1_bundle).files():
-        for ep, (supported, total, partitions) in coverage(b1_bundle / entry["file"]).items():
-            if ep == "coreml_nn" and entry["file"] in ("stage_2.onnx", "full.onnx"):
+        for ep, (supported, total, partitions) in coverage(b1_bundle / entry.file).items():
+            if ep == "coreml_nn" and entry.file in ("stage_2.onnx", "full.onnx"):
                 # the legacy NeuralNetwork format lacks ReduceMean (the classifier's global pooling): one node
-                assert supported == total - 1, (entry["file"], ep, supported, total)
+                assert supported == total - 1, (entry.file, ep, supported, total)
                 continue
-            assert total > 0 and supported == total and partitions == 1, (entry["file"], ep, supported, total)
-        for ep, (supported, total, _) in coverage(tiny_bundle / entry["file"]).items():
-            assert supported == 0, (entry["file"], ep, "symbolic batch should block the EP")
+            assert total > 0 and supported == total and partitions == 1, (entry.file, ep, supported, total)
+        for ep, (supported, total, _) in coverage(tiny_bundle / entry.file).items():
+            assert supported == 0, (entry.file, ep, "symbolic batch should block the EP")
 
 
 def test_static_manifest_and_padded_runs_match_the_original(tiny_bundle, tmp_path, digits_test):
     out = tmp_path / "b2"
     static_batch.static_batch_bundle(tiny_bundle, out, 2)
     manifest = load_manifest(out)
-    assert manifest.static_batch == 2 and manifest.input_spec["shape"][0] == 2
-    assert all(t["shape"][0] == 2 for s in manifest.stages for t in (*s["inputs"], *s["outputs"]))
+    assert manifest.static_batch == 2 and manifest.input_spec.shape[0] == 2
+    assert all(t.shape[0] == 2 for s in manifest.stages for t in (*s.inputs, *s.outputs))
     x = digits_test[0][:7]  # odd count: the last group of every stage run is padded
     original, fixed = CascadeRunner(tiny_bundle), CascadeRunner(out)
     for batch in (x[:1], x):

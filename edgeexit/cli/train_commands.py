@@ -95,6 +95,7 @@ def export_cmd(model: str, out: str, opset: int, no_verify: bool, static_batch: 
     if static_batch is None:
         manifest = export_bundle(model, out, opset=opset, verify=not no_verify, progress=echo_err)
     else:
+        Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.symbolic-", dir=Path(out).resolve().parent) as tmp:
             manifest = export_bundle(model, Path(tmp) / "bundle", opset=opset, verify=not no_verify, progress=echo_err)
             static_batch_bundle(Path(tmp) / "bundle", out, static_batch, echo_err)
@@ -164,7 +165,7 @@ def static_batch_cmd(bundle: str, out: str, batch: int) -> None:
     with training_extra():
         from edgeexit.static_batch import static_batch_bundle
     manifest = static_batch_bundle(bundle, out, batch, echo_err)
-    click.echo(f"wrote {out}: {len(manifest['stages'])} stages + full.onnx with batch fixed to {batch}")
+    click.echo(f"wrote {out}: {len(manifest.stages)} stages + full.onnx with batch fixed to {batch}")
 
 
 @click.command()
@@ -193,8 +194,8 @@ def quantize(bundle: str, out: str, data: str, data_dir: str | None, split: str,
     runner = CascadeRunner(bundle)
     x, labels = load_run_data(runner, data, None, split, data_dir)
     manifest = quantize_bundle(bundle, out, x, labels, objective, {"name": data, "split": split}, stderr_progress)
-    chosen = manifest["calibration"]["chosen"]
-    click.echo(f"wrote {out}: int8 ({len(manifest['stages'])} stages + full.onnx); operating point on {data}/{split}: {describe(chosen)}")
+    chosen = manifest.calibration["chosen"]
+    click.echo(f"wrote {out}: int8 ({len(manifest.stages)} stages + full.onnx); operating point on {data}/{split}: {describe(chosen)}")
 
 
 COMMANDS = [train, pretrain, export_cmd, static_batch_cmd, quantize, cuts, demo]

@@ -10,6 +10,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from edgeexit.errors import ConfigError
+from edgeexit.runtime.manifest import PolicySpec
+from edgeexit.runtime.simulate import CascadeSimulator
 from edgeexit.train.config import ModelConfig, TrainConfig
 from edgeexit.train.cuts import CutGraph
 from edgeexit.train.data import DataSplits
@@ -17,9 +20,6 @@ from edgeexit.train.losses import get_loss
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import EarlyExitModel
 from edgeexit.train.placement import place_exits
-from edgeexit.runtime.calibrate import CascadeSimulator
-from edgeexit.errors import ConfigError
-from edgeexit.runtime.policies import get_policy
 
 
 def seed_everything(seed: int) -> None:
@@ -57,8 +57,7 @@ def evaluate(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256) -> 
     disagree with `edgeexit run` about what a policy does.
     """
     model.eval()
-    spec = model.config.policy
-    policy = get_policy(spec["kind"])(spec["threshold"], dict(spec.get("args", {})))
+    policy = model.config.policy.build()
     batches, finals, labels = [], [], []
     for x, y in DataLoader(dataset, batch_size=batch_size):
         exit_outputs, final = model(x)
@@ -147,11 +146,11 @@ def build_model(
         mean=info.mean,
         std=info.std,
         class_names=info.class_names,
-        policy={"kind": spec.policy, "threshold": spec.threshold if threshold is None else threshold, "args": dict(spec.policy_args)},
+        policy=PolicySpec(spec.policy, spec.threshold if threshold is None else threshold, dict(spec.policy_args)),
         frozen_backbone=spec.frozen_backbone,
     )
     model = EarlyExitModel(config, backbone=net)
-    missing = set(get_policy(spec.policy).roles) - set(model.exits[0].outputs)
+    missing = set(config.policy.build().roles) - set(model.exits[0].outputs)
     if missing:
         raise ConfigError(f"exit type '{exit_type}' lacks the outputs {sorted(missing)} that method '{method}' needs")
     return model
