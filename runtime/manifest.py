@@ -486,6 +486,10 @@ class Manifest:
         lines = [f"bundle {name or self.root}: {self.model.method} on {self.model.backbone}, {self.num_classes} classes",
                  f"input {spec.name} {list(spec.shape)} {spec.dtype} {spec.layout}",
                  f"full.onnx {self.full_macs / 1e6:.2f} MMACs"]
+        if self.precision != FP32:
+            lines.append(f"precision {self.precision}, quantized from '{self.quantization['parent']['name']}'")
+        if self.static_batch is not None:
+            lines.append(f"static batch {self.static_batch} (inputs run in groups of {self.static_batch})")
         for stage, cost in zip(self.stages, self.exit_costs()):
             line = f"  {stage.file}: segment {stage.macs.segment / 1e6:.2f} M + head {stage.macs.head / 1e6:.3f} M"
             line += f", leaving here costs {cost:.3f} of full"
