@@ -78,7 +78,7 @@ def test_manifest_batch_dims_must_match_static_batch(b1_bundle):
     data = json.loads((b1_bundle / "manifest.json").read_text())
     for broken, fragment in ((lambda d: d.update(static_batch=None), "symbolic 'batch'"),
                              (lambda d: d.update(static_batch=True), "positive int"),
-                             (lambda d: d["stages"][1]["outputs"][0]["shape"].__setitem__(0, 4), "static batch 1")):
+                             (lambda d: d["stages"][-1]["outputs"][0]["shape"].__setitem__(0, 4), "static batch 1")):
         copy = json.loads(json.dumps(data))
         broken(copy)
         with pytest.raises(BundleError, match=fragment):
