@@ -521,6 +521,10 @@ class Manifest:
         if num_classes < 2:
             raise _fail("num_classes", "must be >= 2")
         input_spec = InputSpec.from_dict(spec, num_classes)
+        static_batch = data.get("static_batch")
+        if static_batch is not None and not _is_batch_size(static_batch):
+            raise _fail("static_batch", f"must be a positive int or null, got {static_batch!r}")
+        _check_batch_dim("input.shape", input_spec.shape, static_batch)
         full = FullGraph.from_dict(_require(data, "full", dict, "manifest"))
         raw_stages = _require(data, "stages", list, "manifest")
         if len(raw_stages) < 2:
@@ -534,16 +538,9 @@ class Manifest:
         if calibration is not None and not isinstance(calibration, dict):
             raise _fail("calibration", "must be an object or null")
         precision, quantization = _precision(data)
-        static_batch = data.get("static_batch")
-        if static_batch is not None and not _is_batch_size(static_batch):
-            raise _fail("static_batch", f"must be a positive int or null, got {static_batch!r}")
-        batch = BATCH_DIM if static_batch is None else static_batch
-        tensors = [("input.shape", input_spec.shape)] + [
-            (f"stages[{s.index}]", t.shape) for s in stages for t in (*s.inputs, *s.outputs)]
+        tensors = [(f"stages[{s.index}]", t.shape) for s in stages for t in (*s.inputs, *s.outputs)]
         for where, shape in tensors:
-            if shape[0] != batch:
-                expected = f"the symbolic '{BATCH_DIM}'" if static_batch is None else f"the static batch {static_batch}"
-                raise _fail(where, f"first dim must be {expected}, got {shape[0]!r}")
+            _check_batch_dim(where, shape, static_batch)
         return cls(Path(root), producer, model, num_classes, input_spec, full, tuple(stages), calibration,
                    precision, quantization, static_batch)
 
@@ -562,6 +559,14 @@ class Manifest:
             "quantization": self.quantization,
             "static_batch": self.static_batch,
         }
+
+
+def _check_batch_dim(where: str, shape: Shape, static_batch: int | None) -> None:
+    """Every tensor's first dim is the symbolic 'batch', or the static batch of a static-batch bundle."""
+    batch = BATCH_DIM if static_batch is None else static_batch
+    if shape[0] != batch:
+        expected = f"the symbolic '{BATCH_DIM}'" if static_batch is None else f"the static batch {static_batch}"
+        raise _fail(where, f"first dim must be {expected}, got {shape[0]!r}")
 
 
 def _precision(data: dict) -> tuple[str, dict | None]:
