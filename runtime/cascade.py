@@ -64,13 +64,10 @@ def check_batch(x: object, input_shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-class CascadeRunner:
-    """Runs a bundle's stages in order and stops each input at its first accepted exit.
+class Runner:
+    """What every engine shares: the manifest, providers, exit policies and thresholds, full.onnx."""
 
-    >>> runner = CascadeRunner("bundle/", device="cpu")
-    >>> result = runner.predict(batch)          # float32 (N, C, H, W), normalized
-    >>> result.predictions, result.exit_index
-    """
+    engine = ""
 
     def __init__(
         self,
@@ -87,10 +84,6 @@ class CascadeRunner:
         self.chunk_size = chunk_size
         self.providers = resolve_providers(device, cache_dir=self.manifest.root / "cache")
         self._options = session_options(threads)
-        self.sessions = [self._session(stage.file, stage.inputs, stage.outputs) for stage in self.manifest.stages]
-        self.output_names = [stage.output_names for stage in self.manifest.stages]
-        self._input_names = [stage.inputs[0].name for stage in self.manifest.stages]
-        self._roles = [list(exit_spec.outputs) for exit_spec in self.manifest.exits]
         self._full: ort.InferenceSession | None = None
         self.policies: list[Policy] = []
         for stage in self.manifest.stages[:-1]:
@@ -103,13 +96,17 @@ class CascadeRunner:
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
-    def _session(self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> ort.InferenceSession:
-        """A session for one graph, refused unless its inputs/outputs match the manifest's."""
+    def _load(self, name: str) -> ort.InferenceSession:
+        """An onnxruntime session for one graph of the bundle, BundleError if it cannot load."""
         path = self.manifest.path(name)
         try:
-            session = ort.InferenceSession(str(path), self._options, providers=self.providers)
+            return ort.InferenceSession(str(path), self._options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises several private exception types
             raise BundleError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
+
+    def _session(self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> ort.InferenceSession:
+        """A session for one graph, refused unless its inputs/outputs match the manifest's."""
+        session = self._load(name)
         check_graph_io(name, inputs, outputs, session.get_inputs(), session.get_outputs())
         return session
 
@@ -118,8 +115,8 @@ class CascadeRunner:
         return len(self.policies)
 
     @property
-    def active_providers(self) -> list[str]:
-        return self.sessions[0].get_providers()
+    def num_stages(self) -> int:
+        return len(self.manifest.stages)
 
     @property
     def thresholds(self) -> list[float]:
@@ -137,9 +134,11 @@ class CascadeRunner:
         swapped whole, so a predict running in another thread keeps the list it started with."""
         self.policies = self.policies_at(thresholds)
 
-    def run_stage(self, index: int, x: np.ndarray) -> list[np.ndarray]:
-        """Stage `index` on its input; outputs in manifest order."""
-        return self._run(self.sessions[index], self.output_names[index], self._input_names[index], x)
+    def full_session(self) -> ort.InferenceSession:
+        """The session of full.onnx (the plain backbone), created on first use."""
+        if self._full is None:
+            self._full = self._session(FULL_NAME, *self.manifest.full_tensors())
+        return self._full
 
     def _run(self, session: ort.InferenceSession, outputs: list[str] | None, input_name: str, x: np.ndarray) -> list[np.ndarray]:
         """One session run, or for a static-batch bundle one run per N inputs with the last group zero-padded."""
@@ -153,6 +152,44 @@ class CascadeRunner:
                 group = np.concatenate([group, np.zeros((static - len(group), *group.shape[1:]), group.dtype)])
             parts.append(session.run(outputs, {input_name: group}))
         return [np.concatenate([part[i] for part in parts])[: len(x)] for i in range(len(parts[0]))]
+
+    def predict_full(self, x: np.ndarray) -> np.ndarray:
+        """Logits of full.onnx for a batch: the no-early-exit baseline."""
+        x = check_batch(x, self.manifest.input_shape)
+        session = self.full_session()
+        name = session.get_inputs()[0].name
+        return np.concatenate([self._run(session, None, name, x[i : i + self.chunk_size])[0] for i in range(0, len(x), self.chunk_size)])
+
+    def relative_macs(self, result: CascadeResult) -> float:
+        """Average MACs spent per input relative to full.onnx."""
+        costs = np.asarray(self.manifest.exit_costs())
+        return float(costs[result.exit_index].mean())
+
+
+class CascadeRunner(Runner):
+    """Runs a bundle's stages in order and stops each input at its first accepted exit (the stage chain).
+
+    >>> runner = CascadeRunner("bundle/", device="cpu")
+    >>> result = runner.predict(batch)          # float32 (N, C, H, W), normalized
+    >>> result.predictions, result.exit_index
+    """
+
+    engine = "chain"
+
+    def __init__(self, bundle: str | os.PathLike | Manifest, device: str = "cpu", **options) -> None:
+        super().__init__(bundle, device, **options)
+        self.sessions = [self._session(stage.file, stage.inputs, stage.outputs) for stage in self.manifest.stages]
+        self.output_names = [stage.output_names for stage in self.manifest.stages]
+        self._input_names = [stage.inputs[0].name for stage in self.manifest.stages]
+        self._roles = [list(exit_spec.outputs) for exit_spec in self.manifest.exits]
+
+    @property
+    def active_providers(self) -> list[str]:
+        return self.sessions[0].get_providers()
+
+    def run_stage(self, index: int, x: np.ndarray) -> list[np.ndarray]:
+        """Stage `index` on its input; outputs in manifest order."""
+        return self._run(self.sessions[index], self.output_names[index], self._input_names[index], x)
 
     def _exit_outputs(self, index: int, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {role: outputs[1 + i] for i, role in enumerate(self._roles[index])}
@@ -224,22 +261,3 @@ class CascadeRunner:
             finals.append(self.run_stage(len(self.sessions) - 1, features)[0])
         merged = [{role: np.concatenate([part[role] for part in parts]) for role in parts[0]} for parts in exits]
         return merged, np.concatenate(finals)
-
-    def full_session(self) -> ort.InferenceSession:
-        """The session of full.onnx (the plain backbone), created on first use."""
-        if self._full is None:
-            self._full = self._session(FULL_NAME, *self.manifest.full_tensors())
-        return self._full
-
-    def predict_full(self, x: np.ndarray) -> np.ndarray:
-        """Logits of full.onnx for a batch: the no-early-exit baseline."""
-        x = check_batch(x, self.manifest.input_shape)
-        session = self.full_session()
-        name = session.get_inputs()[0].name
-        return np.concatenate([self._run(session, None, name, x[i : i + self.chunk_size])[0] for i in range(0, len(x), self.chunk_size)])
-
-    def relative_macs(self, result: CascadeResult) -> float:
-        """Average MACs spent per input relative to full.onnx."""
-        costs = np.asarray(self.manifest.exit_costs())
-        return float(costs[result.exit_index].mean())
-
