@@ -119,6 +119,7 @@ def quantize_bundle(
     inputs = chain_inputs(fp32, x)
     with staged_bundle(out, progress) as staged:
         manifest = parent.to_dict()
+        manifest.pop("cascade", None)  # cascade.onnx is not carried over yet: the derived bundle runs as the stage chain
         graphs = [*zip(manifest["stages"], inputs), (manifest["full"], x)]
         for entry, stage_input in graphs:
             progress(f"quantizing {entry['file']}")

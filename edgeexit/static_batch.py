@@ -67,6 +67,7 @@ def static_batch_bundle(
                           f"symbolic-batch original instead")
     with staged_bundle(out, progress) as staged:
         manifest = parent.to_dict()
+        manifest.pop("cascade", None)  # cascade.onnx is not carried over yet: the derived bundle runs as the stage chain
         for entry in [*manifest["stages"], manifest["full"]]:
             progress(f"fixing the batch of {entry['file']} to {batch}")
             fix_graph(parent.path(entry["file"]), staged / entry["file"], batch)
