@@ -4,17 +4,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
-from edgeexit.cli.common import DATA_DIR_OPTION, labeled_data_options, load_run_data, parse_thresholds, training_extra, write_json
+from edgeexit.cli.common import DATA_DIR_OPTION, DEVICE_HELP, labeled_data_options, parse_thresholds, training_extra
 from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
+from edgeexit.runtime.datasets import DATASETS
+from edgeexit.runtime.manifest import write_json_atomic
+
+
+def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str,
+                   data_dir: str | None = None) -> tuple[Any, Any]:
+    """Model-ready inputs and labels: --input (no labels), digits / folder:PATH (torch-free), or a torchvision set."""
+    from edgeexit.runtime.datasets import load_eval_data, load_input
+
+    spec = runner.manifest.input_spec
+    if input_path is not None:
+        x, _ = load_input(input_path, spec)
+        return x, None
+    name = data or "digits"
+    if DATASETS.resolve(name)[0].torchvision is None:
+        return load_eval_data(name, split, spec)
+    with training_extra():
+        from edgeexit import workflows
+    return workflows.eval_arrays(name, split, spec, data_dir)
+
 
 
 @click.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, jetson, coreml, openvino, ...")
-@click.option("--data", default=None, help="Labeled data: digits (default), folder:PATH, or a torchvision set.")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+@click.option("--data", default=None, help=f"Labeled data (default digits): {DATASETS.choices()}.")
 @DATA_DIR_OPTION
 @click.option("--input", "input_path", default=None, help="An image, a folder of images or a .npy array.")
 @click.option("--split", default="test", show_default=True, help="Data split to evaluate.")
@@ -38,7 +59,7 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     policy_args = None if beta is None else {"beta": beta}
     runner = open_runner(bundle, engine, device=device, threads=threads, thresholds=parse_thresholds(threshold), policy_args=policy_args)
-    x, labels = load_run_data(runner, data, input_path, split, data_dir)
+    x, labels = _load_run_data(runner, data, input_path, split, data_dir)
     report, result = run_report(runner, x, labels, batch_size)
     if labels is None:
         report["predictions"] = result.predictions.tolist()
@@ -47,7 +68,7 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
         for i, (p, e) in enumerate(zip(result.predictions, result.exit_index)):
             click.echo(f"{i}\t{names[p]}\texit {e}")
     if json_path:
-        write_json(json_path, report)
+        write_json_atomic(json_path, report)
     click.echo(format_report(report))
 
 
@@ -90,7 +111,7 @@ def info(bundle: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--device", default="cpu", show_default=True, help="Device whose execution providers load the graphs.")
+@click.option("--device", default="cpu", show_default=True, help=f"Device whose execution providers load the graphs. {DEVICE_HELP}")
 @click.option("--samples", type=int, default=8, show_default=True, help="Random inputs for the chain vs full.onnx check.")
 def verify(bundle: str, device: str, samples: int) -> None:
     """Check a bundle: manifest schema, sha256 of every graph, ONNX checker, chained stages vs full.onnx.
@@ -154,7 +175,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     latency = None if profile is None else LatencyTarget(profile, f"p{percentile}")
     if latency_budget is not None:
         latency.check_budget(latency_budget)
-    x, labels = load_run_data(runner, data, None, split, data_dir)
+    x, labels = _load_run_data(runner, data, None, split, data_dir)
     record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress, latency)
     apply_calibration(bundle, record)
     chosen = record["chosen"]
@@ -168,7 +189,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
 @click.argument("bundle", type=click.Path())
 @labeled_data_options
 @click.option("--split", default="test", show_default=True, help="Data split to benchmark on.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, ...")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--threads", type=int, default=None, help="onnxruntime (and PyTorch) intra-op threads.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
@@ -190,7 +211,7 @@ def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str,
     if sweep_points < 2:
         raise ConfigError(f"--sweep-points must be >= 2, got {sweep_points}")
     runner = CascadeRunner(bundle, device=device, threads=threads)
-    x, labels = load_run_data(runner, data, None, split, data_dir)
+    x, labels = _load_run_data(runner, data, None, split, data_dir)
     if limit is not None:
         x, labels = x[:limit], labels[:limit]
     baselines = {}
@@ -199,7 +220,7 @@ def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str,
             from edgeexit.train.eager import eager_predictor
         baselines["pytorch_eager"] = eager_predictor(model_path, threads)
     report = run_bench(runner, x, labels, batch_size, baselines, sweep_points, progress=stderr_progress)
-    write_json(Path(out) / "bench.json", report)
+    write_json_atomic(Path(out) / "bench.json", report)
     click.echo(format_bench(report))
     try:
         plots = ", ".join(p.name for p in write_plots(report, out))
