@@ -1,11 +1,15 @@
-"""Training-side commands (need the [train] extra, imported lazily): train, pretrain, export, cuts, demo."""
+"""Training-side commands (need the [train] extra, imported lazily): train, pretrain, export, static-batch,
+quantize (these two need onnx only), cuts, demo."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import click
 
-from edgeexit.cli.common import training_extra
+from edgeexit.cli.common import calibration_objective, labeled_data_options, training_extra
+from edgeexit.cli.runtime_commands import _load_run_data as load_run_data
 from edgeexit.runtime.datasets import DATASETS
 from edgeexit.train.config import TrainConfig  # plain dataclasses: no torch needed for --help
 
@@ -111,14 +115,23 @@ def pretrain(**opts: Any) -> None:
 @click.argument("out", type=click.Path())
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--no-verify", is_flag=True, help="Skip the PyTorch parity checks (not recommended).")
-def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:
+@click.option("--static-batch", type=int, default=None,
+              help="Fix every graph's batch dim to N (NNAPI/CoreML need fixed shapes); same as `edgeexit static-batch`.")
+def export_cmd(model: str, out: str, opset: int, no_verify: bool, static_batch: int | None) -> None:
     """Export model.pt to a bundle of per-stage ONNX graphs plus manifest.json.
 
-    Example: edgeexit export model.pt bundle/
+    Example: edgeexit export model.pt bundle/   (for a phone NPU: --static-batch 1)
     """
     with training_extra():
         from edgeexit.export import export_bundle
-    manifest = export_bundle(model, out, opset=opset, verify=not no_verify, progress=lambda m: click.echo(m, err=True))
+        from edgeexit.static_batch import static_batch_bundle
+    if static_batch is None:
+        manifest = export_bundle(model, out, opset=opset, verify=not no_verify, progress=echo_err)
+    else:
+        Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.symbolic-", dir=Path(out).resolve().parent) as tmp:
+            manifest = export_bundle(model, Path(tmp) / "bundle", opset=opset, verify=not no_verify, progress=echo_err)
+            static_batch_bundle(Path(tmp) / "bundle", out, static_batch, echo_err)
     worst = None
     if manifest["verification"]:
         worst = max(v for kind in manifest["verification"].values() for v in kind.values())
@@ -175,4 +188,57 @@ def demo(out: str, epochs: int) -> None:
 
 
 
-COMMANDS = [train, pretrain, export_cmd, cuts, demo]
+def echo_err(message: str) -> None:
+    """Progress lines on stderr."""
+    click.echo(message, err=True)
+
+
+@click.command("static-batch")
+@click.argument("bundle", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--batch", type=int, default=1, show_default=True, help="The fixed batch size.")
+def static_batch_cmd(bundle: str, out: str, batch: int) -> None:
+    """Write a copy of a bundle whose graphs have a fixed batch dim (for NNAPI / CoreML), checked against the original.
+
+    The runtime feeds such a bundle N inputs at a time (the last group zero-padded). Needs the
+    onnx package (the [train] extra), not torch.
+
+    Example: edgeexit static-batch bundle/ bundle-b1/ --batch 1 && edgeexit run bundle-b1/ --device nnapi
+    """
+    with training_extra():
+        from edgeexit.static_batch import static_batch_bundle
+    manifest = static_batch_bundle(bundle, out, batch, echo_err)
+    click.echo(f"wrote {out}: {len(manifest.stages)} stages + full.onnx with batch fixed to {batch}")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@labeled_data_options
+@click.option("--split", default="val", show_default=True, help="Split whose inputs calibrate activation ranges and thresholds.")
+@click.option("--target-drop", type=float, default=None, help="Thresholds: lowest MACs within this accuracy drop (points).")
+@click.option("--budget", type=float, default=None,
+              help="Thresholds: best accuracy within this MACs fraction (default: what the fp32 bundle spends on the data).")
+def quantize(bundle: str, out: str, data: str, data_dir: str | None, split: str, target_drop: float | None,
+             budget: float | None) -> None:
+    """Write an int8 copy of a bundle (static QDQ quantization, per-channel weights) with re-calibrated thresholds.
+
+    Stage k is calibrated on the features stage k-1 of the fp32 bundle gives for the data.
+    Needs the onnx package (the [train] extra), not torch.
+
+    Example: edgeexit quantize bundle/ bundle-int8/ --data digits --split val
+    """
+    from edgeexit.runtime.calibrate import describe, stderr_progress
+    from edgeexit.runtime.cascade import CascadeRunner
+
+    objective = calibration_objective(target_drop, budget, required=False)
+    with training_extra():
+        from edgeexit.quantize import quantize_bundle
+    runner = CascadeRunner(bundle)
+    x, labels = load_run_data(runner, data, None, split, data_dir)
+    manifest = quantize_bundle(bundle, out, x, labels, objective, {"name": data, "split": split}, stderr_progress)
+    chosen = manifest.calibration["chosen"]
+    click.echo(f"wrote {out}: int8 ({len(manifest.stages)} stages + full.onnx); operating point on {data}/{split}: {describe(chosen)}")
+
+
+COMMANDS = [train, pretrain, export_cmd, static_batch_cmd, quantize, cuts, demo]
