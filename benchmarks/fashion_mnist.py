@@ -43,6 +43,7 @@ from edgeexit.export import export_bundle
 from edgeexit.train.losses import LOSSES
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import save_model
+from edgeexit.train.hardware import training_env
 from edgeexit.train.pretrained import fit_backbone, save_state_dict
 from edgeexit.runtime.bench import oracle
 from edgeexit.runtime.calibrate import CascadeSimulator, apply_calibration, choose_thresholds, search_betas, with_betas
@@ -288,7 +289,8 @@ def backbone_alone(splits: DataSplits, args: argparse.Namespace, work: Path) -> 
     torch.manual_seed(args.seed)
     net = build_backbone(args.backbone, splits.info.num_classes, splits.info.input_shape[0])
     started = time.perf_counter()
-    fit_backbone(net, splits.train, args.epochs, seed=args.seed, progress=False)
+    with training_env("cpu") as env:
+        fit_backbone(net, splits.train, env, args.epochs, seed=args.seed, progress=False)
     path = work / "backbone.pt"
     save_state_dict(net, path)
     progress(f"backbone alone: trained in {time.perf_counter() - started:.0f} s")

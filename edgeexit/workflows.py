@@ -13,11 +13,12 @@ from edgeexit.runtime.manifest import InputSpec
 from edgeexit.train.backbones import build_backbone
 from edgeexit.train.config import TrainConfig
 from edgeexit.train.cuts import CutGraph
-from edgeexit.train.data import load_data
+from edgeexit.runtime.datasets import ALL_SPLIT, DATASETS, SPLITS
+from edgeexit.train.data import load_data, load_torchvision_data
+from edgeexit.train.hardware import training_env
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import save_model
 from edgeexit.train.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
-from edgeexit.runtime.datasets import ALL_SPLIT, SPLITS
 from edgeexit.train.trainer import build_model, train_model
 
 
@@ -51,42 +52,47 @@ def train(
     branch_channels: int | None = None,
     branch_depth: int | None = None,
     beta: float | list[float] | None = None,
+    device: str = TrainConfig.device,
+    precision: str = TrainConfig.precision,
+    num_workers: int = TrainConfig.num_workers,
+    checkpoint_dir: str | None = TrainConfig.checkpoint_dir,
+    resume: bool = TrainConfig.resume,
 ) -> dict[str, Any]:
-    """Build, train and save a model; returns a summary (cuts, final validation metrics).
+    """Build, train and save a model; returns a summary (cuts, final validation metrics, rank).
 
     `weights` loads the backbone from a local file first (PTEENet post-trains a frozen,
     pre-trained backbone and refuses to start without it); `branch_channels` and
     `branch_depth` size the conv branches of exit type "branch"; `beta` (one value, or one
-    per exit) sets class exclusion's dynamic threshold.
+    per exit) sets class exclusion's dynamic threshold. Launched by torchrun, every
+    process trains its share of each batch and only rank 0 writes `out`.
     """
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     spec = get_method(method)
     if spec.frozen_backbone and not weights:
         raise ConfigError(f"--method {method} post-trains a frozen backbone: pass its pre-trained weights with --weights FILE")
+    if num_workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {num_workers}")
+    if resume and not checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir DIR (where the checkpoint is)")
     exit_args = {k: v for k, v in (("channels", branch_channels), ("depth", branch_depth)) if v is not None}
-    torch.manual_seed(seed)
-    splits = load_data(data, data_dir=data_dir, download=download, input_size=input_size)
-    model = build_model(
-        splits,
-        backbone,
-        exit_type or spec.exit_type,
-        placement,
-        num_exits,
-        exit_at=_split_list(exit_at),
-        method=method,
-        threshold=threshold,
-        exit_args=exit_args,
-        weights=weights,
-        policy_args=None if beta is None else {"beta": beta},
-        placement_cost=placement_cost,
-    )
     config = TrainConfig(data=data, data_dir=data_dir, download=download, epochs=epochs, batch_size=batch_size,
                          lr=lr, loss=loss or spec.loss, lam=lam, seed=seed, warmup_epochs=warmup_epochs,
-                         warmup_loss=spec.warmup_loss)
-    history = train_model(model, splits, config, progress=progress)
-    save_model(model, out, extra={"train": vars(config), "history": vars(history), "backbone_weights": weights})
+                         warmup_loss=spec.warmup_loss, num_workers=num_workers, device=device, precision=precision,
+                         checkpoint_dir=checkpoint_dir, resume=resume)
+    with training_env(device, precision) as env:
+        torch.manual_seed(seed)
+        splits = load_data(data, data_dir=data_dir, download=download, input_size=input_size)
+        model = build_model(splits, backbone, exit_type or spec.exit_type, placement, num_exits,
+                            exit_at=_split_list(exit_at), method=method, threshold=threshold, exit_args=exit_args,
+                            weights=weights, policy_args=None if beta is None else {"beta": beta},
+                            placement_cost=placement_cost)
+        history = train_model(model, splits, config, progress=progress, env=env)
+        if env.is_main:
+            save_model(model, out, extra={"train": vars(config), "history": vars(history), "backbone_weights": weights,
+                                          "world_size": env.world_size})
     return {
+        "rank": env.rank,
         "cuts": model.config.cuts,
         "val_accuracy": history.val_accuracy[-1],
         "val_exit_rate": history.val_exit_rate[-1],
@@ -96,14 +102,16 @@ def train(
 
 
 def eval_arrays(name: str, split: str, input_spec: InputSpec, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A torchvision data set split (or "all" three) as normalized numpy arrays at the bundle's input size."""
+    """A torchvision data set split (or "all" three) as the bundle's model-ready arrays: resized to its input size, converted
+    to its channel count and normalized with its mean/std (InputSpec.preprocess), never the set's own table."""
     if split not in (*SPLITS, ALL_SPLIT):
         raise ConfigError(f"unknown split '{split}'; choose from: {', '.join(SPLITS)}, {ALL_SPLIT}")
-    shape = input_spec.sample_shape
-    splits = load_data(name, data_dir=data_dir, input_size=shape[1], channels=shape[0])
+    if DATASETS.resolve(name)[0].torchvision is None:
+        raise ConfigError(f"data set '{name}' is not a torchvision set")
+    splits = load_torchvision_data(name, data_dir, download=False, input_size=input_spec.sample_shape[1], normalized=False)
     dataset = ConcatDataset([getattr(splits, s) for s in SPLITS]) if split == ALL_SPLIT else getattr(splits, split)
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in DataLoader(dataset, batch_size=512)])
-    return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+    return input_spec.preprocess(np.concatenate(xs)), np.concatenate(ys)
 
 
 def describe_cuts(backbone: str, input_size: int, channels: int | None, num_exits: int, profile: bool = False,

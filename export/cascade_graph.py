@@ -18,8 +18,8 @@ stage weights must live inside their own subgraph (see _inline_stage). Measured 
 benchmarks/one_graph.py (interleaved with full.onnx and the stage chain).
 
 The policies mirror edgeexit.runtime.policies decision for decision: the same comparisons in the
-same precision (float64 for the confidence logit, max-softmax and entropy, numpy's float32 for
-the class-exclusion scores), ArgMax taking the first of equal maxima as numpy does. Per-exit
+same precision (float64 for the confidence logit, max-softmax, entropy and the sigmoid of the
+class-exclusion logits), ArgMax taking the first of equal maxima as numpy does. Per-exit
 float64 vectors are graph inputs with the manifest's values as defaults (initializers that are
 also inputs): thresholds; beta for class exclusion; temperature for max-softmax and entropy.
 """
@@ -163,19 +163,24 @@ def _entropy(graph: _Graph, nodes: list, out: dict[str, str], index: int, state:
 def _exclusion(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
     """Remove classes in play with s_c <= max(T, beta * max s in play), never the best; exit with one left.
 
-    In float32 like numpy (a float32 array with Python floats stays float32)."""
-    scores = out["exclusion"]
-    ninf = graph.const("ninf", np.array(-np.inf, dtype=np.float32))
+    s = sigmoid(exclusion logits) in float64 as 0.5 (1 + tanh(z / 2)), the Python policy's formula; the
+    scores output is the float32 logits."""
+    logits = out["exclusion_logits"]
+    z = graph.node(nodes, "Cast", [logits], "exclusion64", to=TensorProto.DOUBLE)
+    half = graph.const("half", np.array(0.5))
+    tanh = graph.node(nodes, "Tanh", [graph.node(nodes, "Mul", [z, half], "half_z")], "tanh")
+    scores = graph.node(nodes, "Mul", [graph.node(nodes, "Add", [tanh, graph.const("one64", np.array(1.0))], "one_plus"), half], "sigmoid")
+    ninf = graph.const("ninf64", np.array(-np.inf))
     in_play = graph.node(nodes, "Where", [state, scores, ninf], "in_play")
     best = _argmax(graph, nodes, in_play)
     top = _reduce(graph, nodes, "ReduceMax", in_play, "top")
-    beta = _exit_scalar(graph, nodes, BETA, index, TensorProto.FLOAT)
-    floor = _exit_scalar(graph, nodes, THRESHOLDS, index, TensorProto.FLOAT)
+    beta = _exit_scalar(graph, nodes, BETA, index)
+    floor = _exit_scalar(graph, nodes, THRESHOLDS, index)
     cut = graph.node(nodes, "Max", [graph.node(nodes, "Mul", [beta, top], "beta_top"), floor], "cut")
     cut = graph.node(nodes, "Unsqueeze", [cut, graph.const("axis", np.array([1], dtype=np.int64))], "cut_col")
     above = graph.node(nodes, "Greater", [scores, cut], "above")
     classes = graph.node(nodes, "Range", [graph.const("zero", np.array(0, dtype=np.int64)),
-                                          graph.node(nodes, "Gather", [graph.node(nodes, "Shape", [scores], "shape"),
+                                          graph.node(nodes, "Gather", [graph.node(nodes, "Shape", [logits], "shape"),
                                                                       graph.const("one", np.array(1, dtype=np.int64))], "classes_n"),
                                           graph.const("one", np.array(1, dtype=np.int64))], "classes")
     best_col = graph.node(nodes, "Unsqueeze", [best, graph.const("axis", np.array([1], dtype=np.int64))], "best_col")
@@ -183,7 +188,7 @@ def _exclusion(graph: _Graph, nodes: list, out: dict[str, str], index: int, stat
     mask = graph.node(nodes, "Or", [graph.node(nodes, "And", [state, above], "kept"), is_best], "mask")
     left = _reduce(graph, nodes, "ReduceSum", graph.node(nodes, "Cast", [mask], "mask64", to=TensorProto.INT64), "left")
     exits = graph.node(nodes, "Equal", [left, graph.const("one", np.array(1, dtype=np.int64))], "exits")
-    return exits, best, scores, mask
+    return exits, best, logits, mask
 
 
 DECISIONS: dict[str, Decision] = {
@@ -214,7 +219,7 @@ def _level(graph: _Graph, manifest: Manifest, stages: list[onnx.ModelProto], ind
     kind = spec.exit.policy.kind
     roles = {role: outputs[name] for role, name in spec.exit.outputs.items()}
     if kind == "exclusion" and state is None:
-        state = graph.node(nodes, "Expand", [graph.const("all_true", np.array(True)), graph.node(nodes, "Shape", [roles["exclusion"]], "shape")], "state")
+        state = graph.node(nodes, "Expand", [graph.const("all_true", np.array(True)), graph.node(nodes, "Shape", [roles["exclusion_logits"]], "shape")], "state")
     exits, prediction, scores, state = DECISIONS[kind](graph, nodes, roles, index, state)
     exit_index = graph.node(nodes, "Expand", [graph.const("exit", np.array(index, dtype=np.int64)), graph.node(nodes, "Shape", [prediction], "n")], "exit_index")
     types = [TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64]

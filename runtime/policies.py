@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from edgeexit.errors import BundleError, ConfigError
+from edgeexit.registry import Registry
 
 if TYPE_CHECKING:  # the manifest builds policies, so it imports this module
     from edgeexit.runtime.manifest import StageSpec
@@ -196,14 +197,11 @@ def per_exit_args(args: dict, index: int, num_exits: int) -> dict:
     return resolved
 
 
-POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (ConfidencePolicy, MaxSoftmaxPolicy, EntropyPolicy, ExclusionPolicy)
-}
+POLICIES: Registry[type[Policy]] = Registry("exit policy")
+for _policy in (ConfidencePolicy, MaxSoftmaxPolicy, EntropyPolicy, ExclusionPolicy):
+    POLICIES.register(_policy.name, _policy)
 
 
 def get_policy(kind: str) -> type[Policy]:
     """Look up a policy class by name, with an error listing the valid names."""
-    try:
-        return POLICIES[kind]
-    except KeyError:
-        raise ConfigError(f"unknown exit policy '{kind}'; choose from: {', '.join(sorted(POLICIES))}") from None
+    return POLICIES.get(kind)

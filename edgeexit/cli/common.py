@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import os
 import sys
+from signal import SIGPIPE
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import click
 
 from edgeexit.errors import ConfigError, EdgeExitError, MissingExtraError, first_line
+from edgeexit.runtime.datasets import DATASETS
+from edgeexit.runtime.providers import DEVICES
 
 DEBUG_ENV = "EDGEEXIT_DEBUG"
 
@@ -40,6 +42,9 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader left (`edgeexit cuts | head -3`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again
+            sys.exit(128 + SIGPIPE)
         except Exception as exc:  # last line of defence: no traceback unless asked for
             if os.environ.get(DEBUG_ENV):
                 raise
@@ -61,7 +66,6 @@ def parse_numbers(value: str | None, option: str = "--threshold") -> float | lis
 
 
 BETA_HELP = "Class exclusion: dynamic-threshold beta in [0, 1], B for every exit or B1,B2,... one per exit."
-DATA_HELP = "digits, mnist, fashionmnist, cifar10, cifar100, svhn, npz:PATH (x, y, classes) or folder:PATH."
 
 
 def beta_args(value: str | None) -> dict | None:
@@ -71,21 +75,20 @@ def beta_args(value: str | None) -> dict | None:
 
 
 
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write a report atomically."""
-    from edgeexit.runtime.manifest import write_json_atomic
-
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(target, data)
-
-
-
+DEVICE_HELP = f"One of: {DEVICES.choices()}."
 DATA_DIR_OPTION = click.option("--data-dir", default=None, help="Where torchvision data sets live (mnist, cifar10, ...).")
 
 
 def labeled_data_options(command: Any) -> Any:
     """--data (default digits) and --data-dir, for the commands that need labels (calibrate, bench)."""
-    data = click.option("--data", default="digits", show_default=True, help="Labeled data: digits, npz:PATH, folder:PATH, or a torchvision set.")
+    data = click.option("--data", default="digits", show_default=True, help=f"Labeled data: {DATASETS.choices()}.")
     return data(DATA_DIR_OPTION(command))
 
+
+def calibration_objective(target_drop: float | None, budget: float | None, required: bool = True) -> tuple[str, float] | None:
+    """("target_drop", points) or ("budget", fraction) from the two options; None if neither and not required."""
+    if target_drop is not None and budget is not None or (required and target_drop is None and budget is None):
+        raise ConfigError("give exactly one of --target-drop POINTS or --budget FRACTION")
+    if target_drop is not None:
+        return ("target_drop", target_drop)
+    return None if budget is None else ("budget", budget)

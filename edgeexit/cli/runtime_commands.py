@@ -9,22 +9,24 @@ from typing import Any
 import click
 
 from edgeexit.cli.common import (
-    BETA_HELP, DATA_DIR_OPTION, beta_args, labeled_data_options, parse_numbers, training_extra, write_json,
+    BETA_HELP, DATA_DIR_OPTION, DEVICE_HELP, beta_args, labeled_data_options, parse_numbers, training_extra,
 )
 from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
+from edgeexit.runtime.datasets import DATASETS
+from edgeexit.runtime.manifest import write_json_atomic
 
 
 def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str,
                    data_dir: str | None = None) -> tuple[Any, Any]:
     """Model-ready inputs and labels: --input (no labels), digits / npz:PATH / folder:PATH (torch-free), or a torchvision set."""
-    from edgeexit.runtime.datasets import is_torch_free, load_eval_data, load_input
+    from edgeexit.runtime.datasets import load_eval_data, load_input
 
     spec = runner.manifest.input_spec
     if input_path is not None:
         x, _ = load_input(input_path, spec)
         return x, None
     name = data or "digits"
-    if is_torch_free(name):
+    if DATASETS.resolve(name)[0].torchvision is None:
         return load_eval_data(name, split, spec)
     with training_extra():
         from edgeexit import workflows
@@ -34,8 +36,8 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
 
 @click.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, jetson, coreml, openvino, ...")
-@click.option("--data", default=None, help="Labeled data: digits (default), npz:PATH, folder:PATH, or a torchvision set.")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+@click.option("--data", default=None, help=f"Labeled data (default digits): {DATASETS.choices()}.")
 @DATA_DIR_OPTION
 @click.option("--input", "input_path", default=None, help="An image, a folder of images or a .npy array.")
 @click.option("--split", default="test", show_default=True, help="Data split to evaluate: train, val, test or all.")
@@ -68,7 +70,7 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
         for i, (p, e) in enumerate(zip(result.predictions, result.exit_index)):
             click.echo(f"{i}\t{names[p]}\texit {e}")
     if json_path:
-        write_json(json_path, report)
+        write_json_atomic(json_path, report)
     click.echo(format_report(report))
 
 
@@ -111,7 +113,7 @@ def info(bundle: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--device", default="cpu", show_default=True, help="Device whose execution providers load the graphs.")
+@click.option("--device", default="cpu", show_default=True, help=f"Device whose execution providers load the graphs. {DEVICE_HELP}")
 @click.option("--samples", type=int, default=8, show_default=True, help="Random inputs for the chain vs full.onnx check.")
 def verify(bundle: str, device: str, samples: int) -> None:
     """Check a bundle: manifest schema, sha256 of every graph, ONNX checker, chained stages vs full.onnx.
@@ -198,16 +200,18 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
 @click.argument("bundle", type=click.Path())
 @labeled_data_options
 @click.option("--split", default="test", show_default=True, help="Data split to benchmark on: train, val, test or all.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, ...")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--threads", type=int, default=None, help="onnxruntime (and PyTorch) intra-op threads.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="model.pt the bundle was exported from: adds a PyTorch eager baseline (needs torch).")
+@click.option("--eager-device", default="cpu", show_default=True,
+              help="torch device of the --model eager baseline: auto, cpu, cuda, cuda:N or mps.")
 @click.option("--limit", type=int, default=None, help="Use only the first N inputs.")
 @click.option("--sweep-points", type=int, default=6, show_default=True, help="Thresholds timed in the sweep.")
 @click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json and PNGs.")
 def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str, threads: int | None, batch_size: int,
-          model_path: str | None, limit: int | None, sweep_points: int, out: str) -> None:
+          model_path: str | None, eager_device: str, limit: int | None, sweep_points: int, out: str) -> None:
     """Measure full.onnx vs the cascade (and PyTorch eager) on the same inputs; write bench.json and plots.
 
     Example: edgeexit bench bundle/ --data digits --threads 1 --batch-size 1 --model model.pt --out bench/
@@ -227,9 +231,9 @@ def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str,
     if model_path is not None:
         with training_extra():
             from edgeexit.train.eager import eager_predictor
-        baselines["pytorch_eager"] = eager_predictor(model_path, threads)
+        baselines["pytorch_eager"] = eager_predictor(model_path, threads, eager_device)
     report = run_bench(runner, x, labels, batch_size, baselines, sweep_points, progress=stderr_progress)
-    write_json(Path(out) / "bench.json", report)
+    write_json_atomic(Path(out) / "bench.json", report)
     click.echo(format_bench(report))
     try:
         plots = ", ".join(p.name for p in write_plots(report, out))

@@ -12,21 +12,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from edgeexit.errors import ConfigError
+from edgeexit.registry import Registry
 
 LossFn = Callable[[Sequence[tuple[torch.Tensor, ...]], torch.Tensor, torch.Tensor, Sequence[float], float], torch.Tensor]
-LOSSES: dict[str, LossFn] = {}
+LOSSES: Registry[LossFn] = Registry("loss")
 EPS = 1e-7
 
-
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator adding a loss function to LOSSES."""
-
-    def add(fn: LossFn) -> LossFn:
-        LOSSES[name] = fn
-        return fn
-
-    return add
 
 
 def _cascade_terms(exit_outputs, final_logits, costs):
@@ -49,7 +40,7 @@ def _nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.nll_loss(torch.log(probs.clamp_min(EPS)), target)
 
 
-@register_loss("v0")
+@LOSSES.register("v0")
 def eenet_v0(exit_outputs, final_logits, target, costs, lam):
     """EENets v0: the sum of every classifier's own CE, no confidence or cost (first stage of two-stage training).
 
@@ -59,7 +50,7 @@ def eenet_v0(exit_outputs, final_logits, target, costs, lam):
     return F.cross_entropy(final_logits, target) + sum(F.cross_entropy(outputs[0], target) for outputs in exit_outputs)
 
 
-@register_loss("v1")
+@LOSSES.register("v1")
 def eenet_v1(exit_outputs, final_logits, target, costs, lam):
     """EENets L_v1 = CE(P_0) + lambda * mean(C_0) on the full mixture only.
 
@@ -70,7 +61,7 @@ def eenet_v1(exit_outputs, final_logits, target, costs, lam):
     return _nll(probs, target) + lam * cost.mean()
 
 
-@register_loss("v2")
+@LOSSES.register("v2")
 def eenet_v2(exit_outputs, final_logits, target, costs, lam):
     """EENets L_v2 = sum over i = 0..N of CE(P_i) + lambda * mean(C_i) (eenets.pytorch loss_v2).
 
@@ -85,7 +76,7 @@ def exclusion_weights(num_exits: int) -> list[float]:
     return [1.0 / (num_exits - k + 1) for k in range(1, num_exits + 1)]
 
 
-@register_loss("exclusion")
+@LOSSES.register("exclusion")
 def class_exclusion(exit_outputs, final_logits, target, costs, lam):
     """Class exclusion as the authors train it: CE(final) + lambda * sum_k w_k * BCEWithLogits(z_k, onehot(y)).
 
@@ -105,7 +96,7 @@ def class_exclusion(exit_outputs, final_logits, target, costs, lam):
     return F.cross_entropy(final_logits, target) + lam * exclusion
 
 
-@register_loss("pteenet")
+@LOSSES.register("pteenet")
 def pteenet(exit_outputs, final_logits, target, costs, lam):
     """PTEENet: EENets v1 against the frozen backbone's own predictions, not the labels.
 
@@ -116,7 +107,7 @@ def pteenet(exit_outputs, final_logits, target, costs, lam):
     return eenet_v1(exit_outputs, final_logits, final_logits.detach().argmax(1), costs, lam)
 
 
-@register_loss("pteenet_v0")
+@LOSSES.register("pteenet_v0")
 def pteenet_v0(exit_outputs, final_logits, target, costs, lam):
     """PTEENet warm-up: each branch classifier's CE against the backbone's predictions, no confidence or cost.
 
@@ -129,6 +120,4 @@ def pteenet_v0(exit_outputs, final_logits, target, costs, lam):
 
 def get_loss(name: str) -> LossFn:
     """Look up a loss by name, with an error listing the valid names."""
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss '{name}'; choose from: {', '.join(LOSSES)}")
-    return LOSSES[name]
+    return LOSSES.get(name)

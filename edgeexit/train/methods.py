@@ -1,57 +1,40 @@
 """Training-method registry: name -> the defaults that define a method (exit type, loss, policy)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from edgeexit.errors import ConfigError
+from edgeexit.registry import Registry
+from edgeexit.runtime.manifest import PolicySpec
 from edgeexit.runtime.policies import ExclusionPolicy
 
 
 @dataclass(frozen=True)
 class Method:
-    """What `--method NAME` sets: exit head, loss, runtime policy, and whether the backbone is frozen."""
+    """What `--method NAME` sets: exit head, loss (and warm-up loss), the exit policy written into
+    model.pt and the bundle, and whether the backbone is frozen."""
 
     name: str
     exit_type: str
     loss: str
-    policy: str
-    threshold: float
+    policy: PolicySpec
     frozen_backbone: bool = False
-    summary: str = ""
     warmup_loss: str | None = None
-    policy_args: dict = field(default_factory=dict)
+    summary: str = ""
 
 
-METHODS: dict[str, Method] = {}
-
-
-def register_method(method: Method) -> Method:
-    """Add a method to METHODS."""
-    METHODS[method.name] = method
-    return method
-
-
-register_method(
-    Method("eenet", "pool", "v2", "confidence", 0.5, warmup_loss="v0",
-           summary="EENets: exit blocks with confidence branches, cost-aware loss")
-)
-
-register_method(
-    Method(
-        "exclusion", "exclusion", "exclusion", "exclusion", 0.0,
-        summary="Class exclusion: per-class exclusion heads, exit when one class is left",
-        policy_args={"beta": ExclusionPolicy.default_beta},
-    )
-)
-
-register_method(
-    Method("pteenet", "branch", "pteenet", "confidence", 0.5, frozen_backbone=True, warmup_loss="pteenet_v0",
-           summary="PTEENet: conv branches with confidence heads post-trained on a frozen pre-trained backbone")
-)
+METHODS: Registry[Method] = Registry("method")
+for _method in (
+    Method(name="eenet", exit_type="pool", loss="v2", policy=PolicySpec("confidence", 0.5), warmup_loss="v0",
+           summary="EENets: exit blocks with confidence branches, cost-aware loss"),
+    Method(name="exclusion", exit_type="exclusion", loss="exclusion", policy=PolicySpec("exclusion", 0.0, {"beta": ExclusionPolicy.default_beta}),
+           summary="Class exclusion: per-class exclusion heads, exit when one class is left"),
+    Method(name="pteenet", exit_type="branch", loss="pteenet", policy=PolicySpec("confidence", 0.5), frozen_backbone=True,
+           warmup_loss="pteenet_v0",
+           summary="PTEENet: conv branches with confidence heads post-trained on a frozen pre-trained backbone"),
+):
+    METHODS.register(_method.name, _method)
 
 
 def get_method(name: str) -> Method:
     """Look up a method by name, with an error listing the valid names."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method '{name}'; choose from: {', '.join(METHODS)}")
-    return METHODS[name]
+    return METHODS.get(name)

@@ -1,10 +1,12 @@
 """Exit-augmented models: a backbone split at cut points, an exit head after each, and model.pt I/O."""
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from edgeexit.train.cuts import CutGraph
 from edgeexit.train.exits import build_exit
 from edgeexit.train.macs import count_macs
 from edgeexit.errors import ConfigError, InputError, first_line
+from edgeexit.runtime.manifest import atomic_write
 
 MODEL_FORMAT = "edgeexit-model"
 MODEL_VERSION = 1
@@ -64,16 +67,17 @@ class EarlyExitModel(nn.Module):
             exit_outputs.append(head(x))
         return exit_outputs, self._segments[-1](x)
 
+    def stage_macs(self) -> list[tuple[int, int]]:
+        """(segment, exit head) MACs of each stage (the final stage's head is 0): the one cost walk behind
+        exit_costs and the manifest's per-stage MACs."""
+        in_shapes = [self.config.input_shape, *self.cut_shapes]
+        heads = [*(count_macs(head, shape) for head, shape in zip(self.exits, self.cut_shapes)), 0]
+        return [(count_macs(segment, shape), head) for segment, shape, head in zip(self._segments, in_shapes, heads)]
+
     def exit_costs(self) -> list[float]:
         """Relative MACs of leaving at each exit (segments and heads passed so far), final = all."""
         full = self.cut_graph.full_macs
-        costs, running = [], 0
-        in_shapes = [self.config.input_shape, *self.cut_shapes]
-        for segment, head, in_shape, out_shape in zip(self._segments, self.exits, in_shapes, self.cut_shapes):
-            running += count_macs(segment, in_shape) + count_macs(head, out_shape)
-            costs.append(running / full)
-        running += count_macs(self._segments[-1], in_shapes[-1])
-        return [*costs, running / full]
+        return [running / full for running in itertools.accumulate(segment + head for segment, head in self.stage_macs())]
 
 
 def checkpoint_dict(model: EarlyExitModel, extra: dict | None = None) -> dict:
@@ -88,16 +92,31 @@ def checkpoint_dict(model: EarlyExitModel, extra: dict | None = None) -> dict:
     }
 
 
+def atomic_save(data: Any, path: str | os.PathLike) -> None:
+    """torch.save through a temporary file and a rename: readers see the old file or the new one, never half of one."""
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
 def save_model(model: EarlyExitModel, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write model.pt atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write model.pt atomically."""
+    atomic_save(checkpoint_dict(model, extra), path)
+
+
+def safe_load(path: Path, what: str) -> Any:
+    """torch.load with the weights-only unpickler (tensors and plain data, no code); InputError naming `what` otherwise."""
     try:
-        torch.save(checkpoint_dict(model, extra), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler met code, a custom object or junk
+        blocked = [line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        detail = blocked[0].strip() if blocked else "objects outside tensors and plain data"
+        raise InputError(
+            f"refusing to load {path}: the safe weights-only loader rejected it ({detail[:200]}); "
+            f"it must be {what} (tensors and plain data, no code)"
+        ) from None
+    except Exception as exc:  # corrupt zips, truncated files and the like come in many types
+        raise InputError(f"refusing to load {path}: not {what} ({first_line(exc)})") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -105,19 +124,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"model file not found: {path}")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
-            warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # the weights-only unpickler met code, a custom object or junk
-        blocked = [line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        detail = blocked[0].strip() if blocked else "objects outside tensors and plain data"
-        raise InputError(
-            f"refusing to load {path}: the safe weights-only loader rejected it ({detail[:200]}); "
-            "model.pt must be a plain checkpoint (tensors and plain data, no code) written by `edgeexit train`"
-        ) from None
-    except Exception as exc:  # corrupt zips, truncated files and the like come in many types
-        raise InputError(f"refusing to load {path}: not a plain edgeexit checkpoint ({first_line(exc)})") from None
+    data = safe_load(path, "a plain model.pt written by `edgeexit train`")
     if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
         raise InputError(f"{path} is not an edgeexit model.pt (missing format '{MODEL_FORMAT}')")
     if data.get("version") != MODEL_VERSION:
