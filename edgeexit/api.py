@@ -39,6 +39,7 @@ def train(
     epochs: int = 10,
     batch_size: int = 64,
     lr: float = 3e-3,
+    head_lr: float | None = None,
     warmup_epochs: int = 1,
     threshold: float | None = None,
     seed: int = 0,
@@ -77,12 +78,16 @@ def train(
     config = TrainConfig(data=data, data_dir=data_dir, download=download, epochs=epochs, batch_size=batch_size,
                          lr=lr, loss=loss or spec.loss, lam=lam, seed=seed, warmup_epochs=warmup_epochs,
                          warmup_loss=spec.warmup_loss)
+    if head_lr is not None:
+        config.head_lr = head_lr
     history = train_model(model, splits, config, progress=progress)
     save_model(model, out, extra={"train": vars(config), "history": vars(history), "backbone_weights": weights})
+    best = history.best_epoch
     return {
         "cuts": model.config.cuts,
-        "val_accuracy": history.val_accuracy[-1],
-        "val_exit_rate": history.val_exit_rate[-1],
+        "best_epoch": best,
+        "val_accuracy": history.val_accuracy[best],
+        "val_exit_rate": history.val_exit_rate[best],
         "model": model,
         "data": splits,
     }

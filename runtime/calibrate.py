@@ -65,7 +65,7 @@ def score_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]], size: i
         if not (np.isfinite(low) and np.isfinite(high)):
             raise ConfigError(f"policy '{policy.name}' needs a calibration grid in calibrate.GRIDS") from None
         return np.linspace(low, high, size)
-    values = np.quantile(scores, np.linspace(0.0, 1.0, size - 2))
+    values = policy.threshold_of(np.quantile(scores, np.linspace(0.0, 1.0, size - 2)))
     ends = [v for v in (low, high) if np.isfinite(v)]
     return np.unique(np.clip(np.concatenate([values, ends]), low, high))
 

@@ -80,12 +80,21 @@ class Policy:
         return None
 
     def scores(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        """The per-input number compared with the threshold."""
+        """The per-input number compared with the threshold (in score space, see `cutoff`)."""
         raise NotImplementedError
+
+    def cutoff(self) -> float:
+        """The threshold mapped into score space (identity unless the score is a transform of it)."""
+        return self.threshold
+
+    @classmethod
+    def threshold_of(cls, scores: np.ndarray) -> np.ndarray:
+        """Inverse of `cutoff`: the thresholds whose cutoffs are these scores (for calibration grids)."""
+        return scores
 
     def decide(self, outputs: dict[str, np.ndarray], state: np.ndarray | None):
         """Which inputs exit here, their predictions, and the state passed on."""
-        exits = self.scores(outputs) >= self.threshold
+        exits = self.scores(outputs) >= self.cutoff()
         return exits, outputs["logits"].argmax(axis=1), state
 
     def final(self, logits: np.ndarray, state: np.ndarray | None) -> np.ndarray:
@@ -93,15 +102,38 @@ class Policy:
         return logits.argmax(axis=1)
 
 
+def logit(p: float) -> float:
+    """log(p / (1 - p)) in float64: -inf at 0, +inf at 1."""
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
+
+
 @dataclass
 class ConfidencePolicy(Policy):
-    """EENets / PTEENet: exit when the learned confidence head says >= T."""
+    """EENets / PTEENet: exit when the learned confidence sigmoid(z) >= T, decided as z >= logit(T).
+
+    The exit outputs the confidence logit z (role "confidence_logit"); T in [0, 1] is mapped to
+    logit(T) in float64 and compared there, which is `sigmoid(z) >= T` in exact arithmetic but
+    never ties two inputs whose float32 sigmoids both round to 1.0 (z = 150 and z = 200 keep
+    their order). `>=` as in the other score policies: T = 0 lets every input exit (z >= -inf),
+    T = 1 none (no finite z reaches +inf; a NaN z never exits either).
+    """
 
     name: ClassVar[str] = "confidence"
-    roles: ClassVar[tuple[str, ...]] = ("logits", "confidence")
+    roles: ClassVar[tuple[str, ...]] = ("logits", "confidence_logit")
 
     def scores(self, outputs):
-        return outputs["confidence"].reshape(-1)
+        return outputs["confidence_logit"].reshape(-1).astype(np.float64)
+
+    def cutoff(self) -> float:
+        return logit(self.threshold)
+
+    @classmethod
+    def threshold_of(cls, scores):
+        return 1.0 / (1.0 + np.exp(-np.asarray(scores, dtype=np.float64)))
 
 
 @dataclass

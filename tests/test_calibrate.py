@@ -136,7 +136,7 @@ def test_raising_shared_threshold_never_adds_early_exits(tiny_bundle, digits_tes
 def test_per_exit_override_changes_only_that_exit(tiny_bundle, digits_test):
     x, _ = digits_test
     runner = CascadeRunner(tiny_bundle, threads=1)
-    runner.set_thresholds([1.0, 0.0])  # exit 0 (almost) never, exit 1 always
+    runner.set_thresholds([1.0, 0.0])  # exit 0 never, exit 1 always
     counts = runner.predict(x).exit_counts()
     assert counts[-1] == 0 and sum(counts) == len(x)
     runner.set_thresholds([0.0, 1.0])
@@ -161,7 +161,7 @@ def synthetic_outputs(n: int = 300, classes: int = 5, exits: int = 2, seed: int 
     for k in range(exits):
         logits = onehot * (1.0 + k) * 3 + rng.normal(0, 2.0, (n, classes))
         outputs.append({"logits": logits.astype(np.float32),
-                        "confidence": (1 / (1 + np.exp(-(logits.max(1) - 3)))).astype(np.float32)[:, None],
+                        "confidence_logit": (logits.max(1) - 3).astype(np.float32)[:, None],
                         "exclusion": (1 / (1 + np.exp(-(logits - 2)))).astype(np.float32)})
     final = (onehot * 8 + rng.normal(0, 2.0, (n, classes))).astype(np.float32)
     return outputs, final, labels

@@ -23,8 +23,9 @@ def reference_cascade(runner, x, threshold):
     predictions = outputs[-1][0].argmax(1)
     exit_index = np.full(len(x), len(sessions) - 1)
     decided = np.zeros(len(x), dtype=bool)
-    for k, (_, logits, confidence) in enumerate(outputs[:-1]):
-        take = ~decided & (confidence[:, 0] >= threshold)
+    cutoff = np.log(threshold) - np.log1p(-threshold)  # sigmoid(z) >= T, decided in float64 logit space
+    for k, (_, logits, confidence_logit) in enumerate(outputs[:-1]):
+        take = ~decided & (confidence_logit[:, 0].astype(np.float64) >= cutoff)
         predictions = np.where(take, logits.argmax(1), predictions)
         exit_index = np.where(take, k, exit_index)
         decided |= take

@@ -42,7 +42,7 @@ def test_stage_graphs_fuse_segment_and_head_with_symbolic_batch(tiny_bundle):
         names = [o.name for o in graph.graph.output]
         assert names == [t["name"] for t in stage["outputs"]]
     first = manifest.stages[0]
-    assert [t["name"] for t in first["outputs"]] == ["features_0", "exit_0_logits", "exit_0_confidence"]
+    assert [t["name"] for t in first["outputs"]] == ["features_0", "exit_0_logits", "exit_0_confidence_logit"]
     assert manifest.stages[1]["inputs"][0]["name"] == "features_0"
 
 
