@@ -78,8 +78,7 @@ def train(
     config = TrainConfig(data=data, data_dir=data_dir, download=download, epochs=epochs, batch_size=batch_size,
                          lr=lr, loss=loss or spec.loss, lam=lam, seed=seed, warmup_epochs=warmup_epochs,
                          warmup_loss=spec.warmup_loss)
-    if head_lr is not None:
-        config.head_lr = head_lr
+    config.head_lr = head_lr if head_lr is not None else spec.head_lr
     history = train_model(model, splits, config, progress=progress)
     save_model(model, out, extra={"train": vars(config), "history": vars(history), "backbone_weights": weights})
     best = history.best_epoch

@@ -104,7 +104,7 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate (cosine schedule).")
 @click.option("--head-lr", type=float, default=None,
-              help="Learning rate of the exit heads (default 1e-3: gentler than the backbone's, so confidences stay graded).")
+              help="Learning rate of the exit heads (default: the method's; eenet/pteenet 1e-3, gentler than the backbone's).")
 @click.option("--warmup-epochs", type=int, default=1, show_default=True,
               help="Epochs of the method's warm-up loss (EENets: v0, classifiers only) before the main loss.")
 @click.option("--threshold", type=float, default=None, help="Default exit threshold written into the model.")
@@ -203,11 +203,13 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
 @click.option("--split", default="test", show_default=True, help="Data split to evaluate.")
 @click.option("--threshold", default=None, help="Override thresholds: T or T1,T2,...")
 @click.option("--beta", type=float, default=None, help="Class-exclusion bundles: override the dynamic-threshold beta in [0, 1].")
+@click.option("--policy", default=None,
+              help="Run every exit with this policy (confidence, max_softmax, entropy, ...) instead of the manifest's.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
 def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_path: str | None, split: str, threshold: str | None,
-        beta: float | None, batch_size: int, threads: int | None, json_path: str | None) -> None:
+        beta: float | None, policy: str | None, batch_size: int, threads: int | None, json_path: str | None) -> None:
     """Run a bundle as an early-exit cascade and report accuracy, MACs, exits and latency.
 
     Example: edgeexit run bundle/ --device cpu --data digits --json report.json
@@ -218,7 +220,8 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     policy_args = None if beta is None else {"beta": beta}
-    runner = CascadeRunner(bundle, device=device, threads=threads, thresholds=parse_thresholds(threshold), policy_args=policy_args)
+    runner = CascadeRunner(bundle, device=device, threads=threads, thresholds=parse_thresholds(threshold),
+                           policy_args=policy_args, policy=policy)
     x, labels = _load_run_data(runner, data, input_path, split, data_dir)
     report, result = run_report(runner, x, labels, batch_size)
     if labels is None:
@@ -338,11 +341,15 @@ def demo(out: str, epochs: int) -> None:
 @click.option("--target-drop", type=float, default=None, help="Lowest MACs within this accuracy drop (percentage points vs the final classifier).")
 @click.option("--budget", type=float, default=None, help="Best accuracy within this fraction of the full model's MACs.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+@click.option("--policy", default=None,
+              help="Exit policy: auto (the best of confidence, max_softmax, entropy the bundle can run) or a name "
+                   "(default: the bundle's own).")
 def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_drop: float | None, budget: float | None,
-              threads: int | None) -> None:
-    """Choose per-exit thresholds for an accuracy-drop or MACs-budget target and write them into the manifest.
+              threads: int | None, policy: str | None) -> None:
+    """Choose the exit policy and per-exit thresholds for an accuracy-drop or MACs-budget target, fit per-exit
+    temperatures, and write them into the manifest.
 
-    Example: edgeexit calibrate bundle/ --data digits --split val --target-drop 1.0
+    Example: edgeexit calibrate bundle/ --data digits --split val --target-drop 1.0 --policy auto
     """
     from edgeexit.runtime.calibrate import apply_calibration, calibrate as run_calibration, describe, stderr_progress
     from edgeexit.runtime.cascade import CascadeRunner
@@ -352,13 +359,14 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     objective = ("target_drop", target_drop) if target_drop is not None else ("budget", budget)
     runner = CascadeRunner(bundle, threads=threads)
     x, labels = _load_run_data(runner, data, None, split, data_dir)
-    record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress)
+    record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress, policy)
     apply_calibration(bundle, record)
     chosen = record["chosen"]
     status = "met" if chosen["met"] else "NOT met (closest point chosen)"
     click.echo(f"reference accuracy {record['reference_accuracy']:.4f} on {data}/{split}; target {status}")
+    click.echo(f"policy {record['policy']}, temperatures {', '.join(f'{t:.3g}' for t in record['temperatures'])}")
     click.echo(f"operating point: {describe(chosen)}")
-    click.echo(f"wrote thresholds and calibration curve into {bundle}/manifest.json")
+    click.echo(f"wrote policy, thresholds, temperatures and calibration curve into {bundle}/manifest.json")
 
 
 @main.command()

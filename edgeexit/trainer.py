@@ -112,12 +112,12 @@ def validate(model: EarlyExitModel, dataset: Dataset, loss_name: str, costs: Seq
 
 
 def param_groups(model: EarlyExitModel, config: TrainConfig) -> list[dict]:
-    """Optimizer groups: the backbone at config.lr, the exit heads at config.head_lr (trainable parameters only)."""
+    """Optimizer groups: the backbone at config.lr, the exit heads at config.head_lr (default: lr); trainable only."""
     head_ids = {id(p) for p in model.exits.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if id(p) not in head_ids], "lr": config.lr},
-        {"params": [p for p in trainable if id(p) in head_ids], "lr": config.head_lr},
+        {"params": [p for p in trainable if id(p) in head_ids], "lr": config.head_lr or config.lr},
     ]
     return [group for group in groups if group["params"]]
 

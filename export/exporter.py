@@ -60,6 +60,7 @@ def write_graphs(model: EarlyExitModel, folder: Path, opset: int, progress: Call
             exit_spec = {
                 "outputs": dict(zip(roles, outputs[1:])),
                 "policy": {"kind": config.policy["kind"], "threshold": config.policy["threshold"], "args": dict(config.policy.get("args", {}))},
+                "temperature": 1.0,
                 "cut": config.cuts[index],
             }
         progress(f"exporting {stage_file(index)}")

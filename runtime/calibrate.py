@@ -18,12 +18,19 @@ Search (direction-agnostic: it never assumes whether a policy exits above or bel
    so they are cached by that prefix and a pass over a late exit reuses the early ones.
 Every evaluated point feeds the Pareto front (accuracy vs relative MACs) stored too.
 
+Before the search, each exit's temperature (logits / T before any softmax) is fitted to the
+calibration data by minimizing the NLL (fit_temperature). With a policy choice ("auto", or
+a name other than the bundle's), the search runs once per candidate policy and the one
+whose chosen point best meets the objective wins; the manifest records policy, thresholds
+and temperatures per exit.
+
 Calibrated numbers are measured on the calibration data itself (in-sample): calibrate on
 `val`, evaluate on `test`.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -34,9 +41,11 @@ import numpy as np
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.errors import ConfigError
 from edgeexit.runtime.manifest import load_manifest, save_manifest
-from edgeexit.runtime.policies import Policy
+from edgeexit.runtime.policies import SCORE_POLICIES, Policy, get_policy, policies_for
 
 GRID_SIZE = 41
+TEMPERATURE_RANGE = (0.05, 20.0)  # searched in log space; beyond it an exit's logits are useless or one-hot
+AUTO = "auto"
 MAX_ROUNDS = 4
 Objective = tuple[str, float]  # ("target_drop", points) or ("budget", fraction)
 GRIDS: dict[str, Callable[[Policy, Sequence[dict[str, np.ndarray]], int], np.ndarray]] = {}
@@ -231,6 +240,53 @@ def choose_thresholds(
     }
 
 
+def temperature_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of the labels under softmax(logits / temperature), in float64."""
+    z = logits.astype(np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1))
+    return float((log_norm - z[np.arange(len(labels)), labels]).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, steps: int = 60) -> float:
+    """The temperature minimizing the NLL: golden-section search on log T over TEMPERATURE_RANGE.
+
+    The NLL is convex in 1/T, so it has one minimum along log T and the search finds it; at
+    the ends of the range the answer is that end.
+    """
+    ratio = (math.sqrt(5) - 1) / 2
+    low, high = (math.log(t) for t in TEMPERATURE_RANGE)
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = (temperature_nll(logits, labels, math.exp(v)) for v in (a, b))
+    for _ in range(steps):
+        if fa <= fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = temperature_nll(logits, labels, math.exp(a))
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = temperature_nll(logits, labels, math.exp(b))
+    return math.exp((low + high) / 2)
+
+
+def candidate_policies(runner: CascadeRunner, choice: str | None) -> list[str]:
+    """Policy names to search: the bundle's own (None), one by name, or every score policy its exits can run (auto)."""
+    own = runner.manifest.exits[0]["policy"]["kind"]
+    if choice is None:
+        return [own]
+    roles = set.intersection(*(set(spec["outputs"]) for spec in runner.manifest.exits))
+    runnable = policies_for(roles)
+    if choice == AUTO:
+        names = [name for name in SCORE_POLICIES if name in runnable]
+        return names or [own]
+    get_policy(choice)
+    if choice not in runnable:
+        raise ConfigError(f"--policy {choice} needs exit outputs {sorted(set(get_policy(choice).roles) - roles)}; "
+                          f"this bundle's exits can run: {', '.join(runnable)}")
+    return [choice]
+
+
 def calibrate(
     runner: CascadeRunner,
     x: np.ndarray,
@@ -238,26 +294,55 @@ def calibrate(
     objective: Objective,
     data: dict | None = None,
     progress: Callable[[str], None] = lambda message: None,
+    policy: str | None = None,
 ) -> dict:
-    """Run the bundle once over (x, labels) and choose thresholds for `objective`; returns the calibration record."""
+    """Run the bundle once over (x, labels), fit per-exit temperatures, and choose the policy (None: the
+    bundle's own; a name; or "auto") and thresholds for `objective`; returns the calibration record."""
     if len(x) != len(labels):
         raise ConfigError(f"calibration data has {len(x)} inputs but {len(labels)} labels")
     check_objective(objective)
+    names = candidate_policies(runner, policy)
     started = time.perf_counter()
     progress(f"running {len(runner.sessions)} stages over {len(x)} calibration inputs")
     exit_outputs, final_logits = runner.stage_outputs(x)
-    record = choose_thresholds(runner.policies, exit_outputs, final_logits, labels, runner.manifest.exit_costs(),
-                               objective, progress)
+    temperatures = [fit_temperature(o["logits"], labels) if "logits" in o else 1.0 for o in exit_outputs]
+    progress(f"exit temperatures (NLL fit): {', '.join(f'{t:.3g}' for t in temperatures)}")
+    key = objective_key(objective, float((final_logits.argmax(axis=1) == labels).mean()))
+    records = {}
+    for name in names:
+        policies = [dataclasses.replace(p, temperature=t) if p.name == name else get_policy(name)(
+            get_policy(name).default_threshold, {}, t) for p, t in zip(runner.policies, temperatures)]
+        progress(f"policy {name}:")
+        records[name] = choose_thresholds(policies, exit_outputs, final_logits, labels, runner.manifest.exit_costs(),
+                                          objective, progress)
+    best = min(records, key=lambda name: key(point_of(records[name]["chosen"])))
+    if len(records) > 1:
+        progress(f"chose policy {best}")
+    record = records[best]
     record["search"]["seconds"] = round(time.perf_counter() - started, 3)
-    return {"data": {**(data or {}), "samples": int(len(x))}, **record}
+    return {"data": {**(data or {}), "samples": int(len(x))}, "policy": best, "temperatures": temperatures,
+            "candidates": {name: r["chosen"] for name, r in records.items()}, **record}
+
+
+def point_of(chosen: dict) -> Point:
+    """A Point back from its as_dict() form."""
+    return Point(tuple(chosen["thresholds"]), chosen["accuracy"], chosen["relative_macs"], tuple(chosen["exit_counts"]))
 
 
 def apply_calibration(bundle: str, record: dict) -> dict:
-    """Write the chosen thresholds into each exit's policy plus the record, atomically; returns the manifest."""
+    """Write the chosen policy, thresholds and temperatures into each exit plus the record, atomically; returns the manifest.
+
+    An exit whose policy kind changes gets the new kind with no arguments.
+    """
     manifest = load_manifest(bundle, check_hashes=False)
     data = manifest.data
-    for stage, threshold in zip(data["stages"][:-1], record["chosen"]["thresholds"]):
-        stage["exit"]["policy"]["threshold"] = float(threshold)
+    exits = zip(data["stages"][:-1], record["policies"], record["chosen"]["thresholds"], record["temperatures"])
+    for stage, kind, threshold, temperature in exits:
+        policy = stage["exit"]["policy"]
+        if policy["kind"] != kind:
+            policy.update(kind=kind, args={})
+        policy["threshold"] = float(threshold)
+        stage["exit"]["temperature"] = float(temperature)
     data["calibration"] = record
     save_manifest(bundle, data)
     return data

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from edgeexit.runtime.errors import BundleError, ConfigError, InputError
 from edgeexit.runtime.manifest import FULL_NAME, Manifest, check_graph_io, load_manifest
-from edgeexit.runtime.policies import Policy, get_policy
+from edgeexit.runtime.policies import Policy, get_policy, policies_for
 from edgeexit.runtime.providers import resolve_providers
 
 DEFAULT_CHUNK = 256
@@ -63,12 +63,37 @@ def check_batch(x: object, input_shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def make_policy(exit_spec: dict, stage: dict, num_classes: int, kind: str | None = None,
+                policy_args: dict | None = None) -> Policy:
+    """One exit's policy: the manifest's, or `kind` instead (its default threshold unless it is the manifest's kind).
+
+    The exit's temperature comes from the manifest either way. A `kind` whose outputs the exit
+    lacks is a ConfigError (the user asked for it); a manifest policy that lacks them is a BundleError.
+    """
+    spec = exit_spec["policy"]
+    own = kind is None or kind == spec["kind"]
+    cls = get_policy(spec["kind"] if own else kind)
+    missing = set(cls.roles) - set(exit_spec["outputs"])
+    if missing:
+        if kind is None:
+            raise BundleError(f"policy '{cls.name}' needs exit outputs {sorted(missing)} the bundle lacks")
+        raise ConfigError(f"--policy {cls.name} needs exit outputs {sorted(missing)}; this bundle's exits output "
+                          f"{', '.join(exit_spec['outputs'])} (policies it can run: {', '.join(policies_for(exit_spec['outputs']))})")
+    cls.check_outputs(stage, num_classes)
+    threshold = spec["threshold"] if own else cls.default_threshold
+    args = {**(spec.get("args", {}) if own else {}), **(policy_args or {})}
+    return cls(threshold, args, exit_spec.get("temperature", 1.0))
+
+
 class CascadeRunner:
     """Runs a bundle's stages in order and stops each input at its first accepted exit.
 
     >>> runner = CascadeRunner("bundle/", device="cpu")
     >>> result = runner.predict(batch)          # float32 (N, C, H, W), normalized
     >>> result.predictions, result.exit_index
+
+    `policy` runs every exit with that policy (e.g. "max_softmax") instead of the manifest's;
+    `thresholds` and `policy_args` override the manifest's values.
     """
 
     def __init__(
@@ -79,6 +104,7 @@ class CascadeRunner:
         thresholds: float | Sequence[float] | None = None,
         policy_args: dict | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        policy: str | None = None,
     ) -> None:
         self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle)
         self.device = device
@@ -91,16 +117,10 @@ class CascadeRunner:
         self._input_names = [stage["inputs"][0]["name"] for stage in self.manifest.stages]
         self._roles = [list(exit_spec["outputs"].items()) for exit_spec in self.manifest.exits]
         self._full: ort.InferenceSession | None = None
-        self.policies: list[Policy] = []
-        for exit_spec, stage in zip(self.manifest.exits, self.manifest.stages):
-            policy = exit_spec["policy"]
-            cls = get_policy(policy["kind"])
-            args = {**policy.get("args", {}), **(policy_args or {})}
-            self.policies.append(cls(policy["threshold"], args))
-            missing = set(cls.roles) - set(exit_spec["outputs"])
-            if missing:
-                raise BundleError(f"policy '{cls.name}' needs exit outputs {sorted(missing)} the bundle lacks")
-            cls.check_outputs(stage, self.manifest.num_classes)
+        self.policies = [
+            make_policy(exit_spec, stage, self.manifest.num_classes, policy, policy_args)
+            for exit_spec, stage in zip(self.manifest.exits, self.manifest.stages)
+        ]
         if thresholds is not None:
             self.set_thresholds(thresholds)
 

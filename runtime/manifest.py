@@ -169,6 +169,9 @@ def validate(data: Any) -> None:
             raise _fail(f"{where}.exit.policy.threshold", "must be a finite number")
         if not isinstance(policy.get("args", {}), dict):
             raise _fail(f"{where}.exit.policy.args", "must be an object")
+        temperature = exit_spec.get("temperature", 1.0)
+        if not _is_number(temperature) or temperature <= 0:
+            raise _fail(f"{where}.exit.temperature", "must be a finite number > 0")
         previous_output = outputs[0]["name"]
         previous_shape = outputs[0]["shape"]
     calibration = data.get("calibration")

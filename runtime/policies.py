@@ -34,14 +34,28 @@ def check_range(label: str, value: object, bounds: tuple[float, float]) -> float
     return number
 
 
+def check_temperature(value: object) -> float:
+    """A temperature as float, or ConfigError unless it is a finite number > 0."""
+    number = check_range("temperature", value, (0.0, math.inf))
+    if not (0.0 < number < math.inf):
+        raise ConfigError(f"temperature must be a finite number > 0, got {number}")
+    return number
+
+
 @dataclass
 class Policy:
-    """Base policy: `decide` returns (exits, predictions, state) for one exit's outputs."""
+    """Base policy: `decide` returns (exits, predictions, state) for one exit's outputs.
+
+    `temperature` (> 0) divides an exit's class logits before any softmax the policy takes
+    (temperature scaling, fitted per exit by `edgeexit calibrate`); 1 leaves them as trained.
+    """
 
     threshold: float
     args: dict = field(default_factory=dict)
+    temperature: float = 1.0
 
     name: ClassVar[str] = ""
+    default_threshold: ClassVar[float] = 0.5  # used when a bundle is run with a policy other than its own
     roles: ClassVar[tuple[str, ...]] = ("logits",)
     per_class_roles: ClassVar[tuple[str, ...]] = ("logits",)  # outputs that must be [batch, num_classes]
     arg_names: ClassVar[tuple[str, ...]] = ()
@@ -49,7 +63,12 @@ class Policy:
 
     def __post_init__(self) -> None:
         self.threshold = self.check_threshold(self.threshold)
+        self.temperature = check_temperature(self.temperature)
         self.check_args()
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Softmax of the exit's logits at this policy's temperature."""
+        return softmax(logits.astype(np.float64) / self.temperature)
 
     @classmethod
     def check_threshold(cls, value: float) -> float:
@@ -141,20 +160,21 @@ class MaxSoftmaxPolicy(Policy):
     """SDN-style baseline: exit when the top softmax probability >= T."""
 
     name: ClassVar[str] = "max_softmax"
+    default_threshold: ClassVar[float] = 0.9
 
     def scores(self, outputs):
-        return softmax(outputs["logits"]).max(axis=1)
+        return self.probabilities(outputs["logits"]).max(axis=1)
 
 
 @dataclass
 class EntropyPolicy(Policy):
-    """BranchyNet: exit when the softmax entropy (nats) <= T."""
+    """BranchyNet: exit when the softmax entropy (nats) <= T (at most log C; 0 = one-hot)."""
 
     name: ClassVar[str] = "entropy"
     threshold_range: ClassVar[tuple[float, float]] = (0.0, math.inf)
 
     def scores(self, outputs):
-        probs = softmax(outputs["logits"])
+        probs = self.probabilities(outputs["logits"])
         return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
 
     def decide(self, outputs, state):
@@ -183,6 +203,7 @@ class ExclusionPolicy(Policy):
     roles: ClassVar[tuple[str, ...]] = ("exclusion",)
     per_class_roles: ClassVar[tuple[str, ...]] = ("exclusion",)
     arg_names: ClassVar[tuple[str, ...]] = ("beta",)
+    default_threshold: ClassVar[float] = 0.0
     beta_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
     default_beta: ClassVar[float] = 0.5
 
@@ -209,6 +230,14 @@ class ExclusionPolicy(Policy):
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (ConfidencePolicy, MaxSoftmaxPolicy, EntropyPolicy, ExclusionPolicy)
 }
+
+
+SCORE_POLICIES = ("confidence", "max_softmax", "entropy")  # what `calibrate --policy auto` chooses among
+
+
+def policies_for(roles) -> list[str]:
+    """Names of the policies whose needed exit outputs are all among `roles`."""
+    return [name for name, cls in POLICIES.items() if set(cls.roles) <= set(roles)]
 
 
 def get_policy(kind: str) -> type[Policy]:
