@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,17 +19,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from edgeexit.backbones import build_backbone
-from edgeexit.config import TrainConfig
-from edgeexit.data import DataSplits, load_data
+from edgeexit.train.backbones import build_backbone
+from edgeexit.train.config import TrainConfig
+from edgeexit.train.data import DataSplits, load_data
 from edgeexit.export import export_bundle
-from edgeexit.methods import get_method
-from edgeexit.models import save_model
+from edgeexit.train.methods import get_method
+from edgeexit.train.models import save_model
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.runtime.manifest import write_json_atomic
 from edgeexit.runtime.report import full_report, run_report
-from edgeexit.trainer import build_model, seed_everything, train_model
+from edgeexit.train.trainer import build_model, seed_everything, train_model
 
 EXIT_TYPES = ("plain", "pool", "bnpool")
 LOSSES = ("v1", "v2")

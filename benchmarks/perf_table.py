@@ -1,6 +1,6 @@
 """Reproduce the README performance table: digits, resnet20 and resnet56, batch 1 and 64, 1 and 2 threads.
 
-For each backbone: train briefly (edgeexit.api.train; reused if model.pt exists), export,
+For each backbone: train briefly (edgeexit.workflows.train; reused if model.pt exists), export,
 calibrate on the val split for no accuracy drop (--target-drop), then `run_bench` on the
 test split (tiled to --samples inputs so batch 64 has enough calls) for every batch size
 and thread count. Writes benchmarks/results/perf_table.json and perf_table.png and prints
@@ -12,15 +12,14 @@ the markdown table for README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from edgeexit import api
-from edgeexit.eager import eager_predictor
+from edgeexit import workflows
+from edgeexit.train.eager import eager_predictor
 from edgeexit.export import export_bundle
 from edgeexit.runtime.bench import run_bench
 from edgeexit.runtime.calibrate import apply_calibration, calibrate, stderr_progress
@@ -44,7 +43,7 @@ def prepare(backbone: str, work: Path, epochs: int, input_size: int, target_drop
     model, bundle = work / f"{backbone}.pt", work / backbone
     if not model.exists():
         stderr_progress(f"training {backbone} for {epochs} epochs")
-        api.train(backbone=backbone, epochs=epochs, input_size=input_size, out=str(model), progress=False, **TRAINING)
+        workflows.train(backbone=backbone, epochs=epochs, input_size=input_size, out=str(model), progress=False, **TRAINING)
     stderr_progress(f"exporting {backbone}")
     export_bundle(model, bundle)
     runner = CascadeRunner(bundle)

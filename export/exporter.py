@@ -15,9 +15,9 @@ import torch
 from edgeexit import __version__
 from edgeexit.export.onnx_graphs import DEFAULT_OPSET, FusedStage, SingleOutput, export_graph, graph_io
 from edgeexit.export.verify import verify_bundle_against_model
-from edgeexit.macs import count_macs, count_params
-from edgeexit.models import EarlyExitModel, load_model
-from edgeexit.runtime.errors import BundleError
+from edgeexit.train.macs import count_macs, count_params
+from edgeexit.train.models import EarlyExitModel, load_model
+from edgeexit.errors import BundleError
 from edgeexit.runtime.manifest import (
     FORMAT,
     FORMAT_VERSION,

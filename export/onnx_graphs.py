@@ -11,7 +11,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgeexit.runtime.errors import VerificationError
+from edgeexit.errors import VerificationError
 from edgeexit.runtime.manifest import BATCH_DIM
 
 DEFAULT_OPSET = 18

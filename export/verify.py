@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeexit.models import EarlyExitModel
+from edgeexit.train.models import EarlyExitModel
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.consistency import TOLERANCE, check_chain, max_abs_diff
 from edgeexit.runtime.datasets import digits_split, normalize
-from edgeexit.runtime.errors import VerificationError
+from edgeexit.errors import VerificationError
 
 
 def verification_inputs(model: EarlyExitModel, count: int = 16, seed: int = 0) -> dict[str, np.ndarray]:

@@ -3,7 +3,7 @@
 Imports only numpy and onnxruntime (and Pillow for image files), so it installs on a
 Raspberry Pi or a Jetson without PyTorch.
 """
-from edgeexit.runtime.errors import (
+from edgeexit.errors import (
     BundleError,
     ConfigError,
     DeviceError,

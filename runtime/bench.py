@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from edgeexit.runtime.calibrate import CascadeSimulator, shared_grids
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 from edgeexit.runtime.report import Progress, cascade_entry, interleaved_timings, logits_entry, runner_info
 
 SWEEP_POINTS = 6

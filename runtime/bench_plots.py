@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeexit.runtime.errors import MissingExtraError
+from edgeexit.errors import MissingExtraError
 
 PLOTS = ("accuracy_vs_macs.png", "latency_vs_threshold.png", "exit_histogram.png")
 

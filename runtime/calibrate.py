@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 from edgeexit.runtime.manifest import load_manifest, save_manifest
 from edgeexit.runtime.policies import SCORE_POLICIES, Policy, get_policy, policies_for
 

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from edgeexit.runtime.errors import BundleError, ConfigError, InputError
+from edgeexit.errors import BundleError, ConfigError, InputError, first_line
 from edgeexit.runtime.manifest import FULL_NAME, Manifest, check_graph_io, load_manifest
 from edgeexit.runtime.policies import Policy, get_policy, policies_for
 from edgeexit.runtime.providers import resolve_providers
@@ -130,7 +130,7 @@ class CascadeRunner:
         try:
             session = ort.InferenceSession(str(path), self._options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises several private exception types
-            raise BundleError(f"onnxruntime cannot load {path}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+            raise BundleError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
         check_graph_io(name, inputs, outputs, session.get_inputs(), session.get_outputs())
         return session
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.errors import VerificationError
+from edgeexit.errors import VerificationError
 
 TOLERANCE = 1e-4
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import check_batch
-from edgeexit.runtime.errors import ConfigError, InputError
+from edgeexit.errors import ConfigError, InputError
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)

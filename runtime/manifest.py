@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from edgeexit.runtime.errors import BundleError
+from edgeexit.errors import BundleError
 
 FORMAT = "edgeexit-bundle"
 FORMAT_VERSION = 1

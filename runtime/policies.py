@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edgeexit.runtime.errors import BundleError, ConfigError
+from edgeexit.errors import BundleError, ConfigError
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgeexit.runtime.errors import DeviceError
+from edgeexit.errors import DeviceError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -14,11 +14,11 @@ TINY = {"backbone": "resnet8", "input_size": 16, "epochs": 3, "num_exits": 2, "p
 
 def tiny_train(tmp: Path, **overrides) -> Path:
     """Train a tiny model on digits (a few seconds) and return its model.pt path."""
-    from edgeexit import api
+    from edgeexit import workflows
 
     opts = {**TINY, **overrides}
     out = tmp / "model.pt"
-    api.train(out=str(out), progress=False, **opts)
+    workflows.train(out=str(out), progress=False, **opts)
     return out
 
 
@@ -61,7 +61,7 @@ def fake_torchvision(monkeypatch):
     import torchvision.datasets as tvd
     from torchvision.datasets import FakeData
 
-    from edgeexit.data import TORCHVISION_SETS
+    from edgeexit.train.data import TORCHVISION_SETS
 
     def install(name: str) -> list:
         cls_name, channels, size, _, _ = TORCHVISION_SETS[name]

@@ -4,12 +4,12 @@ import functools
 import pytest
 import torch
 
-from edgeexit.backbones import BACKBONES, build_backbone
-from edgeexit.config import ModelConfig
-from edgeexit.cuts import CutGraph
-from edgeexit.macs import count_params
-from edgeexit.models import EarlyExitModel
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.train.backbones import BACKBONES, build_backbone
+from edgeexit.train.config import ModelConfig
+from edgeexit.train.cuts import CutGraph
+from edgeexit.train.macs import count_params
+from edgeexit.train.models import EarlyExitModel
+from edgeexit.errors import ConfigError
 
 
 @functools.cache

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from edgeexit.cli import main
 from edgeexit.runtime.bench import oracle
 from edgeexit.runtime.bench_plots import PLOTS, write_plots
-from edgeexit.runtime.errors import MissingExtraError
+from edgeexit.errors import MissingExtraError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

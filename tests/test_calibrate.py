@@ -12,7 +12,7 @@ from edgeexit.cli import main
 from edgeexit.runtime.calibrate import CascadeSimulator, apply_calibration, calibrate, choose_thresholds
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 from edgeexit.runtime.manifest import load_manifest, read_manifest, save_manifest
 from edgeexit.runtime.policies import POLICIES, get_policy
 

@@ -1,5 +1,6 @@
 """The CLI end to end through click's CliRunner, and its one-line errors."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -99,12 +100,11 @@ def test_bad_device_threshold_and_input(tiny_bundle, tmp_path):
 
 
 def test_missing_train_extra_is_a_one_line_hint(monkeypatch):
-    def no_torch(name):
-        error = ImportError("No module named 'torch'")
-        error.name = "torch"
-        raise error
+    import edgeexit
 
-    monkeypatch.setattr(cli.importlib, "import_module", no_torch)
+    monkeypatch.delitem(sys.modules, "edgeexit.workflows", raising=False)
+    monkeypatch.delattr(edgeexit, "workflows", raising=False)  # else `from edgeexit import workflows` reuses it
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError(name="torch")
     result = invoke("train", "--epochs", "1")
     assert_one_line_error(result, 6, 'pip install "edgeexit[train]"')
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeexit.data import TORCHVISION_SETS, load_data
+from edgeexit.train.data import TORCHVISION_SETS, load_data
 from edgeexit.runtime.datasets import digits_split, load_eval_data, load_input, split_indices
-from edgeexit.runtime.errors import ConfigError, InputError
+from edgeexit.errors import ConfigError, InputError
 
 
 def test_digits_split_is_fixed_disjoint_and_complete():

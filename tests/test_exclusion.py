@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from edgeexit.cli import main
 from edgeexit.runtime import CascadeRunner
-from edgeexit.runtime.errors import BundleError, ConfigError
+from edgeexit.errors import BundleError, ConfigError
 from edgeexit.runtime.manifest import MANIFEST_NAME, sha256_file
 from edgeexit.runtime.policies import ExclusionPolicy, get_policy
 

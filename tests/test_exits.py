@@ -7,18 +7,18 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from edgeexit.config import TrainConfig
-from edgeexit.data import DataSplits, load_data
-from edgeexit.exits import CONFIDENCE_BIAS_INIT, EXITS, build_exit
+from edgeexit.train.config import TrainConfig
+from edgeexit.train.data import DataSplits, load_data
+from edgeexit.train.exits import CONFIDENCE_BIAS_INIT, EXITS, build_exit
 from edgeexit.export import export_bundle
 from edgeexit.export.verify import torch_stage_outputs
-from edgeexit.macs import count_macs, count_params
-from edgeexit.models import load_model, save_model
-from edgeexit.placement import SCHEMES
+from edgeexit.train.macs import count_macs, count_params
+from edgeexit.train.models import load_model, save_model
+from edgeexit.train.placement import SCHEMES
 from edgeexit.runtime import CascadeRunner, load_manifest
 from edgeexit.runtime.datasets import load_eval_data
-from edgeexit.runtime.errors import ConfigError
-from edgeexit.trainer import build_model, train_model
+from edgeexit.errors import ConfigError
+from edgeexit.train.trainer import build_model, train_model
 
 EENET_EXITS = ("plain", "pool", "bnpool")
 FEATURES = (8, 4, 4)

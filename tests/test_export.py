@@ -8,7 +8,7 @@ import torch
 
 from edgeexit.export import export_bundle
 from edgeexit.export.verify import torch_stage_outputs
-from edgeexit.models import load_model
+from edgeexit.train.models import load_model
 from edgeexit.runtime import CascadeRunner, load_manifest
 
 

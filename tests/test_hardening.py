@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from edgeexit.cli import main
 from edgeexit.runtime import CascadeRunner, InputError
-from edgeexit.runtime.errors import BundleError, VerificationError
+from edgeexit.errors import BundleError, VerificationError
 
 INPUT_EXIT = InputError.exit_code
 
@@ -268,7 +268,7 @@ def test_killed_export_keeps_the_earlier_bundle_and_its_temp_dir_is_cleaned(tiny
 
     before = snapshot(bundle_copy)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgeexit.cli", "export", str(tiny_model_path), str(bundle_copy)],
+        [sys.executable, "-m", "edgeexit", "export", str(tiny_model_path), str(bundle_copy)],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )
     try:

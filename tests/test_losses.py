@@ -6,8 +6,8 @@ import torch
 from click.testing import CliRunner
 
 from edgeexit.cli import main
-from edgeexit.losses import LOSSES, exit_tags, get_loss
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.train.losses import LOSSES, exit_tags, get_loss
+from edgeexit.errors import ConfigError
 
 # two exits and the final classifier, one input of true class 0, probabilities given as log-logits
 P0, P1, PF = [0.9, 0.1], [0.6, 0.4], [0.2, 0.8]

@@ -1,7 +1,7 @@
 """model.pt round trip and the fx split of the backbone."""
 import torch
 
-from edgeexit.models import load_model, read_checkpoint
+from edgeexit.train.models import load_model, read_checkpoint
 
 
 def test_model_pt_is_a_plain_dict_that_round_trips(tiny_model_path, tmp_path):

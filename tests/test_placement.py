@@ -4,12 +4,12 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from edgeexit.backbones import build_backbone
+from edgeexit.train.backbones import build_backbone
 from edgeexit.cli import main
-from edgeexit.cuts import CutGraph, CutPoint
-from edgeexit.placement import SCHEMES, place_exits, scheme_targets
-from edgeexit.runtime.errors import ConfigError
-from edgeexit.trainer import choose_cuts
+from edgeexit.train.cuts import CutGraph, CutPoint
+from edgeexit.train.placement import SCHEMES, place_exits, scheme_targets
+from edgeexit.errors import ConfigError
+from edgeexit.train.trainer import choose_cuts
 
 PHI = (1 + math.sqrt(5)) / 2
 

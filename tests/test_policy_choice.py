@@ -11,7 +11,7 @@ from edgeexit.cli import main
 from edgeexit.runtime.calibrate import apply_calibration, calibrate, fit_temperature, temperature_nll
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
-from edgeexit.runtime.errors import BundleError, ConfigError
+from edgeexit.errors import BundleError, ConfigError
 from edgeexit.runtime.manifest import load_manifest, read_manifest, save_manifest
 from edgeexit.runtime.policies import softmax
 

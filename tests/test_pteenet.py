@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 from torch import fx, nn
 
-from edgeexit.backbones import BACKBONES, build_backbone
+from edgeexit.train.backbones import BACKBONES, build_backbone
 from edgeexit.cli import main
-from edgeexit.cuts import CutGraph
-from edgeexit.runtime.errors import ConfigError, InputError
+from edgeexit.train.cuts import CutGraph
+from edgeexit.errors import ConfigError, InputError
 
 SMALL = {"input_size": 16, "num_exits": 2, "placement": "linear"}
 
@@ -33,7 +33,7 @@ def _assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 @pytest.fixture(scope="module")
 def backbone_weights(tmp_path_factory) -> Path:
     """resnet20 pre-trained (plain, no exits) on 16x16 digits: the 'user's model'."""
-    from edgeexit.pretrained import pretrain_backbone
+    from edgeexit.train.pretrained import pretrain_backbone
 
     out = tmp_path_factory.mktemp("pretrained") / "backbone.pt"
     pretrain_backbone("resnet20", out, input_size=16, epochs=4, progress=False)
@@ -47,7 +47,7 @@ def pteenet_model(tmp_path_factory, backbone_weights) -> Path:
     Three warm-up epochs let the branch classifiers learn before the confidence heads meet
     the cost term; lambda 1.5 because a 99%-accurate backbone makes deferring nearly free.
     """
-    from edgeexit import api
+    from edgeexit import workflows as api
 
     out = tmp_path_factory.mktemp("pteenet") / "model.pt"
     api.train(method="pteenet", backbone="resnet20", weights=str(backbone_weights), input_size=16, placement="pareto",
@@ -65,7 +65,7 @@ def pteenet_bundle(tmp_path_factory, pteenet_model) -> Path:
 
 
 def _original(weights: Path, name: str = "resnet20", channels: int = 1) -> nn.Module:
-    from edgeexit.pretrained import load_backbone_weights
+    from edgeexit.train.pretrained import load_backbone_weights
 
     net = build_backbone(name, 10, channels)
     load_backbone_weights(net, weights)
@@ -81,7 +81,7 @@ def test_torchvision_backbone_is_built_offline_for_the_data():
 
 
 def test_rgb_checkpoint_on_gray_input_equals_repeating_the_channel(tmp_path):
-    from edgeexit.pretrained import load_backbone_weights
+    from edgeexit.train.pretrained import load_backbone_weights
 
     rgb = build_backbone("torchvision:resnet18", 10, 3).eval()
     # a DataParallel-style checkpoint dict, as torchvision's reference scripts write
@@ -94,7 +94,7 @@ def test_rgb_checkpoint_on_gray_input_equals_repeating_the_channel(tmp_path):
 
 
 def test_mismatched_weights_name_the_keys(tmp_path):
-    from edgeexit.pretrained import load_backbone_weights
+    from edgeexit.train.pretrained import load_backbone_weights
 
     torch.save(build_backbone("resnet20", 10, 1).state_dict(), tmp_path / "r20.pt")
     with pytest.raises(InputError, match=r"do not match .*unexpected layer1\.1\.conv1\.weight"):
@@ -105,8 +105,8 @@ def test_mismatched_weights_name_the_keys(tmp_path):
 
 
 def test_backbone_weights_unchanged_bit_for_bit(pteenet_model, backbone_weights):
-    from edgeexit.models import load_model
-    from edgeexit.pretrained import read_state_dict
+    from edgeexit.train.models import load_model
+    from edgeexit.train.pretrained import read_state_dict
 
     model = load_model(pteenet_model)
     assert model.config.frozen_backbone and model.config.exit_type == "branch"
@@ -114,7 +114,7 @@ def test_backbone_weights_unchanged_bit_for_bit(pteenet_model, backbone_weights)
 
 
 def test_final_exit_is_the_original_model(pteenet_model, pteenet_bundle, backbone_weights):
-    from edgeexit.models import load_model
+    from edgeexit.train.models import load_model
     from edgeexit.runtime.cascade import CascadeRunner
     from edgeexit.runtime.datasets import load_eval_data
 
@@ -147,9 +147,9 @@ def test_branches_exit_a_real_share_early(pteenet_bundle, backbone_weights, tmp_
 
 
 def test_torchvision_backbone_trains_exports_and_runs(tmp_path):
-    from edgeexit import api
+    from edgeexit import workflows as api
     from edgeexit.export import export_bundle
-    from edgeexit.pretrained import read_state_dict, save_state_dict
+    from edgeexit.train.pretrained import read_state_dict, save_state_dict
     from edgeexit.runtime.cascade import CascadeRunner
     from edgeexit.runtime.datasets import load_eval_data
 
@@ -168,13 +168,13 @@ def test_torchvision_backbone_trains_exports_and_runs(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v2"])
 def test_torchvision_backbone_at_224_exports_verified_and_runs(tmp_path, name):
-    from edgeexit.data import load_data
+    from edgeexit.train.data import load_data
     from edgeexit.export import export_bundle
-    from edgeexit.models import save_model
-    from edgeexit.pretrained import save_state_dict
+    from edgeexit.train.models import save_model
+    from edgeexit.train.pretrained import save_state_dict
     from edgeexit.runtime.cascade import CascadeRunner
     from edgeexit.runtime.datasets import load_eval_data
-    from edgeexit.trainer import build_model
+    from edgeexit.train.trainer import build_model
 
     save_state_dict(build_backbone(name, 10, 3), tmp_path / "w.pt")
     data = load_data("digits", input_size=224, channels=3)

@@ -7,7 +7,7 @@ def test_runtime_import_pulls_no_torch_or_onnx():
     code = (
         "import sys, edgeexit.runtime, edgeexit.runtime.cascade, edgeexit.runtime.datasets, edgeexit.runtime.report;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'torchvision', 'onnxsim')"
-        " or m.startswith(('edgeexit.export', 'edgeexit.models', 'edgeexit.trainer')));"
+        " or m.startswith(('edgeexit.export', 'edgeexit.train.models', 'edgeexit.train.trainer')));"
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,8 @@
-"""The project's error types: each maps to one CLI exit code and a one-line message."""
+"""The project's error types: each maps to one CLI exit code and a one-line message.
+
+Torch-free: the runtime, the training side and the CLI all raise these; `edgeexit.runtime`
+re-exports them.
+"""
 from __future__ import annotations
 
 
@@ -42,3 +46,9 @@ class VerificationError(EdgeExitError):
     """Exported graphs do not reproduce the PyTorch model or each other."""
 
     exit_code = 7
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (or its type name), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

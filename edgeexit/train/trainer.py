@@ -11,15 +11,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from edgeexit.config import ModelConfig, TrainConfig
-from edgeexit.cuts import CutGraph
-from edgeexit.data import DataSplits
-from edgeexit.losses import TAGGED_LOSSES, exit_tags, get_loss
-from edgeexit.methods import get_method
-from edgeexit.models import EarlyExitModel
-from edgeexit.placement import place_exits
+from edgeexit.train.config import ModelConfig, TrainConfig
+from edgeexit.train.cuts import CutGraph
+from edgeexit.train.data import DataSplits
+from edgeexit.train.losses import TAGGED_LOSSES, exit_tags, get_loss
+from edgeexit.train.methods import get_method
+from edgeexit.train.models import EarlyExitModel
+from edgeexit.train.placement import place_exits
 from edgeexit.runtime.calibrate import CascadeSimulator
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 from edgeexit.runtime.policies import get_policy
 
 
@@ -191,8 +191,8 @@ def build_model(
     weights: str | None = None,
 ) -> EarlyExitModel:
     """Construct an untrained exit-augmented model sized for `data`, its backbone loaded from `weights` if given."""
-    from edgeexit.backbones import build_backbone
-    from edgeexit.pretrained import load_backbone_weights
+    from edgeexit.train.backbones import build_backbone
+    from edgeexit.train.pretrained import load_backbone_weights
 
     spec = get_method(method)
     info = data.info

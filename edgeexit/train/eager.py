@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from edgeexit.models import load_model
+from edgeexit.train.models import load_model
 
 
 def eager_predictor(model_path: str | os.PathLike, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from edgeexit.runtime.datasets import DIGITS_CLASSES, digits_split, split_indices
-from edgeexit.runtime.errors import ConfigError, InputError
+from edgeexit.errors import ConfigError, InputError, first_line
 
 VAL_SEED = 0
 
@@ -132,7 +132,7 @@ def load_folder_data(root: str, input_size: int | None, channels: int = 3) -> Da
             classes = full.classes
             sets = {split: Subset(full, split_indices(len(full), split).tolist()) for split in ("train", "val", "test")}
     except (FileNotFoundError, OSError) as exc:
-        raise InputError(f"cannot read image folder {root}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"cannot read image folder {root}: {first_line(exc)}") from None
     if len(classes) < 2:
         raise InputError(f"image folder {root} needs at least two class subfolders, found {len(classes)}")
     return DataSplits(sets["train"], sets["val"], sets["test"], DataInfo((channels, size, size), mean, std, list(classes)))

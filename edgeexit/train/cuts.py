@@ -13,8 +13,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeexit.macs import count_macs, layer_macs
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.train.macs import count_macs, layer_macs
+from edgeexit.errors import ConfigError, first_line
 
 
 _NORM_OR_ACT = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU)
@@ -65,8 +65,7 @@ class CutGraph:
         try:
             graph = _PathTracer().trace(backbone)
         except Exception as exc:  # fx raises many error types for untraceable code
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"backbone {type(backbone).__name__} cannot be traced by torch.fx: {first}") from None
+            raise ConfigError(f"backbone {type(backbone).__name__} cannot be traced by torch.fx: {first_line(exc)}") from None
         self.module = fx.GraphModule(backbone, graph)
         was_training = backbone.training
         backbone.eval()

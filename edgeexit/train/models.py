@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from edgeexit import __version__
-from edgeexit.backbones import build_backbone
-from edgeexit.config import ModelConfig
-from edgeexit.cuts import CutGraph
-from edgeexit.exits import build_exit
-from edgeexit.macs import count_macs
-from edgeexit.runtime.errors import ConfigError, InputError
+from edgeexit.train.backbones import build_backbone
+from edgeexit.train.config import ModelConfig
+from edgeexit.train.cuts import CutGraph
+from edgeexit.train.exits import build_exit
+from edgeexit.train.macs import count_macs
+from edgeexit.errors import ConfigError, InputError, first_line
 
 MODEL_FORMAT = "edgeexit-model"
 MODEL_VERSION = 1
@@ -117,8 +117,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             "model.pt must be a plain checkpoint (tensors and plain data, no code) written by `edgeexit train`"
         ) from None
     except Exception as exc:  # corrupt zips, truncated files and the like come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"refusing to load {path}: not a plain edgeexit checkpoint ({first[:200]})") from None
+        raise InputError(f"refusing to load {path}: not a plain edgeexit checkpoint ({first_line(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
         raise InputError(f"{path} is not an edgeexit model.pt (missing format '{MODEL_FORMAT}')")
     if data.get("version") != MODEL_VERSION:
@@ -135,5 +134,5 @@ def load_model(path: str | os.PathLike) -> EarlyExitModel:
     try:
         model.load_state_dict(data["state_dict"])
     except RuntimeError as exc:
-        raise InputError(f"weights in {path} do not match the architecture: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"weights in {path} do not match the architecture: {first_line(exc)}") from None
     return model.eval()

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 
 LossFn = Callable[[Sequence[tuple[torch.Tensor, ...]], torch.Tensor, torch.Tensor, Sequence[float], float], torch.Tensor]
 LOSSES: dict[str, LossFn] = {}

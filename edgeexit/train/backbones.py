@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 

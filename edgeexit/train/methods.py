@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from edgeexit.backbones import build_backbone, first_conv_name
-from edgeexit.data import load_data
-from edgeexit.runtime.errors import ConfigError, InputError
+from edgeexit.train.backbones import build_backbone, first_conv_name
+from edgeexit.train.data import load_data
+from edgeexit.errors import ConfigError, InputError, first_line
 
 CHECKPOINT_KEYS = ("state_dict", "model")
 SHOWN = 3  # keys named per problem in an error line
@@ -34,8 +34,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot read weights {path}: not a plain tensor file ({first[:200]})") from None
+        raise InputError(f"cannot read weights {path}: not a plain tensor file ({first_line(exc)})") from None
     if isinstance(data, dict):
         data = next((data[k] for k in CHECKPOINT_KEYS if isinstance(data.get(k), dict)), data)
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -114,7 +113,7 @@ def pretrain_backbone(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the plain backbone (cross-entropy, SGD + one-cycle) and write its state_dict to `out`."""
-    from edgeexit.trainer import seed_everything
+    from edgeexit.train.trainer import seed_everything
 
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.errors import ConfigError
 
 EXITS: dict[str, Callable[..., nn.Module]] = {}
 

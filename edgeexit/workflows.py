@@ -8,15 +8,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from edgeexit.backbones import build_backbone
-from edgeexit.config import TrainConfig
-from edgeexit.cuts import CutGraph
-from edgeexit.data import load_data
-from edgeexit.methods import get_method
-from edgeexit.models import save_model
-from edgeexit.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
-from edgeexit.runtime.errors import ConfigError
-from edgeexit.trainer import build_model, train_model
+from edgeexit.train.backbones import build_backbone
+from edgeexit.train.config import TrainConfig
+from edgeexit.train.cuts import CutGraph
+from edgeexit.train.data import load_data
+from edgeexit.train.methods import get_method
+from edgeexit.train.models import save_model
+from edgeexit.train.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
+from edgeexit.errors import ConfigError
+from edgeexit.train.trainer import build_model, train_model
 
 
 def _split_list(value: str | None) -> list[str] | None:

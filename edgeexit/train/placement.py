@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-from edgeexit.cuts import CutPoint
-from edgeexit.runtime.errors import ConfigError
+from edgeexit.train.cuts import CutPoint
+from edgeexit.errors import ConfigError
 
 PHI = (1 + math.sqrt(5)) / 2
 SCHEMES: dict[str, Callable[[int], list[float]]] = {}

@@ -1,0 +1,81 @@
+"""What every edgeexit command shares: one-line error handling, the [train]-extra guard, option parsing."""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from edgeexit.errors import ConfigError, EdgeExitError, MissingExtraError, first_line
+
+DEBUG_ENV = "EDGEEXIT_DEBUG"
+
+
+@contextmanager
+def training_extra() -> Iterator[None]:
+    """Wrap the import of a training-side module: a missing [train] dependency becomes MissingExtraError."""
+    try:
+        yield
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise MissingExtraError(
+            f"this command needs the training extra ({missing} is not installed): pip install \"edgeexit[train]\""
+        ) from None
+
+
+class Group(click.Group):
+    """click group that turns project errors and unexpected failures into one-line messages."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgeExitError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:  # last line of defence: no traceback unless asked for
+            if os.environ.get(DEBUG_ENV):
+                raise
+            message = first_line(exc) if str(exc).strip() else ""
+            click.echo(f"error: unexpected {type(exc).__name__}: {message} (set {DEBUG_ENV}=1 for details)", err=True)
+            sys.exit(1)
+
+
+
+def parse_thresholds(value: str | None) -> float | list[float] | None:
+    """'0.7' -> 0.7; '0.6,0.8' -> [0.6, 0.8]; None stays None."""
+    if value is None:
+        return None
+    try:
+        parts = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise ConfigError(f"--threshold takes a number or comma-separated numbers, got '{value}'") from None
+    return parts[0] if len(parts) == 1 else parts
+
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write a report atomically."""
+    from edgeexit.runtime.manifest import write_json_atomic
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target, data)
+
+
+
+DATA_DIR_OPTION = click.option("--data-dir", default=None, help="Where torchvision data sets live (mnist, cifar10, ...).")
+
+
+def labeled_data_options(command: Any) -> Any:
+    """--data (default digits) and --data-dir, for the commands that need labels (calibrate, bench)."""
+    data = click.option("--data", default="digits", show_default=True, help="Labeled data: digits, folder:PATH, or a torchvision set.")
+    return data(DATA_DIR_OPTION(command))
+

@@ -1,0 +1,139 @@
+"""Training-side commands (need the [train] extra, imported lazily): train, pretrain, export, cuts, demo."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from edgeexit.cli.common import training_extra
+
+
+@click.command()
+@click.option("--data", default="digits", show_default=True, help="digits, mnist, cifar10, cifar100, svhn or folder:PATH.")
+@click.option("--data-dir", default=None, help="Where torchvision data sets live.")
+@click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
+@click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
+@click.option("--backbone", default="resnet20", show_default=True, help="Backbone name: resnet20, resnet56, eenet8, torchvision:resnet18, ...")
+@click.option("--method", default="eenet", show_default=True, help="Training method: eenet, ...")
+@click.option("--exit-type", default=None, help="Exit head type (default: the method's).")
+@click.option("--num-exits", type=int, default=2, show_default=True, help="Number of early exits.")
+@click.option("--placement", default="pareto", show_default=True, help="Exit placement scheme.")
+@click.option("--exit-at", default=None, help="Explicit cut points, comma separated (overrides --placement).")
+@click.option("--loss", default=None, help="Loss (default: the method's), e.g. v1, v2 or v4 (EENets' exit tags).")
+@click.option("--lambda", "lam", type=float, default=1.0, show_default=True, help="Weight of the cost term.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate (cosine schedule).")
+@click.option("--head-lr", type=float, default=None,
+              help="Learning rate of the exit heads (default: the method's; eenet/pteenet 1e-3, gentler than the backbone's).")
+@click.option("--warmup-epochs", type=int, default=1, show_default=True,
+              help="Epochs of the method's warm-up loss (EENets: v0, classifiers only) before the main loss.")
+@click.option("--threshold", type=float, default=None, help="Default exit threshold written into the model.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="model.pt", show_default=True, type=click.Path(dir_okay=False), help="Output model.pt.")
+@click.option("--weights", default=None, type=click.Path(dir_okay=False),
+              help="Pre-trained backbone weights (a state_dict file, or a checkpoint with 'state_dict'/'model'); never downloaded.")
+@click.option("--branch-channels", type=int, default=None, help="Branch exits: conv channels (default: the cut's).")
+@click.option("--branch-depth", type=int, default=None, help="Branch exits: conv-BN-ReLU blocks (default 2).")
+def train(**opts: Any) -> None:
+    """Train an exit-augmented model and write model.pt.
+
+    \b
+    Example: edgeexit train --data digits --backbone resnet20 --num-exits 2 --epochs 10 --out model.pt
+    PTEENet (branches on a frozen pre-trained backbone, see `edgeexit pretrain`):
+      edgeexit train --method pteenet --backbone torchvision:resnet18 --weights backbone.pt --data digits
+    """
+    with training_extra():
+        from edgeexit import workflows
+    summary = workflows.train(**opts, progress=True)
+    click.echo(
+        f"wrote {opts['out']}: cuts {', '.join(summary['cuts'])}; kept epoch {summary['best_epoch'] + 1} (lowest val loss): "
+        f"val accuracy {summary['val_accuracy']:.4f}, "
+        f"early-exit rate {summary['val_exit_rate']:.2f}"
+    )
+
+
+
+@click.command()
+@click.option("--backbone", required=True, help="Backbone name, e.g. resnet20 or torchvision:resnet18.")
+@click.option("--data", default="digits", show_default=True, help="digits, mnist, cifar10, cifar100, svhn or folder:PATH.")
+@click.option("--data-dir", default=None, help="Where torchvision data sets live.")
+@click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
+@click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default="backbone.pt", show_default=True, type=click.Path(dir_okay=False), help="Output state_dict.")
+def pretrain(**opts: Any) -> None:
+    """Train a plain backbone (no exits) and write its state_dict, the input of `train --weights`.
+
+    Example: edgeexit pretrain --backbone torchvision:resnet18 --data digits --input-size 32 --out backbone.pt
+    """
+    with training_extra():
+        from edgeexit.train.pretrained import pretrain_backbone
+    summary = pretrain_backbone(**opts, progress=True)
+    click.echo(f"wrote {opts['out']}: val accuracy {summary['val_accuracy']:.4f}, test accuracy {summary['test_accuracy']:.4f}")
+
+
+
+@click.command("export")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--no-verify", is_flag=True, help="Skip the PyTorch parity checks (not recommended).")
+def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:
+    """Export model.pt to a bundle of per-stage ONNX graphs plus manifest.json.
+
+    Example: edgeexit export model.pt bundle/
+    """
+    with training_extra():
+        from edgeexit.export import export_bundle
+    manifest = export_bundle(model, out, opset=opset, verify=not no_verify, progress=lambda m: click.echo(m, err=True))
+    worst = None
+    if manifest["verification"]:
+        worst = max(v for kind in manifest["verification"].values() for v in kind.values())
+    checked = "not verified" if worst is None else f"verified, max diff {worst:.1e}"
+    click.echo(f"wrote {out}: {len(manifest['stages'])} stages + full.onnx ({checked})")
+
+
+
+@click.command()
+@click.option("--backbone", default="resnet20", show_default=True, help="Backbone name.")
+@click.option("--input-size", type=int, default=32, show_default=True)
+@click.option("--channels", type=int, default=None, help="Input channels (default: 1 for CIFAR-style nets, 3 otherwise).")
+@click.option("--num-exits", type=int, default=2, show_default=True, help="Exits each scheme places.")
+def cuts(backbone: str, input_size: int, channels: int | None, num_exits: int) -> None:
+    """List a backbone's candidate cut points with cumulative MACs and the schemes that pick them.
+
+    Example: edgeexit cuts --backbone resnet20
+    """
+    with training_extra():
+        from edgeexit import workflows
+    for line in workflows.describe_cuts(backbone, input_size, channels, num_exits):
+        click.echo(line)
+
+
+@click.command()
+@click.option("--out", default="edgeexit-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--epochs", type=int, default=8, show_default=True)
+def demo(out: str, epochs: int) -> None:
+    """Train on digits, export, run the cascade and full.onnx, and print a comparison table.
+
+    Example: edgeexit demo --out demo/
+    """
+    with training_extra():
+        from edgeexit import workflows
+    rows = workflows.demo(out, epochs=epochs)
+    click.echo(f"{'model':<18}{'accuracy':>10}{'rel. MACs':>11}{'exits':>16}{'p50 ms':>9}{'p95 ms':>9}")
+    for name, row in rows.items():
+        exits = "-" if row.get("exit_counts") is None else "/".join(map(str, row["exit_counts"]))
+        click.echo(
+            f"{name:<18}{row['accuracy']:>10.4f}{row['relative_macs']:>11.3f}{exits:>16}"
+            f"{row['latency_ms']['p50']:>9.3f}{row['latency_ms']['p95']:>9.3f}"
+        )
+    click.echo(f"wrote {out}/model.pt, {out}/bundle/, {out}/report.json")
+
+
+
+COMMANDS = [train, pretrain, export_cmd, cuts, demo]
