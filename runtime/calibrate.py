@@ -12,8 +12,12 @@ Search (direction-agnostic: it never assumes whether a policy exits above or bel
    one pooled grid so that step 2 is a sweep of one shared threshold, the `--threshold T`
    knob users have at run time.
 2. Shared sweep: every grid value applied to all exits; this is the recorded curve.
-3. Coordinate descent from the best shared point: per exit, try each of its candidates
-   with the other exits fixed, keep the best, repeat until a round changes nothing.
+3. Every combination of the per-exit candidates when there are at most EXHAUSTIVE_POINTS
+   of them (two exits, or three with the default grid): the optimum over the grid.
+   Beyond that, coordinate descent from the best shared point: per exit, try each of its
+   candidates with the other exits fixed, keep the best, repeat until a round changes
+   nothing (measured on synthetic outputs with two exits, descent alone missed the grid
+   optimum by up to 2 accuracy points in 6 of 21 cases).
    Decisions at exit k depend only on thresholds 0..k (the policy state flows forward),
    so they are cached by that prefix and a pass over a late exit reuses the early ones.
 Every evaluated point feeds the Pareto front (accuracy vs relative MACs) stored too.
@@ -30,6 +34,7 @@ Calibrated numbers are measured on the calibration data itself (in-sample): cali
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 import time
@@ -47,6 +52,7 @@ GRID_SIZE = 41
 TEMPERATURE_RANGE = (0.05, 20.0)  # searched in log space; beyond it an exit's logits are useless or one-hot
 AUTO = "auto"
 MAX_ROUNDS = 4
+EXHAUSTIVE_POINTS = 70_000  # 41**3 = 68,921: about a second or two of simulation
 Objective = tuple[str, float]  # ("target_drop", points) or ("budget", fraction)
 GRIDS: dict[str, Callable[[Policy, Sequence[dict[str, np.ndarray]], int], np.ndarray]] = {}
 
@@ -166,7 +172,8 @@ def shared_grids(policies: Sequence[Policy], outputs: Sequence[dict[str, np.ndar
 
 def search(sim: CascadeSimulator, grids: Sequence[np.ndarray], key: Callable[[Point], tuple],
            progress: Callable[[str], None]) -> tuple[Point, list[Point]]:
-    """Shared sweep then per-exit coordinate descent; returns the chosen point and the sweep curve."""
+    """Shared sweep, then every grid combination (or per-exit coordinate descent when there are too many);
+    returns the chosen point and the sweep curve."""
     levels = max(len(g) for g in grids)
     curve = []
     for level in range(levels):
@@ -174,6 +181,10 @@ def search(sim: CascadeSimulator, grids: Sequence[np.ndarray], key: Callable[[Po
         curve.append(sim.evaluate(thresholds))
     best = min(curve, key=key)
     progress(f"shared sweep: {len(curve)} points, best {describe(best.as_dict())}")
+    if math.prod(len(g) for g in grids) <= EXHAUSTIVE_POINTS:
+        best = min([best, *(sim.evaluate(t) for t in itertools.product(*grids))], key=key)
+        progress(f"every combination of the grids: {describe(best.as_dict())}")
+        return best, sorted(curve, key=lambda p: p.relative_macs)
     for round_index in range(MAX_ROUNDS):
         start = best
         for k, grid in enumerate(grids):
@@ -183,6 +194,13 @@ def search(sim: CascadeSimulator, grids: Sequence[np.ndarray], key: Callable[[Po
         if best == start:
             break
     return best, sorted(curve, key=lambda p: p.relative_macs)
+
+
+def search_method(grids: Sequence[np.ndarray]) -> str:
+    """How `search` explores these grids, for the calibration record."""
+    if math.prod(len(g) for g in grids) <= EXHAUSTIVE_POINTS:
+        return "shared sweep + every combination of the grids"
+    return "shared sweep + per-exit coordinate descent"
 
 
 def describe(point: dict) -> str:
@@ -232,7 +250,7 @@ def choose_thresholds(
         "objective": {kind: value},
         "reference_accuracy": reference,
         "policies": [p.name for p in policies],
-        "search": {"method": "shared sweep + per-exit coordinate descent", "grid_sizes": [len(g) for g in grids],
+        "search": {"method": search_method(grids), "grid_sizes": [len(g) for g in grids],
                    "evaluated": len(sim.evaluated)},
         "curve": [p.as_dict() for p in curve],
         "pareto": [p.as_dict() for p in sim.pareto()],

@@ -47,6 +47,16 @@ def digits_test(tiny_bundle) -> tuple[np.ndarray, np.ndarray]:
     return load_eval_data("digits", "test", load_manifest(tiny_bundle).input_spec)
 
 
+@pytest.fixture(scope="session")
+def handmade_bundles(tmp_path_factory) -> dict[str, Path]:
+    """One hand-made bundle per exit policy (known scores, no training; see handmade.py), all stages taking inputs."""
+    import handmade
+
+    root = tmp_path_factory.mktemp("handmade")
+    return {kind: handmade.write_bundle(root / kind, kind=kind, threshold=threshold, args=args)
+            for kind, (threshold, args) in handmade.POLICY_DEFAULTS.items()}
+
+
 @pytest.fixture
 def bundle_copy(tmp_path, tiny_bundle) -> Path:
     """A private copy of the tiny bundle that a test may tamper with."""

@@ -1,6 +1,7 @@
 """Calibration meets its target on its data, its thresholds reload, and run-time overrides move exits."""
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import handmade
 from edgeexit.cli import main
-from edgeexit.runtime.calibrate import CascadeSimulator, apply_calibration, calibrate, choose_thresholds
+from edgeexit.runtime.calibrate import CascadeSimulator, apply_calibration, calibrate, choose_thresholds, shared_grids
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.errors import ConfigError
@@ -28,65 +30,29 @@ def digits_val(tiny_bundle):
     return load_eval_data("digits", "val", load_manifest(tiny_bundle).input_spec)
 
 
-def with_policy(bundle, kind: str, threshold: float = 0.5):
-    """Switch every exit of a bundle copy to policy `kind`."""
-    data = read_manifest(bundle)
-    for stage in data["stages"][:-1]:
-        stage["exit"]["policy"] = {"kind": kind, "threshold": threshold, "args": {}}
-    save_manifest(bundle, data)
-    return bundle
-
-
 def measured(bundle, x, y):
     runner = CascadeRunner(bundle, threads=1)
     result = runner.predict(x)
     return float((result.predictions == y).mean()), runner.relative_macs(result), runner
 
 
-def policies_for(bundle) -> list[str]:
-    roles = set(load_manifest(bundle).exits[0]["outputs"])
-    return sorted(kind for kind, cls in POLICIES.items() if set(cls.roles) <= roles)
+KINDS = sorted(handmade.POLICY_DEFAULTS)
 
 
-@pytest.mark.parametrize("drop", [0.0, 3.0])
-def test_target_drop_met_and_real_cascade_agrees(bundle_copy, digits_val, drop):
-    x, y = digits_val
-    record = calibrate(CascadeRunner(bundle_copy, threads=1), x, y, ("target_drop", drop))
-    apply_calibration(bundle_copy, record)
-    chosen = record["chosen"]
-    assert chosen["met"]
-    assert chosen["accuracy"] >= record["reference_accuracy"] - drop / 100 - 1e-9
-    accuracy, macs, runner = measured(bundle_copy, x, y)
-    assert runner.thresholds == pytest.approx(chosen["thresholds"])
-    assert accuracy == pytest.approx(chosen["accuracy"])
-    assert macs == pytest.approx(chosen["relative_macs"])
-
-
-def test_more_allowed_drop_never_costs_more(bundle_copy, digits_val):
-    x, y = digits_val
-    runner = CascadeRunner(bundle_copy, threads=1)
-    strict = calibrate(runner, x, y, ("target_drop", 0.0))["chosen"]
-    loose = calibrate(runner, x, y, ("target_drop", 5.0))["chosen"]
-    assert loose["relative_macs"] <= strict["relative_macs"] + 1e-9
-
-
-@pytest.mark.parametrize("kind", ["confidence", "max_softmax", "entropy", "exclusion"])
-def test_budget_met_for_every_policy(bundle_copy, digits_val, kind):
-    if kind not in policies_for(bundle_copy):
-        pytest.skip(f"policy {kind} is not available for this bundle")
-    x, y = digits_val
-    with_policy(bundle_copy, kind)
-    costs = load_manifest(bundle_copy).exit_costs()
-    budget = (costs[0] + 1.0) / 2
-    record = calibrate(CascadeRunner(bundle_copy, threads=1), x, y, ("budget", budget))
-    apply_calibration(bundle_copy, record)
-    accuracy, macs, _ = measured(bundle_copy, x, y)
-    assert record["chosen"]["met"]
-    assert macs <= budget + 1e-9
-    assert accuracy == pytest.approx(record["chosen"]["accuracy"])
-    # the chosen point is the most accurate of every evaluated point within budget on the stored curve
-    within = [p["accuracy"] for p in record["curve"] if p["relative_macs"] <= budget + 1e-9]
-    assert record["chosen"]["accuracy"] >= max(within) - 1e-9
+@pytest.mark.parametrize("kind", KINDS)
+def test_calibrated_bundle_reloads_and_the_real_cascade_agrees(handmade_bundles, tmp_path, kind):
+    """Every policy (class exclusion included) on a bundle where every stage takes inputs: what calibration
+    simulated is what the real cascade then does with the thresholds it wrote."""
+    x, y = handmade.synthetic_scores(n=200, seed=3)
+    bundle = shutil.copytree(handmade_bundles[kind], tmp_path / "bundle")
+    for objective in [("budget", 0.7), ("target_drop", 2.0)]:
+        record = calibrate(CascadeRunner(bundle, threads=1), x, y, objective)
+        apply_calibration(bundle, record)
+        accuracy, macs, runner = measured(bundle, x, y)
+        chosen = record["chosen"]
+        assert runner.thresholds == pytest.approx(chosen["thresholds"])
+        assert accuracy == pytest.approx(chosen["accuracy"]) and macs == pytest.approx(chosen["relative_macs"])
+        assert list(runner.predict(x).exit_counts()) == chosen["exit_counts"]
 
 
 def test_calibration_reloads_from_manifest(bundle_copy, digits_val):
@@ -119,54 +85,6 @@ def test_cli_calibrate_writes_manifest(bundle_copy):
     assert "Traceback" not in both.output
 
 
-def test_raising_shared_threshold_never_adds_early_exits(tiny_bundle, digits_test):
-    x, _ = digits_test
-    runner = CascadeRunner(tiny_bundle, threads=1)
-    early, macs = [], []
-    for threshold in np.linspace(0.0, 1.0, 11):
-        runner.set_thresholds(float(threshold))
-        result = runner.predict(x)
-        early.append(int((result.exit_index < runner.num_exits).sum()))
-        macs.append(runner.relative_macs(result))
-    assert early[0] == len(x)  # confidence >= 0 always exits at the first exit
-    assert all(a >= b for a, b in zip(early, early[1:]))
-    assert all(a <= b + 1e-12 for a, b in zip(macs, macs[1:]))
-
-
-def test_per_exit_override_changes_only_that_exit(tiny_bundle, digits_test):
-    x, _ = digits_test
-    runner = CascadeRunner(tiny_bundle, threads=1)
-    runner.set_thresholds([1.0, 0.0])  # exit 0 never, exit 1 always
-    counts = runner.predict(x).exit_counts()
-    assert counts[-1] == 0 and sum(counts) == len(x)
-    runner.set_thresholds([0.0, 1.0])
-    assert runner.predict(x).exit_counts()[0] == len(x)
-
-
-def test_cli_run_threshold_override(tiny_bundle, tmp_path):
-    report = tmp_path / "r.json"
-    result = CliRunner().invoke(main, ["run", str(tiny_bundle), "--threshold", "0", "--threads", "1",
-                                       "--json", str(report)])
-    assert result.exit_code == 0, result.output
-    data = json.loads(report.read_text())
-    assert data["exit_counts"][0] == data["samples"] and data["thresholds"] == [0.0, 0.0]
-
-
-def synthetic_outputs(n: int = 300, classes: int = 5, exits: int = 2, seed: int = 0):
-    """Random exit outputs for every role a policy may read, noisier at earlier exits, plus labels."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, n)
-    onehot = np.eye(classes)[labels]
-    outputs = []
-    for k in range(exits):
-        logits = onehot * (1.0 + k) * 3 + rng.normal(0, 2.0, (n, classes))
-        outputs.append({"logits": logits.astype(np.float32),
-                        "confidence_logit": (logits.max(1) - 3).astype(np.float32)[:, None],
-                        "exclusion": (1 / (1 + np.exp(-(logits - 2)))).astype(np.float32)})
-    final = (onehot * 8 + rng.normal(0, 2.0, (n, classes))).astype(np.float32)
-    return outputs, final, labels
-
-
 def compacting_reference(policies, outputs, final, thresholds):
     """The cascade's loop (survivors compacted, state indexed with them) on stored outputs."""
     n = len(final)
@@ -179,6 +97,13 @@ def compacting_reference(policies, outputs, final, thresholds):
         alive, state = alive[~exits], None if state is None else state[~exits]
     preds[alive] = policies[-1].final(final[alive], state)
     return preds, exit_index
+
+
+def synthetic_outputs(seed: int = 0):
+    """Known exit outputs as the runtime reads them (float32), the final logits and the labels."""
+    x, labels = handmade.synthetic_scores(n=300, seed=seed)
+    exits, final = handmade.unpack(handmade.Layout(), x)
+    return [{r: v.astype(np.float32) for r, v in e.items()} for e in exits], final.astype(np.float32), labels
 
 
 @pytest.mark.parametrize("kind", sorted(POLICIES))
@@ -196,3 +121,67 @@ def test_search_is_generic_over_policies(kind):
     for point in record["curve"][:: max(1, len(record["curve"]) // 5)]:
         preds, exit_index = compacting_reference(make(), outputs, final, point["thresholds"])
         assert sim.evaluate(point["thresholds"]).accuracy == pytest.approx((preds == labels).mean())
+
+
+COSTS = [0.3, 0.6, 1.0]
+
+
+def brute_force(kind: str, args: dict, outputs, final, labels, objective) -> tuple[dict, bool]:
+    """Every combination of the candidate thresholds, evaluated with the compacting loop; the best point
+    by the objective's own rule (met first, then cost or accuracy), and whether it meets the target."""
+    make = lambda: [get_policy(kind)(get_policy(kind).threshold_range[0], dict(args)) for _ in outputs]  # noqa: E731
+    grids = shared_grids(make(), outputs)
+    points = []
+    for thresholds in itertools.product(*grids):
+        preds, exit_index = compacting_reference(make(), outputs, final, thresholds)
+        points.append({"accuracy": float((preds == labels).mean()), "relative_macs": float(np.asarray(COSTS)[exit_index].mean())})
+    name, value = objective
+    reference = float((final.argmax(1) == labels).mean())
+    if name == "target_drop":
+        ok = [p for p in points if p["accuracy"] >= reference - value / 100 - 1e-12]
+        if ok:
+            return min(ok, key=lambda p: (p["relative_macs"], -p["accuracy"])), True
+        return max(points, key=lambda p: (p["accuracy"], -p["relative_macs"])), False
+    ok = [p for p in points if p["relative_macs"] <= value + 1e-12]
+    if ok:
+        return max(ok, key=lambda p: (p["accuracy"], -p["relative_macs"])), True
+    return min(points, key=lambda p: (p["relative_macs"], -p["accuracy"])), False
+
+
+# (policy, args, objective, met?): both objectives met and not met; exclusion at a high beta exits too
+# many inputs early for any floor T to keep the final classifier's accuracy
+def met_args(kind: str, objective) -> dict:
+    """The policy's default args, except that exclusion needs beta 0 (the floor T alone) to keep accuracy."""
+    args = handmade.POLICY_DEFAULTS[kind][1]
+    return {"beta": 0.0} if kind == "exclusion" and objective[0] == "target_drop" else args
+
+
+BRUTE_FORCE_CASES = [
+    *[(kind, met_args(kind, objective), objective, True) for kind in sorted(handmade.POLICY_DEFAULTS)
+      for objective in [("target_drop", 0.0), ("target_drop", 3.0), ("budget", 0.5), ("budget", 0.8)]],
+    *[(kind, args, ("budget", 0.2), False) for kind, (_, args) in sorted(handmade.POLICY_DEFAULTS.items())],
+    ("exclusion", {"beta": 0.9}, ("target_drop", 0.0), False),
+]
+
+
+@pytest.mark.parametrize("kind, args, objective, met", BRUTE_FORCE_CASES,
+                         ids=[f"{c[0]}-{c[2][0]}-{c[2][1]}-{'met' if c[3] else 'not-met'}" for c in BRUTE_FORCE_CASES])
+def test_search_finds_the_brute_force_optimum(kind, args, objective, met):
+    outputs, final, labels = synthetic_outputs(seed=5)
+    best, feasible = brute_force(kind, args, outputs, final, labels, objective)
+    assert feasible == met, "the case does not test what its id says"
+    policies = [get_policy(kind)(get_policy(kind).threshold_range[0], dict(args)) for _ in outputs]
+    chosen = choose_thresholds(policies, outputs, final, labels, COSTS, objective)["chosen"]
+    assert chosen["met"] is met
+    assert chosen["accuracy"] == pytest.approx(best["accuracy"]) and chosen["relative_macs"] == pytest.approx(best["relative_macs"])
+
+
+def test_cli_reports_a_target_it_cannot_meet(bundle_copy):
+    costs = load_manifest(bundle_copy).exit_costs()
+    budget = costs[0] / 2  # below what leaving at the first exit costs: no threshold reaches it
+    result = CliRunner().invoke(main, ["calibrate", str(bundle_copy), "--budget", f"{budget:.4f}", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "target NOT met (closest point chosen)" in result.stdout
+    assert "warning: no candidate meets the target; chose the closest point" in result.stderr
+    chosen = load_manifest(bundle_copy).data["calibration"]["chosen"]
+    assert chosen["met"] is False and chosen["relative_macs"] == pytest.approx(costs[0])

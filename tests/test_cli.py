@@ -62,19 +62,6 @@ def test_run_on_npy_input_prints_predictions(tiny_bundle, digits_test, tmp_path)
     assert report["accuracy"] is None and len(report["predictions"]) == 5
 
 
-def test_threshold_override_reaches_the_runner(tiny_bundle, digits_test, tmp_path):
-    from edgeexit.runtime import CascadeRunner
-
-    reports = {}
-    for t in ("0.0", "1.0,0.0"):
-        assert invoke("run", tiny_bundle, "--threshold", t, "--json", tmp_path / "r.json").exit_code == 0
-        reports[t] = json.loads((tmp_path / "r.json").read_text())
-    assert reports["0.0"]["exit_counts"][0] == reports["0.0"]["samples"]  # T=0: everyone leaves at exit 0
-    assert reports["1.0,0.0"]["thresholds"] == [1.0, 0.0]
-    expected = CascadeRunner(tiny_bundle, thresholds=[1.0, 0.0]).predict(digits_test[0]).exit_counts()
-    assert reports["1.0,0.0"]["exit_counts"] == expected
-
-
 @pytest.mark.parametrize(
     "args, code, fragment",
     [
