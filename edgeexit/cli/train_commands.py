@@ -25,7 +25,7 @@ from edgeexit.cli.common import training_extra
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate (cosine schedule).")
 @click.option("--head-lr", type=float, default=None,
-              help="Learning rate of the exit heads (default: the method's; eenet/pteenet 1e-3, gentler than the backbone's).")
+              help="Learning rate of the exit heads (default: the method's; eenet 1e-3, gentler than the backbone's; others: --lr).")
 @click.option("--warmup-epochs", type=int, default=1, show_default=True,
               help="Epochs of the method's warm-up loss (EENets: v0, classifiers only) before the main loss.")
 @click.option("--threshold", type=float, default=None, help="Default exit threshold written into the model.")

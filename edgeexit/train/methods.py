@@ -46,7 +46,7 @@ register_method(
 )
 
 register_method(
-    Method("pteenet", "branch", "pteenet", "confidence", 0.5, frozen_backbone=True, warmup_loss="pteenet_v0", head_lr=1e-3,
+    Method("pteenet", "branch", "pteenet", "confidence", 0.5, frozen_backbone=True, warmup_loss="pteenet_v0",
            summary="PTEENet: conv branches with confidence heads post-trained on a frozen pre-trained backbone")
 )
 
