@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from edgeexit.errors import ConfigError
+from edgeexit.runtime.manifest import InputSpec
 from edgeexit.train.backbones import build_backbone
 from edgeexit.train.config import TrainConfig
 from edgeexit.train.cuts import CutGraph
@@ -15,7 +17,6 @@ from edgeexit.train.data import load_data
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import save_model
 from edgeexit.train.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
-from edgeexit.errors import ConfigError
 from edgeexit.train.trainer import build_model, train_model
 
 
@@ -92,11 +93,11 @@ def train(
     }
 
 
-def eval_arrays(name: str, split: str, input_spec: dict, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def eval_arrays(name: str, split: str, input_spec: InputSpec, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A torchvision data set split as normalized numpy arrays at the bundle's input size."""
     if split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split '{split}'; choose from: train, val, test")
-    shape = tuple(input_spec["shape"][1:])
+    shape = input_spec.sample_shape
     splits = load_data(name, data_dir=data_dir, input_size=shape[1], channels=shape[0])
     dataset = getattr(splits, split)
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in DataLoader(dataset, batch_size=512)])
@@ -152,12 +153,14 @@ def demo(out: str, epochs: int = 8) -> dict[str, dict]:
     return {"full.onnx": full, "cascade (T=%.2g)" % runner.thresholds[0]: cascade}
 
 
+# Plain exits + loss v4: measured on digits (8 epochs), T from 0.05 to 0.99 gives 12 distinct exit mixes, accuracy
+# 0.985 -> 0.993 at 0.25 -> 0.97 relative MACs; with v2 every confidence logit sat at 50-93 and all inputs left at exit 0.
 DEMO_TRAINING: dict[str, Any] = {
     "backbone": "resnet20",
     "method": "eenet",
     "exit_type": "plain",
     "num_exits": 2,
     "placement": "pareto",
-    "loss": "v2",
+    "loss": "v4",
     "lam": 1.0,
 }

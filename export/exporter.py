@@ -19,10 +19,18 @@ from edgeexit.train.macs import count_macs, count_params
 from edgeexit.train.models import EarlyExitModel, load_model
 from edgeexit.errors import BundleError
 from edgeexit.runtime.manifest import (
-    FORMAT,
-    FORMAT_VERSION,
+    BATCH_DIM,
     FULL_NAME,
     MANIFEST_NAME,
+    ExitSpec,
+    FullGraph,
+    InputSpec,
+    Manifest,
+    ModelInfo,
+    Producer,
+    StageMacs,
+    StageSpec,
+    TensorSpec,
     save_manifest,
     sha256_file,
     stage_file,
@@ -39,12 +47,13 @@ def _exit_names(index: int, roles: tuple[str, ...]) -> list[str]:
     return [f"exit_{index}_{role}" for role in roles]
 
 
-def write_graphs(model: EarlyExitModel, folder: Path, opset: int, progress: Callable[[str], None]) -> dict:
-    """Export every stage and full.onnx into `folder`; return the manifest's stage and full entries."""
+def write_graphs(model: EarlyExitModel, folder: Path, opset: int,
+                 progress: Callable[[str], None]) -> tuple[tuple[StageSpec, ...], FullGraph]:
+    """Export every stage and full.onnx into `folder`; return their manifest records."""
     config = model.config
     example = torch.zeros(2, *config.input_shape)
     stages = []
-    in_name, in_shape = INPUT_NAME, tuple(config.input_shape)
+    previous = TensorSpec(INPUT_NAME, (BATCH_DIM, *config.input_shape))
     cumulative = 0
     heads = list(model.exits)
     for index, segment in enumerate(model.segments):
@@ -57,78 +66,50 @@ def write_graphs(model: EarlyExitModel, folder: Path, opset: int, progress: Call
             module = FusedStage(segment, head)
             outputs = [_features_name(index), *_exit_names(index, roles)]
             head_macs = count_macs(head, model.cut_shapes[index])
-            exit_spec = {
-                "outputs": dict(zip(roles, outputs[1:])),
-                "policy": {"kind": config.policy["kind"], "threshold": config.policy["threshold"], "args": dict(config.policy.get("args", {}))},
-                "temperature": 1.0,
-                "cut": config.cuts[index],
-            }
+            exit_spec = ExitSpec(dict(zip(roles, outputs[1:])), config.policy, config.cuts[index])
         progress(f"exporting {stage_file(index)}")
-        graph = export_graph(module, example, folder / stage_file(index), in_name, outputs, opset)
+        graph = export_graph(module, example, folder / stage_file(index), previous.name, outputs, opset)
         inputs, outs = graph_io(graph)
-        segment_macs = count_macs(segment, in_shape)
+        segment_macs = count_macs(segment, previous.shape[1:])
         cumulative += segment_macs + head_macs
-        stages.append(
-            {
-                "index": index,
-                "file": stage_file(index),
-                "sha256": sha256_file(folder / stage_file(index)),
-                "inputs": inputs,
-                "outputs": outs,
-                "macs": {"segment": segment_macs, "head": head_macs, "cumulative": cumulative},
-                "params": count_params(module),
-                "exit": exit_spec,
-            }
-        )
+        stages.append(StageSpec(
+            index=index,
+            file=stage_file(index),
+            sha256=sha256_file(folder / stage_file(index)),
+            inputs=inputs,
+            outputs=outs,
+            macs=StageMacs(segment_macs, head_macs, cumulative),
+            params=count_params(module),
+            exit=exit_spec,
+        ))
         with torch.no_grad():
             example = segment.eval()(example) if not final else example
         if not final:
-            in_name, in_shape = outputs[0], model.cut_shapes[index]
+            previous = outs[0]
     progress(f"exporting {FULL_NAME}")
     export_graph(SingleOutput(model.backbone), torch.zeros(2, *config.input_shape), folder / FULL_NAME, INPUT_NAME, ["logits"], opset)
-    full = {
-        "file": FULL_NAME,
-        "sha256": sha256_file(folder / FULL_NAME),
-        "macs": model.cut_graph.full_macs,
-        "params": count_params(model.backbone),
-    }
-    return {"stages": stages, "full": full}
+    full = FullGraph(sha256_file(folder / FULL_NAME), model.cut_graph.full_macs, count_params(model.backbone))
+    return tuple(stages), full
 
 
-def build_manifest(model: EarlyExitModel, graphs: dict, opset: int) -> dict:
-    """The manifest dict for an exported model (see DESIGN.md, 'bundle/')."""
+def build_manifest(model: EarlyExitModel, folder: Path, stages: tuple[StageSpec, ...], full: FullGraph, opset: int) -> Manifest:
+    """The manifest records of an exported model (see DESIGN.md, 'bundle/')."""
     config = model.config
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "producer": {
-            "edgeexit": __version__,
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "opset": opset,
-            "host": platform.machine(),
-        },
-        "model": {
-            "method": config.method,
-            "backbone": config.backbone,
-            "exit_type": config.exit_type,
-            "cuts": list(config.cuts),
-        },
-        "num_classes": config.num_classes,
-        "input": {
-            "name": INPUT_NAME,
-            "shape": ["batch", *config.input_shape],
-            "dtype": "float32",
-            "layout": "NCHW",
-            "mean": list(config.mean),
-            "std": list(config.std),
-            "class_names": list(config.class_names) or [str(i) for i in range(config.num_classes)],
-        },
-        "full": graphs["full"],
-        "stages": graphs["stages"],
-        "calibration": None,
-    }
+    return Manifest(
+        root=folder,
+        producer=Producer(__version__, opset, torch.__version__, onnx.__version__, onnxruntime.__version__, platform.machine()),
+        model=ModelInfo(config.method, config.backbone, config.exit_type, tuple(config.cuts)),
+        num_classes=config.num_classes,
+        input_spec=InputSpec(
+            name=INPUT_NAME,
+            shape=(BATCH_DIM, *config.input_shape),
+            mean=tuple(config.mean),
+            std=tuple(config.std),
+            class_names=tuple(config.class_names) or tuple(str(i) for i in range(config.num_classes)),
+        ),
+        full=full,
+        stages=stages,
+    )
 
 
 def _temp_dir(out: Path, kind: str) -> Path:
@@ -209,9 +190,8 @@ def export_bundle(
         progress(f"removed {path.name}, left by an export that was killed")
     staged = _temp_dir(out, "tmp")
     try:
-        graphs = write_graphs(model, staged, opset, progress)
-        manifest = build_manifest(model, graphs, opset)
-        save_manifest(staged, manifest)
+        stages, full = write_graphs(model, staged, opset, progress)
+        manifest = save_manifest(staged, build_manifest(model, staged, stages, full, opset))
         verification = None
         if verify:
             progress("verifying against PyTorch")
@@ -219,4 +199,4 @@ def export_bundle(
         _replace_dir(staged, out)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return {**manifest, "verification": verification}
+    return {**manifest.to_dict(), "verification": verification}

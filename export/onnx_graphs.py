@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgeexit.errors import VerificationError
-from edgeexit.runtime.manifest import BATCH_DIM
+from edgeexit.runtime.manifest import BATCH_DIM, TensorSpec
 
 DEFAULT_OPSET = 18
 
@@ -89,15 +89,13 @@ def export_graph(
     return model
 
 
-def graph_io(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
-    """Names and shapes of a graph's inputs and outputs, in manifest form."""
+def graph_io(model: onnx.ModelProto) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Names and shapes of a graph's inputs and outputs, as manifest records."""
 
-    def describe(values) -> list[dict]:
-        out = []
-        for value in values:
-            dims = value.type.tensor_type.shape.dim
-            shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in dims]
-            out.append({"name": value.name, "shape": shape})
-        return out
+    def describe(values) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(value.name, tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in value.type.tensor_type.shape.dim))
+            for value in values
+        )
 
     return describe(model.graph.input), describe(model.graph.output)

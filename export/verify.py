@@ -8,9 +8,10 @@ import torch
 
 from edgeexit.train.models import EarlyExitModel
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.consistency import TOLERANCE, check_chain, max_abs_diff
-from edgeexit.runtime.datasets import digits_split, normalize
 from edgeexit.errors import VerificationError
+from edgeexit.runtime.datasets import digits_split
+from edgeexit.runtime.manifest import normalize
+from edgeexit.runtime.verify import TOLERANCE, check_chain, max_abs_diff
 
 
 def verification_inputs(model: EarlyExitModel, count: int = 16, seed: int = 0) -> dict[str, np.ndarray]:

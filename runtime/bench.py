@@ -8,15 +8,17 @@ the cost any threshold could reach.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from edgeexit.runtime.calibrate import CascadeSimulator, shared_grids
+from edgeexit.runtime.calibrate import shared_grids
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.errors import ConfigError
 from edgeexit.runtime.report import Progress, cascade_entry, interleaved_timings, logits_entry, runner_info
+from edgeexit.runtime.simulate import CascadeSimulator, grid_points
 
 SWEEP_POINTS = 6
 
@@ -37,12 +39,6 @@ def oracle(exit_outputs: Sequence[dict[str, np.ndarray]], final_logits: np.ndarr
         "relative_macs": float(np.asarray(costs)[exit_index].mean()),
         "exit_counts": np.bincount(exit_index, minlength=last + 1).tolist(),
     }
-
-
-def sweep_thresholds(grids: Sequence[np.ndarray], points: int) -> list[list[float]]:
-    """`points` shared thresholds spread evenly over the candidate grids (one value per exit)."""
-    levels = np.linspace(0.0, 1.0, points)
-    return [[float(g[round(level * (len(g) - 1))]) for g in grids] for level in levels]
 
 
 def run_bench(
@@ -107,19 +103,13 @@ def threshold_sweep(runner: CascadeRunner, x: np.ndarray, labels: np.ndarray | N
     simulated = []
     if labels is not None:
         sim = CascadeSimulator(runner.policies, exit_outputs, final_logits, labels, runner.manifest.exit_costs())
-        levels = max(len(g) for g in grids)
-        simulated = [sim.evaluate([g[round(i * (len(g) - 1) / max(levels - 1, 1))] for g in grids]).as_dict()
-                     for i in range(levels)]
-    saved = runner.thresholds
+        simulated = [sim.evaluate(thresholds).as_dict() for thresholds in grid_points(grids)]
     measured = []
-    try:
-        for i, thresholds in enumerate(sweep_thresholds(grids, points)):
-            runner.set_thresholds(thresholds)
-            parts, seconds = interleaved_timings({"cascade": runner.predict}, x, batch_size, 1)["cascade"]
-            entry = cascade_entry(runner, parts, seconds, labels)
-            entry.pop("latency_by_exit_ms")
-            measured.append(entry)
-            progress(f"sweep: {i + 1}/{points} thresholds")
-    finally:
-        runner.set_thresholds(saved)
+    for i, thresholds in enumerate(grid_points(grids, points)):
+        run = functools.partial(runner.predict, thresholds=thresholds)
+        parts, seconds = interleaved_timings({"cascade": run}, x, batch_size, 1)["cascade"]
+        entry = cascade_entry(runner, parts, seconds, labels, thresholds)
+        entry.pop("latency_by_exit_ms")
+        measured.append(entry)
+        progress(f"sweep: {i + 1}/{points} thresholds")
     return {"simulated": simulated, "measured": measured}

@@ -38,15 +38,15 @@ import itertools
 import math
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.errors import ConfigError
-from edgeexit.runtime.manifest import load_manifest, save_manifest
+from edgeexit.runtime.manifest import Manifest, load_manifest, save_manifest
 from edgeexit.runtime.policies import SCORE_POLICIES, Policy, get_policy, policies_for
+from edgeexit.runtime.simulate import CascadeSimulator, Point, grid_points
 
 GRID_SIZE = 41
 TEMPERATURE_RANGE = (0.05, 20.0)  # searched in log space; beyond it an exit's logits are useless or one-hot
@@ -55,20 +55,6 @@ MAX_ROUNDS = 4
 EXHAUSTIVE_POINTS = 70_000  # 41**3 = 68,921: about a second or two of simulation
 Objective = tuple[str, float]  # ("target_drop", points) or ("budget", fraction)
 GRIDS: dict[str, Callable[[Policy, Sequence[dict[str, np.ndarray]], int], np.ndarray]] = {}
-
-
-@dataclass(frozen=True)
-class Point:
-    """One simulated operating point of the cascade."""
-
-    thresholds: tuple[float, ...]
-    accuracy: float
-    relative_macs: float
-    exit_counts: tuple[int, ...]
-
-    def as_dict(self) -> dict:
-        return {"thresholds": list(self.thresholds), "accuracy": self.accuracy,
-                "relative_macs": self.relative_macs, "exit_counts": list(self.exit_counts)}
 
 
 def score_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]], size: int = GRID_SIZE) -> np.ndarray:
@@ -88,64 +74,6 @@ def score_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]], size: i
 def candidate_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
     """The thresholds calibration tries for a policy (a registered grid wins over the default)."""
     return np.asarray(GRIDS.get(policy.name, score_grid)(policy, outputs, GRID_SIZE), dtype=np.float64)
-
-
-class CascadeSimulator:
-    """The cascade's exit decisions replayed in numpy from stored per-exit outputs."""
-
-    def __init__(self, policies: Sequence[Policy], exit_outputs: Sequence[dict[str, np.ndarray]],
-                 final_logits: np.ndarray, labels: np.ndarray, exit_costs: Sequence[float]) -> None:
-        self.policies = list(policies)
-        self.exit_outputs = list(exit_outputs)
-        self.final_logits = final_logits
-        self.labels = labels
-        self.costs = np.asarray(exit_costs, dtype=np.float64)
-        self.num_classes = final_logits.shape[1]
-        self._cache: dict[tuple[float, ...], tuple[np.ndarray, np.ndarray, object]] = {}
-        self.evaluated: dict[tuple[float, ...], Point] = {}
-
-    def _decide(self, thresholds: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, object]:
-        """(exits, predictions, state) at exit len(thresholds)-1 for every input, cached by prefix."""
-        if thresholds not in self._cache:
-            k = len(thresholds) - 1
-            state = self.policies[0].start(len(self.labels), self.num_classes) if k == 0 else self._decide(thresholds[:-1])[2]
-            policy = dataclasses.replace(self.policies[k], threshold=thresholds[k])
-            self._cache[thresholds] = policy.decide(self.exit_outputs[k], state)
-        return self._cache[thresholds]
-
-    def evaluate(self, thresholds: Sequence[float]) -> Point:
-        """Accuracy, relative MACs and exit counts of the cascade at these thresholds."""
-        key = tuple(float(t) for t in thresholds)
-        if key in self.evaluated:
-            return self.evaluated[key]
-        n = len(self.labels)
-        last = len(self.policies)
-        exit_index = np.full(n, last, dtype=np.int64)
-        predictions = np.empty(n, dtype=np.int64)
-        alive = np.ones(n, dtype=bool)
-        state = None
-        for k in range(last):
-            exits, preds, state = self._decide(key[: k + 1])
-            leaving = exits & alive
-            exit_index[leaving] = k
-            predictions[leaving] = preds[leaving]
-            alive &= ~exits
-        if alive.any():
-            final = dataclasses.replace(self.policies[-1], threshold=key[-1]).final(self.final_logits, state)
-            predictions[alive] = final[alive]
-        point = Point(key, float((predictions == self.labels).mean()), float(self.costs[exit_index].mean()),
-                      tuple(np.bincount(exit_index, minlength=last + 1).tolist()))
-        self.evaluated[key] = point
-        return point
-
-    def pareto(self) -> list[Point]:
-        """Evaluated points no other point beats on both accuracy and MACs, by rising MACs."""
-        front, best = [], -1.0
-        for point in sorted(self.evaluated.values(), key=lambda p: (p.relative_macs, -p.accuracy)):
-            if point.accuracy > best:
-                front.append(point)
-                best = point.accuracy
-        return front
 
 
 def objective_key(objective: Objective, reference_accuracy: float) -> Callable[[Point], tuple]:
@@ -174,11 +102,7 @@ def search(sim: CascadeSimulator, grids: Sequence[np.ndarray], key: Callable[[Po
            progress: Callable[[str], None]) -> tuple[Point, list[Point]]:
     """Shared sweep, then every grid combination (or per-exit coordinate descent when there are too many);
     returns the chosen point and the sweep curve."""
-    levels = max(len(g) for g in grids)
-    curve = []
-    for level in range(levels):
-        thresholds = [g[round(level * (len(g) - 1) / max(levels - 1, 1))] for g in grids]
-        curve.append(sim.evaluate(thresholds))
+    curve = [sim.evaluate(thresholds) for thresholds in grid_points(grids)]
     best = min(curve, key=key)
     progress(f"shared sweep: {len(curve)} points, best {describe(best.as_dict())}")
     if math.prod(len(g) for g in grids) <= EXHAUSTIVE_POINTS:
@@ -290,10 +214,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, steps: int = 60) -> 
 
 def candidate_policies(runner: CascadeRunner, choice: str | None) -> list[str]:
     """Policy names to search: the bundle's own (None), one by name, or every score policy its exits can run (auto)."""
-    own = runner.manifest.exits[0]["policy"]["kind"]
+    own = runner.manifest.exits[0].policy.kind
     if choice is None:
         return [own]
-    roles = set.intersection(*(set(spec["outputs"]) for spec in runner.manifest.exits))
+    roles = set.intersection(*(set(spec.outputs) for spec in runner.manifest.exits))
     runnable = policies_for(roles)
     if choice == AUTO:
         names = [name for name in SCORE_POLICIES if name in runnable]
@@ -347,20 +271,17 @@ def point_of(chosen: dict) -> Point:
     return Point(tuple(chosen["thresholds"]), chosen["accuracy"], chosen["relative_macs"], tuple(chosen["exit_counts"]))
 
 
-def apply_calibration(bundle: str, record: dict) -> dict:
+def apply_calibration(bundle: str, record: dict) -> Manifest:
     """Write the chosen policy, thresholds and temperatures into each exit plus the record, atomically; returns the manifest.
 
     An exit whose policy kind changes gets the new kind with no arguments.
     """
     manifest = load_manifest(bundle, check_hashes=False)
-    data = manifest.data
-    exits = zip(data["stages"][:-1], record["policies"], record["chosen"]["thresholds"], record["temperatures"])
-    for stage, kind, threshold, temperature in exits:
-        policy = stage["exit"]["policy"]
-        if policy["kind"] != kind:
-            policy.update(kind=kind, args={})
-        policy["threshold"] = float(threshold)
-        stage["exit"]["temperature"] = float(temperature)
-    data["calibration"] = record
-    save_manifest(bundle, data)
-    return data
+    stages = []
+    for stage, kind, threshold, temperature in zip(manifest.stages, record["policies"], record["chosen"]["thresholds"],
+                                                   record["temperatures"]):
+        policy = stage.exit.policy
+        policy = dataclasses.replace(policy, threshold=float(threshold), **({} if policy.kind == kind else {"kind": kind, "args": {}}))
+        stages.append(dataclasses.replace(stage, exit=dataclasses.replace(stage.exit, policy=policy, temperature=float(temperature))))
+    manifest = dataclasses.replace(manifest, stages=(*stages, manifest.stages[-1]), calibration=record)
+    return save_manifest(bundle, manifest)

@@ -1,6 +1,7 @@
 """The early-exit cascade on onnxruntime: one session per stage, survivors compacted per exit."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -9,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeexit.errors import BundleError, ConfigError, InputError, first_line
-from edgeexit.runtime.manifest import FULL_NAME, Manifest, check_graph_io, load_manifest
+from edgeexit.runtime.manifest import FULL_NAME, Manifest, StageSpec, TensorSpec, check_graph_io, load_manifest
 from edgeexit.runtime.policies import Policy, get_policy, policies_for
 from edgeexit.runtime.providers import resolve_providers
 
@@ -63,26 +64,25 @@ def check_batch(x: object, input_shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def make_policy(exit_spec: dict, stage: dict, num_classes: int, kind: str | None = None,
-                policy_args: dict | None = None) -> Policy:
-    """One exit's policy: the manifest's, or `kind` instead (its default threshold unless it is the manifest's kind).
+def make_policy(stage: StageSpec, num_classes: int, kind: str | None = None, policy_args: dict | None = None) -> Policy:
+    """One early stage's policy: the manifest's, or `kind` instead (its default threshold unless it is the manifest's kind).
 
     The exit's temperature comes from the manifest either way. A `kind` whose outputs the exit
     lacks is a ConfigError (the user asked for it); a manifest policy that lacks them is a BundleError.
     """
-    spec = exit_spec["policy"]
-    own = kind is None or kind == spec["kind"]
-    cls = get_policy(spec["kind"] if own else kind)
-    missing = set(cls.roles) - set(exit_spec["outputs"])
+    spec = stage.exit.policy
+    own = kind is None or kind == spec.kind
+    cls = get_policy(spec.kind if own else kind)
+    missing = set(cls.roles) - set(stage.exit.outputs)
     if missing:
         if kind is None:
             raise BundleError(f"policy '{cls.name}' needs exit outputs {sorted(missing)} the bundle lacks")
         raise ConfigError(f"--policy {cls.name} needs exit outputs {sorted(missing)}; this bundle's exits output "
-                          f"{', '.join(exit_spec['outputs'])} (policies it can run: {', '.join(policies_for(exit_spec['outputs']))})")
-    cls.check_outputs(stage, num_classes)
-    threshold = spec["threshold"] if own else cls.default_threshold
-    args = {**(spec.get("args", {}) if own else {}), **(policy_args or {})}
-    return cls(threshold, args, exit_spec.get("temperature", 1.0))
+                          f"{', '.join(stage.exit.outputs)} (policies it can run: {', '.join(policies_for(stage.exit.outputs))})")
+    policy = cls(spec.threshold if own else cls.default_threshold, {**(spec.args if own else {}), **(policy_args or {})},
+                 stage.exit.temperature)
+    policy.check_outputs(stage, num_classes)
+    return policy
 
 
 class CascadeRunner:
@@ -112,19 +112,17 @@ class CascadeRunner:
         self.chunk_size = chunk_size
         self.providers = resolve_providers(device, cache_dir=self.manifest.root / "cache")
         self._options = session_options(threads)
-        self.sessions = [self._session(stage["file"], stage["inputs"], stage["outputs"]) for stage in self.manifest.stages]
-        self.output_names = [[t["name"] for t in stage["outputs"]] for stage in self.manifest.stages]
-        self._input_names = [stage["inputs"][0]["name"] for stage in self.manifest.stages]
-        self._roles = [list(exit_spec["outputs"].items()) for exit_spec in self.manifest.exits]
+        self.sessions = [self._session(stage.file, stage.inputs, stage.outputs) for stage in self.manifest.stages]
+        self.output_names = [stage.output_names for stage in self.manifest.stages]
+        self._input_names = [stage.inputs[0].name for stage in self.manifest.stages]
+        self._roles = [list(exit_spec.outputs) for exit_spec in self.manifest.exits]
         self._full: ort.InferenceSession | None = None
-        self.policies = [
-            make_policy(exit_spec, stage, self.manifest.num_classes, policy, policy_args)
-            for exit_spec, stage in zip(self.manifest.exits, self.manifest.stages)
-        ]
+        self.policies = [make_policy(stage, self.manifest.num_classes, policy, policy_args)
+                         for stage in self.manifest.stages[:-1]]
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
-    def _session(self, name: str, inputs: list[dict], outputs: list[dict]) -> ort.InferenceSession:
+    def _session(self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> ort.InferenceSession:
         """A session for one graph, refused unless its inputs/outputs match the manifest's."""
         path = self.manifest.path(name)
         try:
@@ -146,51 +144,58 @@ class CascadeRunner:
     def thresholds(self) -> list[float]:
         return [p.threshold for p in self.policies]
 
-    def set_thresholds(self, thresholds: float | Sequence[float]) -> None:
-        """Change the exit thresholds in place (one for all exits, or one per exit); no reload."""
+    def policies_at(self, thresholds: float | Sequence[float]) -> list[Policy]:
+        """Copies of the exit policies at other thresholds (one for all exits, or one per exit)."""
         values = [thresholds] * self.num_exits if np.isscalar(thresholds) else list(thresholds)
         if len(values) != self.num_exits:
             raise ConfigError(f"got {len(values)} thresholds for {self.num_exits} exits")
-        checked = [policy.check_threshold(value) for policy, value in zip(self.policies, values)]
-        for policy, value in zip(self.policies, checked):
-            policy.threshold = value
+        return [dataclasses.replace(policy, threshold=value) for policy, value in zip(self.policies, values)]
+
+    def set_thresholds(self, thresholds: float | Sequence[float]) -> None:
+        """Change the exit thresholds (one for all exits, or one per exit); no reload. The policy list is
+        swapped whole, so a predict running in another thread keeps the list it started with."""
+        self.policies = self.policies_at(thresholds)
 
     def run_stage(self, index: int, x: np.ndarray) -> list[np.ndarray]:
         """One session run of stage `index` on its input; outputs in manifest order."""
         return self.sessions[index].run(self.output_names[index], {self._input_names[index]: x})
 
     def _exit_outputs(self, index: int, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-        return {role: outputs[1 + i] for i, (role, _) in enumerate(self._roles[index])}
+        return {role: outputs[1 + i] for i, role in enumerate(self._roles[index])}
 
-    def predict(self, x: np.ndarray, use_exits: bool = True) -> CascadeResult:
-        """Predict a batch; large batches run in chunks so memory stays bounded."""
+    def predict(self, x: np.ndarray, use_exits: bool = True,
+                thresholds: float | Sequence[float] | None = None) -> CascadeResult:
+        """Predict a batch; large batches run in chunks so memory stays bounded. `thresholds` apply to
+        this call only (threads sharing a runner may each pass their own), else the runner's are used."""
         x = check_batch(x, self.manifest.input_shape)
+        policies = self.policies if thresholds is None else self.policies_at(thresholds)
         if len(x) <= self.chunk_size:
-            return self._predict_chunk(x, use_exits)
-        parts = [self._predict_chunk(x[i : i + self.chunk_size], use_exits) for i in range(0, len(x), self.chunk_size)]
+            return self._predict_chunk(x, policies if use_exits else [])
+        parts = [self._predict_chunk(x[i : i + self.chunk_size], policies if use_exits else [])
+                 for i in range(0, len(x), self.chunk_size)]
         return CascadeResult(
             np.concatenate([p.predictions for p in parts]),
             np.concatenate([p.exit_index for p in parts]),
             len(self.sessions),
         )
 
-    def _predict_chunk(self, x: np.ndarray, use_exits: bool) -> CascadeResult:
-        """The cascade on one chunk. Index bookkeeping starts only once some input exits, so the
-        path where nothing exits (every hard input, and batch size 1 until it leaves) costs the
-        session runs and the policy decisions only."""
+    def _predict_chunk(self, x: np.ndarray, policies: Sequence[Policy]) -> CascadeResult:
+        """The cascade on one chunk (no policies: no exits). Index bookkeeping starts only once some input
+        exits, so the path where nothing exits (every hard input, and batch size 1 until it leaves) costs
+        the session runs and the policy decisions only."""
         n = len(x)
         last = len(self.sessions) - 1
         exit_index = np.full(n, last, dtype=np.int64)
         features = x
-        if not use_exits or not self.policies:
+        if not policies:
             for index in range(last):
                 features = self.run_stage(index, features)[0]
             logits = self.run_stage(last, features)[0]
             return CascadeResult(logits.argmax(axis=1), exit_index, last + 1)
         predictions = np.empty(n, dtype=np.int64)
         alive: np.ndarray | None = None  # indices of the survivors once some input has left
-        state = self.policies[0].start(n, self.manifest.num_classes)
-        for index, policy in enumerate(self.policies):
+        state = policies[0].start(n, self.manifest.num_classes)
+        for index, policy in enumerate(policies):
             outputs = self.run_stage(index, features)
             exits, preds, state = policy.decide(self._exit_outputs(index, outputs), state)
             features = outputs[0]
@@ -205,7 +210,7 @@ class CascadeRunner:
             alive = np.flatnonzero(keep) if alive is None else alive[keep]
             features = features[keep]
             state = None if state is None else state[keep]
-        final = self.policies[-1].final(self.run_stage(last, features)[0], state)
+        final = policies[-1].final(self.run_stage(last, features)[0], state)
         if alive is None:
             return CascadeResult(final, exit_index, last + 1)
         predictions[alive] = final

@@ -13,6 +13,7 @@ import numpy as np
 
 from edgeexit.runtime.cascade import check_batch
 from edgeexit.errors import ConfigError, InputError
+from edgeexit.runtime.manifest import InputSpec, resize, to_channels
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -40,62 +41,32 @@ def split_indices(n: int, split: str, seed: int = SPLIT_SEED) -> np.ndarray:
     return np.sort(order[start:stop])
 
 
-def _interp_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """(size_out, size_in) bilinear interpolation weights, align_corners=False convention."""
-    scale = size_in / size_out
-    centers = (np.arange(size_out) + 0.5) * scale - 0.5
-    centers = np.clip(centers, 0, size_in - 1)
-    low = np.floor(centers).astype(int)
-    high = np.minimum(low + 1, size_in - 1)
-    frac = centers - low
-    weights = np.zeros((size_out, size_in), dtype=np.float32)
-    weights[np.arange(size_out), low] += 1 - frac
-    weights[np.arange(size_out), high] += frac
-    return weights
-
-
-def resize(images: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of (..., H, W) arrays with two small matrix products."""
-    rows = _interp_matrix(images.shape[-2], height)
-    cols = _interp_matrix(images.shape[-1], width)
-    return np.einsum("hi,...ij,wj->...hw", rows, images, cols).astype(np.float32)
-
-
 def digits_split(split: str, input_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Digits of one split as float32 (N, C, H, W) in [0, 1], resized to `input_shape`, and labels."""
     channels, height, width = input_shape
     images, labels = load_digits_raw()
     index = split_indices(len(images), split)
-    x = resize(images[index] / 16.0, height, width)[:, None]
-    x = np.repeat(x, channels, axis=1) if channels > 1 else x
+    x = to_channels(resize(images[index] / 16.0, height, width)[:, None], channels)
     return np.ascontiguousarray(x, dtype=np.float32), labels[index]
 
 
-def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Per-channel (x - mean) / std on NCHW float32."""
-    mean_arr = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    std_arr = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
-    return ((x - mean_arr) / std_arr).astype(np.float32)
-
-
-def _read_image(path: Path, input_shape: Sequence[int]) -> np.ndarray:
+def _read_image(path: Path, spec: InputSpec) -> np.ndarray:
+    """One image file as a model-ready (C, H, W) sample: decoded to gray or RGB, then spec.preprocess."""
     try:
         from PIL import Image
     except ImportError:
         raise InputError("reading image files needs Pillow: pip install pillow") from None
-    channels, height, width = input_shape
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.float32) / 255.0
+            arr = np.asarray(img.convert("L" if spec.channels == 1 else "RGB"), dtype=np.float32) / 255.0
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's many failure types
         raise InputError(f"cannot read image {path}: {exc}") from None
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    return spec.preprocess(arr[None, None] if spec.channels == 1 else arr.transpose(2, 0, 1)[None])[0]
 
 
-def load_images(paths: Sequence[Path], input_shape: Sequence[int]) -> np.ndarray:
-    """Image files -> float32 (N, C, H, W) in [0, 1] at the model's input size."""
-    return np.stack([_read_image(p, input_shape) for p in paths]).astype(np.float32)
+def load_images(paths: Sequence[Path], spec: InputSpec) -> np.ndarray:
+    """Image files -> the model-ready float32 (N, C, H, W) batch (resized, normalized)."""
+    return np.stack([_read_image(p, spec) for p in paths]).astype(np.float32)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -103,10 +74,10 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _read_npy(path: Path, spec: dict) -> np.ndarray:
+def _read_npy(path: Path, spec: InputSpec) -> np.ndarray:
     """A .npy as a batch: float32 memory-mapped (huge files stay on disk), other floats cast,
     uint8 treated as raw images; any other dtype is an InputError."""
-    shape = tuple(spec["shape"][1:])
+    shape = spec.sample_shape
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -122,7 +93,7 @@ def _read_npy(path: Path, spec: dict) -> np.ndarray:
             raise InputError(f"uint8 images in {path} must be (N, H, W[, {shape[0]}]), got {arr.shape}")
         if 0 in arr.shape:
             raise InputError(f"{path} holds no pixels: shape {arr.shape}")
-        return normalize(resize(arr.astype(np.float32) / 255.0, shape[1], shape[2]), spec["mean"], spec["std"])
+        return spec.preprocess(arr.astype(np.float32) / 255.0)
     if arr.dtype.kind != "f":
         raise InputError(f"{path} has dtype {arr.dtype}; give float32 (preprocessed) or uint8 (raw images)")
     if arr.ndim not in (3, 4):
@@ -132,35 +103,33 @@ def _read_npy(path: Path, spec: dict) -> np.ndarray:
     return arr[None] if arr.ndim == 3 else arr
 
 
-def load_input(path: str | Path, spec: dict) -> tuple[np.ndarray, list[str]]:
+def load_input(path: str | Path, spec: InputSpec) -> tuple[np.ndarray, list[str]]:
     """Load `--input` (an image, a folder of images, or a .npy) as a model-ready batch plus names.
 
     A float .npy of shape (N, C, H, W) or (C, H, W) is taken as already preprocessed (cast
     to float32; a float32 file is memory-mapped, so a huge batch is read chunk by chunk).
     A uint8 .npy of shape (N, H, W) or (N, H, W, C) is treated as raw images (0..255).
-    Images are resized to the input size, scaled to [0, 1] and normalized with the
-    bundle's mean/std.
+    Images are scaled to [0, 1] and go through spec.preprocess (resize, normalize).
     """
     path = Path(path)
-    shape = tuple(spec["shape"][1:])
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
         files = image_files(path)
         if not files:
             raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path}")
-        return normalize(load_images(files, shape), spec["mean"], spec["std"]), [f.name for f in files]
+        return load_images(files, spec), [f.name for f in files]
     if path.suffix.lower() == ".npy":
-        arr = check_batch(_read_npy(path, spec), shape)  # whole-file check: errors name the sample in the file
+        arr = check_batch(_read_npy(path, spec), spec.sample_shape)  # whole-file check: errors name the sample in the file
         return arr, [f"{path.name}[{i}]" for i in range(len(arr))]
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return normalize(load_images([path], shape), spec["mean"], spec["std"]), [path.name]
+        return load_images([path], spec), [path.name]
     raise InputError(f"unsupported input {path}: give an image, a folder of images or a .npy file")
 
 
-def load_labeled_folder(root: Path, spec: dict) -> tuple[np.ndarray, np.ndarray]:
+def load_labeled_folder(root: Path, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
     """root/CLASS/*.png with CLASS among the bundle's class names -> normalized batch and labels."""
-    names = list(spec["class_names"])
+    names = list(spec.class_names)
     files, labels = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         if folder.name not in names:
@@ -170,15 +139,14 @@ def load_labeled_folder(root: Path, spec: dict) -> tuple[np.ndarray, np.ndarray]
         labels += [names.index(folder.name)] * len(found)
     if not files:
         raise InputError(f"no labeled images under {root} (expected {root}/CLASS/image.png)")
-    x = normalize(load_images(files, tuple(spec["shape"][1:])), spec["mean"], spec["std"])
-    return x, np.asarray(labels, dtype=np.int64)
+    return load_images(files, spec), np.asarray(labels, dtype=np.int64)
 
 
-def load_eval_data(spec_name: str, split: str, input_spec: dict) -> tuple[np.ndarray, np.ndarray]:
+def load_eval_data(spec_name: str, split: str, input_spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
     """Labeled evaluation data without torch: `digits` (a split) or `folder:PATH` (class subfolders)."""
     if spec_name == "digits":
-        x, y = digits_split(split, tuple(input_spec["shape"][1:]))
-        return normalize(x, input_spec["mean"], input_spec["std"]), y
+        x, y = digits_split(split, input_spec.sample_shape)
+        return input_spec.normalize(x), y
     if spec_name.startswith("folder:"):
         root = Path(spec_name[len("folder:") :])
         if not root.is_dir():

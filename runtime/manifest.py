@@ -1,27 +1,41 @@
-"""The bundle format: manifest.json schema, validation, hashing and atomic writes.
+"""The bundle format, stated once: typed manifest records, their validation, hashing and atomic writes.
 
-This is the one place that knows the bundle layout; the exporter writes through it and
-the runtime reads through it.
+manifest.json is read into frozen dataclasses (Manifest, InputSpec, StageSpec, ExitSpec,
+PolicySpec, ...): `from_dict` validates and builds each record, naming the first problem
+as "invalid manifest: WHERE: WHY"; `to_dict` writes it back. The exporter builds these
+records, calibration replaces thresholds through them, and every other module reads
+attributes, never raw manifest keys.
+
+Adding a field: give the dataclass a field with a default, read (and check) it in
+`from_dict`, write it in `to_dict`; bump FORMAT_VERSION when older readers must refuse it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from edgeexit.errors import BundleError
+import numpy as np
+
+from edgeexit.errors import BundleError, InputError
+from edgeexit.runtime.policies import Policy, get_policy
 
 FORMAT = "edgeexit-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FULL_NAME = "full.onnx"
 BATCH_DIM = "batch"
 GRAPH_DTYPE = "tensor(float)"
+# ITU-R 601 luma weights: Pillow's RGB -> "L" conversion, so arrays and image files agree
+LUMA = (0.299, 0.587, 0.114)
+
+Shape = tuple  # ("batch", C, H, W): the symbolic batch dim, then positive ints
 
 
 def stage_file(index: int) -> str:
@@ -36,6 +50,9 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- validation helpers
 
 
 def _fail(where: str, why: str) -> BundleError:
@@ -63,13 +80,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_sha256(entry: dict, where: str) -> None:
+def _sha256(entry: dict, where: str) -> str:
     value = _require(entry, "sha256", str, where)
     if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         raise _fail(f"{where}.sha256", "must be 64 lowercase hex digits")
+    return value
 
 
-def _check_shape(shape: Any, where: str) -> None:
+def _shape(shape: Any, where: str) -> Shape:
     if not isinstance(shape, list) or not shape:
         raise _fail(where, "shape must be a non-empty list")
     if shape[0] != BATCH_DIM:
@@ -77,109 +95,457 @@ def _check_shape(shape: Any, where: str) -> None:
     for dim in shape[1:]:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise _fail(where, f"dims after the batch must be positive ints, got {dim!r}")
+    return tuple(shape)
 
 
-def _check_tensors(tensors: Any, where: str) -> list[dict]:
-    if not isinstance(tensors, list) or not tensors:
+def _count(obj: dict, key: str, where: str, minimum: int = 0) -> int:
+    value = _require(obj, key, int, where)
+    if value < minimum:
+        raise _fail(f"{where}.{key}", f"must be >= {minimum}" if minimum != 1 else "must be a positive int")
+    return value
+
+
+# ---------------------------------------------------------------- pixels: the one numpy preprocessing
+
+
+def normalize(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Per-channel (x - mean) / std on NCHW float32."""
+    mean_arr = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std_arr = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return ((x - mean_arr) / std_arr).astype(np.float32)
+
+
+def _interp_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) bilinear interpolation weights, align_corners=False convention."""
+    scale = size_in / size_out
+    centers = np.clip((np.arange(size_out) + 0.5) * scale - 0.5, 0, size_in - 1)
+    low = np.floor(centers).astype(int)
+    high = np.minimum(low + 1, size_in - 1)
+    frac = centers - low
+    weights = np.zeros((size_out, size_in), dtype=np.float32)
+    weights[np.arange(size_out), low] += 1 - frac
+    weights[np.arange(size_out), high] += frac
+    return weights
+
+
+def resize(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of (..., H, W) arrays: half-pixel centres (align_corners=False), no antialiasing,
+    i.e. torch.nn.functional.interpolate(mode="bilinear", align_corners=False, antialias=False)."""
+    if images.shape[-2:] == (height, width):
+        return images.astype(np.float32, copy=False)
+    rows = _interp_matrix(images.shape[-2], height)
+    cols = _interp_matrix(images.shape[-1], width)
+    return np.einsum("hi,...ij,wj->...hw", rows, images, cols).astype(np.float32)
+
+
+def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """NCHW with 1 or 3 channels -> `channels`: gray repeated to RGB, RGB to gray by ITU-R 601 luma."""
+    have = x.shape[1]
+    if have == channels:
+        return x
+    if have == 1:
+        return np.repeat(x, channels, axis=1)
+    if have == 3 and channels == 1:
+        return np.tensordot(np.asarray(LUMA, dtype=np.float32), x, axes=([0], [1]))[:, None].astype(np.float32)
+    raise InputError(f"cannot convert {have}-channel images to the bundle's {channels} channels")
+
+
+# ---------------------------------------------------------------- the records
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: its name and shape ("batch", dims...); name None matches any name."""
+
+    name: str | None
+    shape: Shape
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "TensorSpec":
+        return cls(_require(data, "name", str, where), _shape(_require(data, "shape", list, where), f"{where}.shape"))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape)}
+
+
+def _tensors(data: Any, where: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(data, list) or not data:
         raise _fail(where, "must be a non-empty list of tensors")
-    for i, tensor in enumerate(tensors):
-        _require(tensor, "name", str, f"{where}[{i}]")
-        _check_shape(_require(tensor, "shape", list, f"{where}[{i}]"), f"{where}[{i}].shape")
-    return tensors
+    return tuple(TensorSpec.from_dict(tensor, f"{where}[{i}]") for i, tensor in enumerate(data))
 
 
-def validate(data: Any) -> None:
-    """Check a manifest dict against the schema; raise BundleError naming the first problem."""
-    if not isinstance(data, dict):
-        raise _fail("top level", "must be a JSON object")
-    if data.get("format") != FORMAT:
-        raise _fail("format", f"expected '{FORMAT}', got {data.get('format')!r}")
-    version = _require(data, "format_version", int, "manifest")
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"bundle format version {version} is not supported by this edgeexit "
-            f"(it reads version {FORMAT_VERSION}); re-export the model or upgrade edgeexit"
-        )
-    _require(data, "producer", dict, "manifest")
-    spec = _require(data, "input", dict, "manifest")
-    _require(spec, "name", str, "input")
-    _check_shape(_require(spec, "shape", list, "input"), "input.shape")
-    if _require(spec, "dtype", str, "input") != "float32":
-        raise _fail("input.dtype", "only float32 inputs are supported")
-    if len(spec["shape"]) != 4 or _require(spec, "layout", str, "input") != "NCHW":
-        raise _fail("input", "only NCHW image inputs [batch, C, H, W] are supported")
-    channels = spec["shape"][1]
-    for key in ("mean", "std"):
-        values = _require(spec, key, list, "input")
-        if len(values) != channels or not all(_is_number(v) for v in values):
-            raise _fail(f"input.{key}", f"must be {channels} finite numbers (one per channel)")
-    if any(v <= 0 for v in spec["std"]):
-        raise _fail("input.std", "must be positive")
-    num_classes = _require(data, "num_classes", int, "manifest")
-    if num_classes < 2:
-        raise _fail("num_classes", "must be >= 2")
-    names = _require(spec, "class_names", list, "input")
-    if len(names) != num_classes or not all(isinstance(n, str) for n in names):
-        raise _fail("input.class_names", f"must be {num_classes} strings (one per class)")
+@dataclass(frozen=True)
+class InputSpec:
+    """The bundle's input: one float32 NCHW image batch, its normalization and class names.
 
-    full = _require(data, "full", dict, "manifest")
-    if _require(full, "file", str, "full") != FULL_NAME:
-        raise _fail("full.file", f"expected '{FULL_NAME}'")
-    _check_sha256(full, "full")
-    if _require(full, "macs", int, "full") <= 0:
-        raise _fail("full.macs", "must be a positive int")
+    Model-ready inputs are `normalize(images in [0, 1])` at the bundle's size; `preprocess`
+    takes images of any size and 1 or 3 channels there (see `resize` for the convention).
+    """
 
-    stages = _require(data, "stages", list, "manifest")
-    if len(stages) < 2:
-        raise _fail("stages", "need at least one early stage and the final stage")
-    previous_output = spec["name"]
-    previous_shape = spec["shape"]
-    for index, stage in enumerate(stages):
-        where = f"stages[{index}]"
-        if _require(stage, "index", int, where) != index:
-            raise _fail(f"{where}.index", f"expected {index}")
-        if _require(stage, "file", str, where) != stage_file(index):
-            raise _fail(f"{where}.file", f"expected '{stage_file(index)}'")
-        _check_sha256(stage, where)
-        inputs = _check_tensors(_require(stage, "inputs", list, where), f"{where}.inputs")
-        outputs = _check_tensors(_require(stage, "outputs", list, where), f"{where}.outputs")
-        if len(inputs) != 1 or inputs[0]["name"] != previous_output or inputs[0]["shape"] != previous_shape:
-            raise _fail(f"{where}.inputs", f"must be the single tensor '{previous_output}' {previous_shape}")
-        macs = _require(stage, "macs", dict, where)
-        for key in ("segment", "head", "cumulative"):
-            if _require(macs, key, int, f"{where}.macs") < 0:
-                raise _fail(f"{where}.macs.{key}", "must be >= 0")
-        final = index == len(stages) - 1
-        exit_spec = stage.get("exit")
-        if final:
-            if exit_spec is not None:
-                raise _fail(f"{where}.exit", "the final stage has no exit: must be null")
-            if len(outputs) != 1 or outputs[0]["shape"] != [BATCH_DIM, num_classes]:
-                raise _fail(f"{where}.outputs", f"final stage must output logits [batch, {num_classes}]")
-            continue
-        if not isinstance(exit_spec, dict):
-            raise _fail(f"{where}.exit", "early stages need an exit description")
-        roles = _require(exit_spec, "outputs", dict, f"{where}.exit")
-        names_out = [t["name"] for t in outputs]
-        if not all(isinstance(v, str) for v in roles.values()) or sorted(roles.values()) != sorted(names_out[1:]):
-            raise _fail(f"{where}.exit.outputs", "must name every output after the features")
-        policy = _require(exit_spec, "policy", dict, f"{where}.exit")
-        _require(policy, "kind", str, f"{where}.exit.policy")
-        if not _is_number(_require(policy, "threshold", (int, float), f"{where}.exit.policy")):
-            raise _fail(f"{where}.exit.policy.threshold", "must be a finite number")
-        if not isinstance(policy.get("args", {}), dict):
-            raise _fail(f"{where}.exit.policy.args", "must be an object")
-        temperature = exit_spec.get("temperature", 1.0)
+    name: str
+    shape: Shape
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...]
+    dtype: str = "float32"
+    layout: str = "NCHW"
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one input sample."""
+        return tuple(self.shape[1:])
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1]
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """(x - mean) / std per channel for float32 NCHW images in [0, 1] already at the input size."""
+        return normalize(x, self.mean, self.std)
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """Float (N, C, h, w) images in [0, 1], any size, 1 or 3 channels -> the model-ready batch."""
+        _, height, width = self.sample_shape
+        return self.normalize(to_channels(resize(np.asarray(images, dtype=np.float32), height, width), self.channels))
+
+    @classmethod
+    def from_dict(cls, data: dict, num_classes: int) -> "InputSpec":
+        name = _require(data, "name", str, "input")
+        shape = _shape(_require(data, "shape", list, "input"), "input.shape")
+        if _require(data, "dtype", str, "input") != "float32":
+            raise _fail("input.dtype", "only float32 inputs are supported")
+        if len(shape) != 4 or _require(data, "layout", str, "input") != "NCHW":
+            raise _fail("input", "only NCHW image inputs [batch, C, H, W] are supported")
+        channels = shape[1]
+        for key in ("mean", "std"):
+            values = _require(data, key, list, "input")
+            if len(values) != channels or not all(_is_number(v) for v in values):
+                raise _fail(f"input.{key}", f"must be {channels} finite numbers (one per channel)")
+        if any(v <= 0 for v in data["std"]):
+            raise _fail("input.std", "must be positive")
+        names = _require(data, "class_names", list, "input")
+        if len(names) != num_classes or not all(isinstance(n, str) for n in names):
+            raise _fail("input.class_names", f"must be {num_classes} strings (one per class)")
+        return cls(name, shape, tuple(data["mean"]), tuple(data["std"]), tuple(names))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "layout": self.layout,
+                "mean": list(self.mean), "std": list(self.std), "class_names": list(self.class_names)}
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """An exit's policy as stored: kind (a name in POLICIES), threshold and extra arguments."""
+
+    kind: str
+    threshold: float
+    args: dict = field(default_factory=dict)
+
+    def build(self, args: dict | None = None) -> Policy:
+        """The runtime Policy this spec describes; `args` override the stored arguments."""
+        return get_policy(self.kind)(self.threshold, {**self.args, **(args or {})})
+
+    def with_threshold(self, threshold: float) -> "PolicySpec":
+        return dataclasses.replace(self, threshold=float(threshold))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "PolicySpec":
+        kind = _require(data, "kind", str, where)
+        threshold = _require(data, "threshold", (int, float), where)
+        if not _is_number(threshold):
+            raise _fail(f"{where}.threshold", "must be a finite number")
+        args = data.get("args", {})
+        if not isinstance(args, dict):
+            raise _fail(f"{where}.args", "must be an object")
+        return cls(kind, threshold, dict(args))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "threshold": self.threshold, "args": dict(self.args)}
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    """An early exit: role -> output tensor name (in graph output order), its policy, cut point and temperature.
+
+    `temperature` (> 0, default 1) divides the exit's class logits before a softmax policy uses
+    them; `edgeexit calibrate` fits it on the calibration split.
+    """
+
+    outputs: dict[str, str]
+    policy: PolicySpec
+    cut: str = ""
+    temperature: float = 1.0
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str, output_names: Sequence[str]) -> "ExitSpec":
+        if not isinstance(data, dict):
+            raise _fail(where, "early stages need an exit description")
+        roles = _require(data, "outputs", dict, where)
+        if not all(isinstance(v, str) for v in roles.values()) or sorted(roles.values()) != sorted(output_names):
+            raise _fail(f"{where}.outputs", "must name every output after the features")
+        policy = PolicySpec.from_dict(_require(data, "policy", dict, where), f"{where}.policy")
+        temperature = data.get("temperature", 1.0)
         if not _is_number(temperature) or temperature <= 0:
-            raise _fail(f"{where}.exit.temperature", "must be a finite number > 0")
-        previous_output = outputs[0]["name"]
-        previous_shape = outputs[0]["shape"]
-    calibration = data.get("calibration")
-    if calibration is not None and not isinstance(calibration, dict):
-        raise _fail("calibration", "must be an object or null")
+            raise _fail(f"{where}.temperature", "must be a finite number > 0")
+        return cls(dict(roles), policy, str(data.get("cut", "")), float(temperature))
+
+    def to_dict(self) -> dict:
+        return {"outputs": dict(self.outputs), "policy": self.policy.to_dict(), "cut": self.cut,
+                "temperature": self.temperature}
 
 
-def _dims_match(declared: list, actual: Sequence[Any]) -> bool:
+@dataclass(frozen=True)
+class StageMacs:
+    """MACs of a stage's segment, of its exit head, and of everything up to and including it."""
+
+    segment: int
+    head: int
+    cumulative: int
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "StageMacs":
+        return cls(*(_count(data, key, where) for key in ("segment", "head", "cumulative")))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage graph: a backbone segment fused with its exit head (exit None for the final stage)."""
+
+    index: int
+    file: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    macs: StageMacs
+    params: int
+    exit: ExitSpec | None
+
+    @property
+    def output_names(self) -> list[str]:
+        return [tensor.name for tensor in self.outputs]
+
+    @classmethod
+    def from_dict(cls, data: Any, index: int, final: bool, num_classes: int, previous: TensorSpec) -> "StageSpec":
+        """One stage, checked against its place in the chain (`previous` = the tensor it consumes)."""
+        where = f"stages[{index}]"
+        if _require(data, "index", int, where) != index:
+            raise _fail(f"{where}.index", f"expected {index}")
+        if _require(data, "file", str, where) != stage_file(index):
+            raise _fail(f"{where}.file", f"expected '{stage_file(index)}'")
+        sha = _sha256(data, where)
+        inputs = _tensors(_require(data, "inputs", list, where), f"{where}.inputs")
+        outputs = _tensors(_require(data, "outputs", list, where), f"{where}.outputs")
+        if len(inputs) != 1 or inputs[0] != previous:
+            raise _fail(f"{where}.inputs", f"must be the single tensor '{previous.name}' {list(previous.shape)}")
+        macs = StageMacs.from_dict(_require(data, "macs", dict, where), f"{where}.macs")
+        params = _count(data, "params", where)
+        exit_spec = None
+        if final:
+            if data.get("exit") is not None:
+                raise _fail(f"{where}.exit", "the final stage has no exit: must be null")
+            if len(outputs) != 1 or outputs[0].shape != (BATCH_DIM, num_classes):
+                raise _fail(f"{where}.outputs", f"final stage must output logits [batch, {num_classes}]")
+        else:
+            exit_spec = ExitSpec.from_dict(data.get("exit"), f"{where}.exit", [t.name for t in outputs[1:]])
+        return cls(index, data["file"], sha, inputs, outputs, macs, params, exit_spec)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "file": self.file, "sha256": self.sha256,
+                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
+                "macs": self.macs.to_dict(), "params": self.params,
+                "exit": None if self.exit is None else self.exit.to_dict()}
+
+
+@dataclass(frozen=True)
+class FullGraph:
+    """full.onnx: the plain backbone, the no-exit baseline; its MACs are the cost unit."""
+
+    sha256: str
+    macs: int
+    params: int
+    file: str = FULL_NAME
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FullGraph":
+        if _require(data, "file", str, "full") != FULL_NAME:
+            raise _fail("full.file", f"expected '{FULL_NAME}'")
+        sha = _sha256(data, "full")
+        return cls(sha, _count(data, "macs", "full", minimum=1), _count(data, "params", "full"))
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256, "macs": self.macs, "params": self.params}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """How the bundle's model was built (informational: the runtime never needs it)."""
+
+    method: str
+    backbone: str
+    exit_type: str
+    cuts: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelInfo":
+        values = [_require(data, key, str, "model") for key in ("method", "backbone", "exit_type")]
+        cuts = _require(data, "cuts", list, "model")
+        if not all(isinstance(c, str) for c in cuts):
+            raise _fail("model.cuts", "must be a list of strings")
+        return cls(*values, tuple(cuts))
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "backbone": self.backbone, "exit_type": self.exit_type, "cuts": list(self.cuts)}
+
+
+@dataclass(frozen=True)
+class Producer:
+    """Who wrote the bundle: edgeexit's version and the ONNX opset, plus (when exported from PyTorch)
+    the torch, onnx and onnxruntime versions and the exporting host's machine type."""
+
+    edgeexit: str
+    opset: int
+    torch: str | None = None
+    onnx: str | None = None
+    onnxruntime: str | None = None
+    host: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Producer":
+        optional = {k: _require(data, k, str, "producer") for k in ("torch", "onnx", "onnxruntime", "host") if k in data}
+        return cls(_require(data, "edgeexit", str, "producer"), _require(data, "opset", int, "producer"), **optional)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest plus the folder it came from."""
+
+    root: Path
+    producer: Producer
+    model: ModelInfo
+    num_classes: int
+    input_spec: InputSpec
+    full: FullGraph
+    stages: tuple[StageSpec, ...]
+    calibration: dict | None = None  # the record `edgeexit calibrate` wrote (see calibrate.calibrate)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one input sample."""
+        return self.input_spec.sample_shape
+
+    @property
+    def exits(self) -> list[ExitSpec]:
+        """Exit descriptions of the early stages, in order."""
+        return [stage.exit for stage in self.stages[:-1]]
+
+    @property
+    def policies(self) -> list[PolicySpec]:
+        return [exit_spec.policy for exit_spec in self.exits]
+
+    @property
+    def full_macs(self) -> int:
+        return self.full.macs
+
+    def exit_costs(self) -> list[float]:
+        """Relative MACs spent by an input that leaves at each exit (last = final stage)."""
+        return [stage.macs.cumulative / self.full_macs for stage in self.stages]
+
+    def files(self) -> list[StageSpec | FullGraph]:
+        """Entries (file, sha256) of every graph: the stages, then full.onnx."""
+        return [*self.stages, self.full]
+
+    def full_tensors(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """What full.onnx must look like: the bundle's input in, [batch, num_classes] logits out."""
+        return [TensorSpec(self.input_spec.name, self.input_spec.shape)], [TensorSpec(None, (BATCH_DIM, self.num_classes))]
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def with_thresholds(self, thresholds: Sequence[float]) -> "Manifest":
+        """A copy with exit k's policy threshold set to thresholds[k]."""
+        if len(thresholds) != len(self.exits):
+            raise BundleError(f"got {len(thresholds)} thresholds for {len(self.exits)} exits")
+        stages = [dataclasses.replace(stage, exit=dataclasses.replace(stage.exit, policy=stage.exit.policy.with_threshold(t)))
+                  for stage, t in zip(self.stages, thresholds)]
+        return dataclasses.replace(self, stages=(*stages, self.stages[-1]))
+
+    def describe(self, name: str | None = None) -> list[str]:
+        """Readable lines for `edgeexit info`: input, stages, MACs, exit policies, calibration."""
+        spec = self.input_spec
+        lines = [f"bundle {name or self.root}: {self.model.method} on {self.model.backbone}, {self.num_classes} classes",
+                 f"input {spec.name} {list(spec.shape)} {spec.dtype} {spec.layout}",
+                 f"full.onnx {self.full_macs / 1e6:.2f} MMACs"]
+        for stage, cost in zip(self.stages, self.exit_costs()):
+            line = f"  {stage.file}: segment {stage.macs.segment / 1e6:.2f} M + head {stage.macs.head / 1e6:.3f} M"
+            line += f", leaving here costs {cost:.3f} of full"
+            if stage.exit is not None:
+                policy = stage.exit.policy
+                line += f"; exit at {stage.exit.cut or '?'}: {policy.kind} threshold {policy.threshold}"
+            lines.append(line)
+        if self.calibration:
+            lines.append(f"calibrated: {json.dumps(self.calibration.get('chosen', {}))}")
+        return lines
+
+    @classmethod
+    def from_dict(cls, data: Any, root: str | os.PathLike = ".") -> "Manifest":
+        """Validate a manifest dict and build its records; BundleError naming the first problem."""
+        if not isinstance(data, dict):
+            raise _fail("top level", "must be a JSON object")
+        if data.get("format") != FORMAT:
+            raise _fail("format", f"expected '{FORMAT}', got {data.get('format')!r}")
+        version = _require(data, "format_version", int, "manifest")
+        if version != FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format version {version} is not supported by this edgeexit "
+                f"(it reads version {FORMAT_VERSION}); re-export the model or upgrade edgeexit"
+            )
+        producer = Producer.from_dict(_require(data, "producer", dict, "manifest"))
+        model = ModelInfo.from_dict(_require(data, "model", dict, "manifest"))
+        spec = _require(data, "input", dict, "manifest")
+        num_classes = _require(data, "num_classes", int, "manifest")
+        if num_classes < 2:
+            raise _fail("num_classes", "must be >= 2")
+        input_spec = InputSpec.from_dict(spec, num_classes)
+        full = FullGraph.from_dict(_require(data, "full", dict, "manifest"))
+        raw_stages = _require(data, "stages", list, "manifest")
+        if len(raw_stages) < 2:
+            raise _fail("stages", "need at least one early stage and the final stage")
+        previous = TensorSpec(input_spec.name, input_spec.shape)
+        stages = []
+        for index, stage in enumerate(raw_stages):
+            stages.append(StageSpec.from_dict(stage, index, index == len(raw_stages) - 1, num_classes, previous))
+            previous = stages[-1].outputs[0]
+        calibration = data.get("calibration")
+        if calibration is not None and not isinstance(calibration, dict):
+            raise _fail("calibration", "must be an object or null")
+        return cls(Path(root), producer, model, num_classes, input_spec, full, tuple(stages), calibration)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "producer": self.producer.to_dict(),
+            "model": self.model.to_dict(),
+            "num_classes": self.num_classes,
+            "input": self.input_spec.to_dict(),
+            "full": self.full.to_dict(),
+            "stages": [stage.to_dict() for stage in self.stages],
+            "calibration": self.calibration,
+        }
+
+
+def validate(data: Any) -> Manifest:
+    """Check a manifest dict against the schema and return its records (root: the current folder)."""
+    return Manifest.from_dict(data)
+
+
+def _dims_match(declared: Sequence[Any], actual: Sequence[Any]) -> bool:
     """A declared shape matches a graph's: same rank, symbolic batch, equal fixed dims."""
     if len(declared) != len(actual):
         return False
@@ -189,78 +555,29 @@ def _dims_match(declared: list, actual: Sequence[Any]) -> bool:
 
 def check_graph_io(
     file: str,
-    expected_inputs: Sequence[dict],
-    expected_outputs: Sequence[dict],
+    expected_inputs: Sequence[TensorSpec],
+    expected_outputs: Sequence[TensorSpec],
     inputs: Sequence[Any],
     outputs: Sequence[Any],
 ) -> None:
     """Check a loaded graph's inputs/outputs (objects with .name, .shape, .type, e.g. onnxruntime
-    NodeArgs) against the manifest's tensors, in order; a tensor without "name" matches any name."""
+    NodeArgs) against the manifest's tensors, in order; a tensor named None matches any name."""
     for kind, expected, actual in (("inputs", expected_inputs, inputs), ("outputs", expected_outputs, outputs)):
         if len(expected) != len(actual):
             raise BundleError(f"{file} has {len(actual)} {kind}, the manifest declares {len(expected)}")
         for want, got in zip(expected, actual):
-            label = want.get("name", got.name)
+            label = got.name if want.name is None else want.name
             if got.name != label:
                 raise BundleError(f"{file}: {kind[:-1]} '{got.name}' is declared as '{label}' in the manifest")
             if getattr(got, "type", GRAPH_DTYPE) != GRAPH_DTYPE:
                 raise BundleError(f"{file}: {kind[:-1]} '{got.name}' has type {got.type}, expected {GRAPH_DTYPE}")
-            if not _dims_match(want["shape"], list(got.shape)):
-                raise BundleError(f"{file}: {kind[:-1]} '{got.name}' has shape {list(got.shape)}, the manifest declares {want['shape']}")
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A validated manifest plus the folder it came from."""
-
-    root: Path
-    data: dict
-
-    @property
-    def input_spec(self) -> dict:
-        return self.data["input"]
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """(C, H, W) of one input sample."""
-        return tuple(self.data["input"]["shape"][1:])
-
-    @property
-    def num_classes(self) -> int:
-        return self.data["num_classes"]
-
-    @property
-    def stages(self) -> list[dict]:
-        return self.data["stages"]
-
-    @property
-    def exits(self) -> list[dict]:
-        """Exit descriptions of the early stages, in order."""
-        return [stage["exit"] for stage in self.stages[:-1]]
-
-    @property
-    def full_macs(self) -> int:
-        return self.data["full"]["macs"]
-
-    def exit_costs(self) -> list[float]:
-        """Relative MACs spent by an input that leaves at each exit (last = final stage)."""
-        return [stage["macs"]["cumulative"] / self.full_macs for stage in self.stages]
-
-    def files(self) -> list[dict]:
-        """Manifest entries (file, sha256) of every graph: the stages, then full.onnx."""
-        return [*self.stages, self.data["full"]]
-
-    def full_tensors(self) -> tuple[list[dict], list[dict]]:
-        """What full.onnx must look like: the bundle's input in, [batch, num_classes] logits out."""
-        spec = self.input_spec
-        return [{"name": spec["name"], "shape": spec["shape"]}], [{"shape": [BATCH_DIM, self.num_classes]}]
-
-    def path(self, name: str) -> Path:
-        return self.root / name
+            if not _dims_match(want.shape, list(got.shape)):
+                raise BundleError(f"{file}: {kind[:-1]} '{got.name}' has shape {list(got.shape)}, "
+                                  f"the manifest declares {list(want.shape)}")
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
-    """Read manifest.json from a bundle folder as a dict, with BundleError on any failure."""
+    """Read manifest.json from a bundle folder as a raw dict (not validated), with BundleError on any failure."""
     root = Path(root)
     if not root.is_dir():
         raise BundleError(f"bundle folder not found: {root}")
@@ -275,26 +592,23 @@ def read_manifest(root: str | os.PathLike) -> dict:
 
 def load_manifest(root: str | os.PathLike, check_hashes: bool = True) -> Manifest:
     """Load, validate and (by default) hash-check a bundle's manifest and graph files."""
-    root = Path(root)
-    data = read_manifest(root)
-    validate(data)
-    manifest = Manifest(root=root, data=data)
+    manifest = Manifest.from_dict(read_manifest(root), Path(root))
     if check_hashes:
         for entry in manifest.files():
-            check_file_hash(root, entry)
+            check_file_hash(manifest.root, entry)
     return manifest
 
 
-def check_file_hash(root: Path, entry: dict) -> None:
+def check_file_hash(root: Path, entry: StageSpec | FullGraph) -> None:
     """Refuse a graph file that is missing, unreadable or differs from its manifest sha256."""
-    path = root / entry["file"]
+    path = root / entry.file
     if not path.is_file():
         raise BundleError(f"bundle file missing: {path}")
     try:
         digest = sha256_file(path)
     except OSError as exc:
         raise BundleError(f"cannot read bundle file {path}: {exc.strerror or exc}") from None
-    if digest != entry["sha256"]:
+    if digest != entry.sha256:
         raise BundleError(f"bundle file {path} does not match its sha256 in the manifest (tampered or corrupt)")
 
 
@@ -315,7 +629,9 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         raise
 
 
-def save_manifest(root: str | os.PathLike, data: dict) -> None:
-    """Validate and atomically (re)write a bundle's manifest.json."""
-    validate(data)
-    write_json_atomic(Path(root) / MANIFEST_NAME, data)
+def save_manifest(root: str | os.PathLike, manifest: Manifest | dict) -> Manifest:
+    """Validate (a dict) and atomically (re)write a bundle's manifest.json; returns the records written."""
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_dict(manifest, Path(root))
+    write_json_atomic(Path(root) / MANIFEST_NAME, manifest.to_dict())
+    return dataclasses.replace(manifest, root=Path(root))

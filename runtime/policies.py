@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from edgeexit.errors import BundleError, ConfigError
+
+if TYPE_CHECKING:  # the manifest builds policies, so it imports this module
+    from edgeexit.runtime.manifest import StageSpec
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -76,14 +79,14 @@ class Policy:
         return check_range(f"{cls.name} threshold", value, cls.threshold_range)
 
     @classmethod
-    def check_outputs(cls, stage: dict, num_classes: int) -> None:
+    def check_outputs(cls, stage: StageSpec, num_classes: int) -> None:
         """BundleError unless each per-class exit output of a manifest stage is [batch, num_classes]."""
-        shapes = {tensor["name"]: tensor["shape"] for tensor in stage["outputs"]}
+        shapes = {tensor.name: tensor.shape for tensor in stage.outputs}
         for role in cls.per_class_roles:
-            name = stage["exit"]["outputs"][role]
-            if shapes[name][1:] != [num_classes]:
+            name = stage.exit.outputs[role]
+            if shapes[name][1:] != (num_classes,):
                 raise BundleError(
-                    f"{stage['file']}: exit output '{name}' has shape {shapes[name]}, "
+                    f"{stage.file}: exit output '{name}' has shape {list(shapes[name])}, "
                     f"expected [batch, {num_classes}] (one {role} score per class)"
                 )
 

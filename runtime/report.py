@@ -85,8 +85,9 @@ def logits_entry(parts: Sequence[np.ndarray], seconds: Sequence[float], labels: 
 
 
 def cascade_entry(runner: CascadeRunner, parts: Sequence[CascadeResult], seconds: Sequence[float],
-                  labels: np.ndarray | None) -> dict:
-    """Accuracy, MACs, exits and latency of a cascade run, with latency grouped by the deepest exit per call."""
+                  labels: np.ndarray | None, thresholds: Sequence[float] | None = None) -> dict:
+    """Accuracy, MACs, exits and latency of a cascade run (at `thresholds`, default the runner's), with
+    latency grouped by the deepest exit per call."""
     result = merge_results(parts)
     deepest = np.array([p.exit_index.max() for p in parts])
     per_exit = {}
@@ -97,7 +98,7 @@ def cascade_entry(runner: CascadeRunner, parts: Sequence[CascadeResult], seconds
         "accuracy": accuracy(result.predictions, labels),
         "relative_macs": runner.relative_macs(result),
         "exit_counts": result.exit_counts(),
-        "thresholds": runner.thresholds,
+        "thresholds": runner.thresholds if thresholds is None else list(thresholds),
         **timing_entry(seconds, len(result.predictions)),
         "latency_by_exit_ms": per_exit,
     }

@@ -14,11 +14,27 @@ from types import ModuleType
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.consistency import TOLERANCE, check_chain
-from edgeexit.errors import ConfigError, EdgeExitError, first_line
+from edgeexit.errors import ConfigError, EdgeExitError, VerificationError, first_line
 from edgeexit.runtime.manifest import FORMAT_VERSION, Manifest, check_file_hash, load_manifest
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
+TOLERANCE = 1e-4
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest absolute elementwise difference, scaled down for large-magnitude tensors."""
+    scale = max(1.0, float(np.abs(b).max()) if b.size else 1.0)
+    return float(np.abs(a - b).max()) / scale if a.size else 0.0
+
+
+def check_chain(runner: CascadeRunner, x: np.ndarray, tolerance: float = TOLERANCE) -> float:
+    """Run every stage in sequence and compare the final logits with full.onnx; return the diff."""
+    _, chained = runner.stage_outputs(x)
+    full = runner.predict_full(x)
+    diff = max_abs_diff(chained, full)
+    if diff > tolerance:
+        raise VerificationError(f"chained stages differ from full.onnx by {diff:.2e} (> {tolerance:.0e})")
+    return diff
 
 
 @dataclass(frozen=True)
@@ -55,9 +71,9 @@ def hash_checks(manifest: Manifest) -> list[Check]:
     for entry in manifest.files():
         try:
             check_file_hash(manifest.root, entry)
-            checks.append(Check(f"sha256 {entry['file']}", OK))
+            checks.append(Check(f"sha256 {entry.file}", OK))
         except EdgeExitError as exc:
-            checks.append(Check(f"sha256 {entry['file']}", FAIL, str(exc)))
+            checks.append(Check(f"sha256 {entry.file}", FAIL, str(exc)))
     return checks
 
 
@@ -69,10 +85,10 @@ def onnx_checks(manifest: Manifest) -> list[Check]:
     checks = []
     for entry in manifest.files():
         try:
-            onnx.checker.check_model(str(manifest.path(entry["file"])), full_check=True)
-            checks.append(Check(f"onnx checker {entry['file']}", OK))
+            onnx.checker.check_model(str(manifest.path(entry.file)), full_check=True)
+            checks.append(Check(f"onnx checker {entry.file}", OK))
         except Exception as exc:  # onnx raises checker, inference and protobuf decode errors
-            checks.append(Check(f"onnx checker {entry['file']}", FAIL, _first_line(exc)))
+            checks.append(Check(f"onnx checker {entry.file}", FAIL, _first_line(exc)))
     return checks
 
 

@@ -59,7 +59,7 @@ def test_calibration_reloads_from_manifest(bundle_copy, digits_val):
     x, y = digits_val
     record = calibrate(CascadeRunner(bundle_copy), x, y, ("target_drop", 1.0), {"name": "digits", "split": "val"})
     apply_calibration(bundle_copy, record)
-    stored = load_manifest(bundle_copy).data["calibration"]
+    stored = load_manifest(bundle_copy).calibration
     assert stored == json.loads(json.dumps(record))
     assert stored["data"] == {"name": "digits", "split": "val", "samples": len(x)}
     assert len(stored["curve"]) > 2 and stored["pareto"]
@@ -79,7 +79,7 @@ def test_cli_calibrate_writes_manifest(bundle_copy):
     result = cli.invoke(main, ["calibrate", str(bundle_copy), "--data", "digits", "--budget", "0.9"])
     assert result.exit_code == 0, result.output
     assert "operating point" in result.output
-    assert load_manifest(bundle_copy).data["calibration"]["objective"] == {"budget": 0.9}
+    assert load_manifest(bundle_copy).calibration["objective"] == {"budget": 0.9}
     both = cli.invoke(main, ["calibrate", str(bundle_copy), "--target-drop", "1", "--budget", "0.5"])
     assert both.exit_code == ConfigError.exit_code
     assert "Traceback" not in both.output
@@ -183,5 +183,5 @@ def test_cli_reports_a_target_it_cannot_meet(bundle_copy):
     assert result.exit_code == 0, result.output
     assert "target NOT met (closest point chosen)" in result.stdout
     assert "warning: no candidate meets the target; chose the closest point" in result.stderr
-    chosen = load_manifest(bundle_copy).data["calibration"]["chosen"]
+    chosen = load_manifest(bundle_copy).calibration["chosen"]
     assert chosen["met"] is False and chosen["relative_macs"] == pytest.approx(costs[0])

@@ -3,6 +3,8 @@ the exit mix, survivor compaction, batch vs one-by-one, an independent numpy ref
 monotonicity, per-exit and CLI overrides; plus input and device errors on a trained bundle."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import json
 
 import numpy as np
@@ -13,6 +15,7 @@ from click.testing import CliRunner
 import handmade
 from edgeexit.cli import main
 from edgeexit.runtime import CascadeRunner, ConfigError, DeviceError, InputError
+from edgeexit.runtime.manifest import read_manifest, save_manifest
 
 KINDS = sorted(handmade.POLICY_DEFAULTS)
 # A score closer than this to its cut may fall either side between float32 graphs and the float64 reference,
@@ -246,3 +249,26 @@ def test_unknown_and_unavailable_devices(tiny_bundle, monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(DeviceError, match="needs CUDAExecutionProvider.*available providers: CPUExecutionProvider$"):
         CascadeRunner(tiny_bundle, device="cuda")
+
+
+def test_per_call_thresholds_let_threads_share_a_runner(bundle_copy, digits_test):
+    data = read_manifest(bundle_copy)
+    for stage in data["stages"][:-1]:  # the tiny model's confidence saturates at 1.0; softmax spreads
+        stage["exit"]["policy"] = {"kind": "max_softmax", "threshold": 0.5, "args": {}}
+    save_manifest(bundle_copy, data)
+    runner = CascadeRunner(bundle_copy, threads=1)
+    x = digits_test[0]
+    top = runner.policies[0].scores(runner.stage_outputs(x)[0][0])
+    levels = (0.0, float(np.median(top)), 1.0)
+    expected = {t: runner.predict(x, thresholds=t).exit_index for t in levels}
+    assert len({tuple(e) for e in expected.values()}) == 3 and runner.thresholds == [0.5, 0.5]
+
+    def check(threshold):
+        return all(np.array_equal(runner.predict(x[i : i + 30], thresholds=threshold).exit_index, expected[threshold][i : i + 30])
+                   for i in range(0, len(x), 30))
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(check, levels * 6))
+    assert all(results) and runner.thresholds == [0.5, 0.5]
+    with pytest.raises(ConfigError, match="got 3 thresholds for 2 exits"):
+        runner.predict(x, thresholds=[0.5] * 3)

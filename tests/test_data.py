@@ -1,4 +1,6 @@
 """Data: the embedded digits split, ImageFolder and torchvision loaders, runtime input loading."""
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -6,6 +8,7 @@ from PIL import Image
 from edgeexit.train.data import TORCHVISION_SETS, load_data
 from edgeexit.runtime.datasets import digits_split, load_eval_data, load_input, split_indices
 from edgeexit.errors import ConfigError, InputError
+from edgeexit.runtime.manifest import InputSpec
 
 
 def test_digits_split_is_fixed_disjoint_and_complete():
@@ -44,11 +47,11 @@ def test_folder_data_trains_side(tmp_path):
 
 def test_folder_data_runtime_side_matches_class_names(tmp_path):
     write_images(tmp_path)
-    spec = {"shape": ["batch", 3, 8, 8], "mean": [0.5] * 3, "std": [0.5] * 3, "class_names": ["cat", "dog"]}
+    spec = InputSpec("input", ("batch", 3, 8, 8), (0.5,) * 3, (0.5,) * 3, ("cat", "dog"))
     x, y = load_eval_data(f"folder:{tmp_path}", "test", spec)
     assert x.shape == (12, 3, 8, 8) and sorted(set(y.tolist())) == [0, 1]
     with pytest.raises(InputError, match="not one of the bundle's classes"):
-        load_eval_data(f"folder:{tmp_path}", "test", {**spec, "class_names": ["a", "b"]})
+        load_eval_data(f"folder:{tmp_path}", "test", dataclasses.replace(spec, class_names=("a", "b")))
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_SETS))
@@ -71,7 +74,7 @@ def test_torchvision_set_needs_data_dir_and_unknown_sets_are_named():
 
 
 def test_load_input_npy_image_and_folder(tmp_path):
-    spec = {"shape": ["batch", 1, 8, 8], "mean": [0.5], "std": [0.25], "class_names": ["0", "1"]}
+    spec = InputSpec("input", ("batch", 1, 8, 8), (0.5,), (0.25,), ("0", "1"))
     ready = np.zeros((3, 1, 8, 8), np.float32)
     np.save(tmp_path / "ready.npy", ready)
     x, names = load_input(tmp_path / "ready.npy", spec)

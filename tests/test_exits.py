@@ -75,7 +75,7 @@ def train_export_run(tmp_path, data: DataSplits, backbone: str, exit_type: str, 
     export_bundle(tmp_path / "model.pt", tmp_path / "bundle")  # raises VerificationError on any mismatch
 
     manifest = load_manifest(tmp_path / "bundle")
-    assert manifest.data["model"]["exit_type"] == exit_type and manifest.data["model"]["cuts"] == model.config.cuts
+    assert manifest.model.exit_type == exit_type and list(manifest.model.cuts) == model.config.cuts
     runner = CascadeRunner(tmp_path / "bundle", threads=1)
     x, y = load_eval_data("digits", "test", runner.manifest.input_spec)
     x, y = x[:96], y[:96]

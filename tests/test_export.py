@@ -35,15 +35,15 @@ def test_chained_stages_reproduce_full_onnx(tiny_bundle, digits_test):
 def test_stage_graphs_fuse_segment_and_head_with_symbolic_batch(tiny_bundle):
     manifest = load_manifest(tiny_bundle)
     for stage in manifest.stages:
-        graph = onnx.load(str(tiny_bundle / stage["file"]))
+        graph = onnx.load(str(tiny_bundle / stage.file))
         assert len(graph.graph.input) == 1
         for value in [*graph.graph.input, *graph.graph.output]:
             assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
         names = [o.name for o in graph.graph.output]
-        assert names == [t["name"] for t in stage["outputs"]]
+        assert names == stage.output_names
     first = manifest.stages[0]
-    assert [t["name"] for t in first["outputs"]] == ["features_0", "exit_0_logits", "exit_0_confidence_logit"]
-    assert manifest.stages[1]["inputs"][0]["name"] == "features_0"
+    assert first.output_names == ["features_0", "exit_0_logits", "exit_0_confidence_logit"]
+    assert manifest.stages[1].inputs[0].name == "features_0"
 
 
 def test_manifest_records_costs_hashes_and_producer(tiny_bundle):

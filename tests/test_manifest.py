@@ -11,6 +11,7 @@ from edgeexit.runtime import BundleError, CascadeRunner, load_manifest
 from edgeexit.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    TensorSpec,
     check_graph_io,
     save_manifest,
     sha256_file,
@@ -31,7 +32,7 @@ def test_exported_manifest_is_valid_and_round_trips(bundle_copy):
     data = read(bundle_copy)
     validate(data)
     save_manifest(bundle_copy, data)
-    assert load_manifest(bundle_copy).data == data
+    assert load_manifest(bundle_copy).to_dict() == data
 
 
 def test_future_version_is_refused_naming_both_versions(bundle_copy):
@@ -160,7 +161,7 @@ def test_manifest_chain_is_checked_against_the_graphs(bundle_copy, mutate, messa
 
 
 def test_graph_io_check_refuses_fixed_batch_and_other_dtypes():
-    declared = [{"name": "x", "shape": ["batch", 3]}]
+    declared = [TensorSpec("x", ("batch", 3))]
     arg = lambda shape, kind="tensor(float)": SimpleNamespace(name="x", shape=shape, type=kind)  # noqa: E731
     check_graph_io("g.onnx", declared, declared, [arg(["N", 3])], [arg([None, 3])])
     with pytest.raises(BundleError, match="has shape"):

@@ -50,7 +50,7 @@ def test_fit_temperature_recovers_an_overconfident_scale():
 
 
 def test_exported_exits_carry_temperature_one(tiny_bundle):
-    assert [spec["temperature"] for spec in load_manifest(tiny_bundle).exits] == [1.0, 1.0]
+    assert [spec.temperature for spec in load_manifest(tiny_bundle).exits] == [1.0, 1.0]
     assert [p.temperature for p in CascadeRunner(tiny_bundle).policies] == [1.0, 1.0]
 
 
@@ -94,7 +94,7 @@ def test_cli_calibrate_and_run_take_a_policy(bundle_copy, tmp_path):
     result = cli.invoke(main, ["calibrate", str(bundle_copy), "--target-drop", "2", "--policy", "max_softmax"])
     assert result.exit_code == 0, result.output
     assert "policy max_softmax" in result.output
-    assert load_manifest(bundle_copy).exits[0]["policy"]["kind"] == "max_softmax"
+    assert load_manifest(bundle_copy).exits[0].policy.kind == "max_softmax"
     report = tmp_path / "r.json"
     result = cli.invoke(main, ["run", str(bundle_copy), "--policy", "confidence", "--threshold", "0", "--threads", "1",
                                "--json", str(report)])

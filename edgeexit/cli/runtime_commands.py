@@ -63,7 +63,7 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
     if labels is None:
         report["predictions"] = result.predictions.tolist()
         report["exit_index"] = result.exit_index.tolist()
-        names = runner.manifest.input_spec["class_names"]
+        names = runner.manifest.input_spec.class_names
         for i, (p, e) in enumerate(zip(result.predictions, result.exit_index)):
             click.echo(f"{i}\t{names[p]}\texit {e}")
     if json_path:
@@ -94,23 +94,10 @@ def info(bundle: str, as_json: bool) -> None:
 
     manifest = load_manifest(bundle)
     if as_json:
-        click.echo(json.dumps(manifest.data, indent=2))
+        click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
-    data = manifest.data
-    spec = data["input"]
-    model = data.get("model", {})
-    click.echo(f"bundle {bundle}: {model.get('method', '?')} on {model.get('backbone', '?')}, {data['num_classes']} classes")
-    click.echo(f"input {spec['name']} {spec['shape']} {spec['dtype']} {spec['layout']}")
-    click.echo(f"full.onnx {data['full']['macs'] / 1e6:.2f} MMACs")
-    for stage, cost in zip(data["stages"], manifest.exit_costs()):
-        line = f"  {stage['file']}: segment {stage['macs']['segment'] / 1e6:.2f} M + head {stage['macs']['head'] / 1e6:.3f} M"
-        line += f", leaving here costs {cost:.3f} of full"
-        if stage.get("exit"):
-            policy = stage["exit"]["policy"]
-            line += f"; exit at {stage['exit'].get('cut', '?')}: {policy['kind']} threshold {policy['threshold']}"
+    for line in manifest.describe(bundle):
         click.echo(line)
-    if data.get("calibration"):
-        click.echo(f"calibrated: {json.dumps(data['calibration'].get('chosen', {}))}")
 
 
 @click.command()

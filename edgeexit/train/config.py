@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edgeexit.runtime.manifest import PolicySpec
+
 
 @dataclass
 class ModelConfig:
@@ -20,7 +22,7 @@ class ModelConfig:
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
     class_names: list[str] = field(default_factory=list)
-    policy: dict[str, Any] = field(default_factory=lambda: {"kind": "confidence", "threshold": 0.5, "args": {}})
+    policy: PolicySpec = field(default_factory=lambda: PolicySpec("confidence", 0.5))
     frozen_backbone: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -31,6 +33,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if isinstance(known.get("policy"), dict):
+            known["policy"] = PolicySpec.from_dict(known["policy"], "config.policy")
         config = cls(**known)
         config.input_shape = tuple(config.input_shape)
         return config

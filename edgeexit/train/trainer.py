@@ -11,6 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from edgeexit.errors import ConfigError
+from edgeexit.runtime.manifest import PolicySpec
+from edgeexit.runtime.simulate import CascadeSimulator
 from edgeexit.train.config import ModelConfig, TrainConfig
 from edgeexit.train.cuts import CutGraph
 from edgeexit.train.data import DataSplits
@@ -18,9 +21,6 @@ from edgeexit.train.losses import TAGGED_LOSSES, exit_tags, get_loss
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import EarlyExitModel
 from edgeexit.train.placement import place_exits
-from edgeexit.runtime.calibrate import CascadeSimulator
-from edgeexit.errors import ConfigError
-from edgeexit.runtime.policies import get_policy
 
 
 def seed_everything(seed: int) -> None:
@@ -103,8 +103,7 @@ def validate(model: EarlyExitModel, dataset: Dataset, loss_name: str, costs: Seq
     """
     outputs, final, labels = dataset_outputs(model, dataset)
     loss = float(apply_loss(loss_name, outputs, final, labels, costs, lam))
-    spec = model.config.policy
-    policy = get_policy(spec["kind"])(spec["threshold"], dict(spec.get("args", {})))
+    policy = model.config.policy.build()
     arrays = [{role: t.numpy() for role, t in zip(head.outputs, out)} for head, out in zip(model.exits, outputs)]
     simulator = CascadeSimulator([policy] * len(arrays), arrays, final.numpy(), labels.numpy(), model.exit_costs())
     point = simulator.evaluate([policy.threshold] * len(arrays))
@@ -212,11 +211,11 @@ def build_model(
         mean=info.mean,
         std=info.std,
         class_names=info.class_names,
-        policy={"kind": spec.policy, "threshold": spec.threshold if threshold is None else threshold, "args": dict(spec.policy_args)},
+        policy=PolicySpec(spec.policy, spec.threshold if threshold is None else threshold, dict(spec.policy_args)),
         frozen_backbone=spec.frozen_backbone,
     )
     model = EarlyExitModel(config, backbone=net)
-    missing = set(get_policy(spec.policy).roles) - set(model.exits[0].outputs)
+    missing = set(config.policy.build().roles) - set(model.exits[0].outputs)
     if missing:
         raise ConfigError(f"exit type '{exit_type}' lacks the outputs {sorted(missing)} that method '{method}' needs")
     return model
