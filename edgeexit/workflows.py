@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ def train(
     exit_type: str | None = None,
     num_exits: int = 2,
     placement: str = "pareto",
+    placement_cost: str = "macs",
     exit_at: str | None = None,
     loss: str | None = None,
     lam: float = 1.0,
@@ -75,6 +76,7 @@ def train(
         threshold=threshold,
         exit_args=exit_args,
         weights=weights,
+        placement_cost=placement_cost,
     )
     config = TrainConfig(data=data, data_dir=data_dir, download=download, epochs=epochs, batch_size=batch_size,
                          lr=lr, loss=loss or spec.loss, lam=lam, seed=seed, warmup_epochs=warmup_epochs,
@@ -104,18 +106,31 @@ def eval_arrays(name: str, split: str, input_spec: InputSpec, data_dir: str | No
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
 
 
-def describe_cuts(backbone: str, input_size: int, channels: int | None, num_exits: int) -> list[str]:
-    """Lines listing candidate cut points, cumulative MACs, and each placement scheme's targets and picks."""
+def describe_cuts(backbone: str, input_size: int, channels: int | None, num_exits: int, profile: bool = False,
+                  threads: int = 1, batch_size: int = 1, repeats: int = 50,
+                  progress: Callable[[str], None] = lambda m: None) -> list[str]:
+    """Lines listing candidate cut points, cumulative MACs, and each placement scheme's targets and picks.
+
+    With `profile`, each cut's prefix graph is exported and timed on onnxruntime: the lines add
+    its cumulative latency and latency fraction, and the schemes place by latency."""
+    from edgeexit.train.cut_latency import cut_latencies, latency_candidates
+
     channels = channels or (1 if backbone.startswith(("resnet", "eenet")) else 3)
     net = build_backbone(backbone, 10, channels)
     graph = CutGraph(net, (channels, input_size, input_size))
     check_exit_count(num_exits, graph.candidates)
+    candidates = graph.candidates
+    latency_columns = ""
+    if profile:
+        latencies, full = cut_latencies(graph, threads, batch_size, repeats, progress)
+        candidates = latency_candidates(candidates, latencies, full)
+        latency_columns = f"{'cum. ms p50':>12}{'p95':>9}{'ms fraction':>12}"
     picks: dict[str, list[str]] = {}
     schemes = []
     for scheme in SCHEMES:
         targets = ", ".join(f"{t:.3f}" for t in scheme_targets(scheme, num_exits))
         try:
-            points, why = [p.name for p in place_exits(scheme, num_exits, graph.candidates)], ""
+            points, why = [p.name for p in place_exits(scheme, num_exits, candidates)], ""
         except ConfigError as exc:
             points, why = [], f"none ({str(exc).split(': ', 1)[1]})"
         for name in points:
@@ -123,12 +138,19 @@ def describe_cuts(backbone: str, input_size: int, channels: int | None, num_exit
         schemes.append(f"  {scheme:<10} targets {targets} -> {', '.join(points) or why}")
     lines = [f"{backbone} at {channels}x{input_size}x{input_size}: {graph.full_macs / 1e6:.2f} MMACs, "
              f"{len(graph.candidates)} cut points (schemes pick {num_exits} exits)"]
-    lines.append(f"{'cut point':<22}{'feature shape':<16}{'cum. MMACs':>11}{'fraction':>10}  schemes")
-    for point in graph.candidates:
+    if profile:
+        lines.append(f"measured on onnxruntime CPU, {threads} thread(s), batch {batch_size}: whole backbone p50 "
+                     f"{full.p50:.3f} ms, p95 {full.p95:.3f} ms")
+    lines.append(f"{'cut point':<22}{'feature shape':<16}{'cum. MMACs':>11}{'fraction':>10}{latency_columns}  schemes")
+    for point, placed in zip(graph.candidates, candidates):
         shape = "x".join(map(str, point.shape))
-        lines.append(f"{point.name:<22}{shape:<16}{point.cumulative_macs / 1e6:>11.2f}{point.fraction:>10.3f}  "
+        measured = ""
+        if profile:
+            measured = f"{latencies[point.name].p50:>12.3f}{latencies[point.name].p95:>9.3f}{placed.fraction:>12.3f}"
+        lines.append(f"{point.name:<22}{shape:<16}{point.cumulative_macs / 1e6:>11.2f}{point.fraction:>10.3f}{measured}  "
                      f"{', '.join(picks.get(point.name, []))}")
-    lines.append("schemes (exit i at the first cut point after exit i-1 whose fraction reaches target i):")
+    cost = "measured latency fraction" if profile else "fraction"
+    lines.append(f"schemes (exit i at the first cut point after exit i-1 whose {cost} reaches target i):")
     return lines + schemes
 
 

@@ -1,6 +1,7 @@
 """model.pt -> bundle/: fused stage graphs, full.onnx and manifest.json, verified, written atomically."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -14,7 +15,8 @@ import torch
 
 from edgeexit import __version__
 from edgeexit.export.onnx_graphs import DEFAULT_OPSET, FusedStage, SingleOutput, export_graph, graph_io
-from edgeexit.export.verify import verify_bundle_against_model
+from edgeexit.export.cascade_graph import write_cascade
+from edgeexit.export.verify import verify_bundle_against_model, verify_cascade
 from edgeexit.train.macs import count_macs, count_params
 from edgeexit.train.models import EarlyExitModel, load_model
 from edgeexit.errors import BundleError
@@ -176,7 +178,8 @@ def export_bundle(
     verify: bool = True,
     progress: Callable[[str], None] = lambda message: None,
 ) -> dict:
-    """Export model.pt to a verified bundle folder; returns the manifest (plus 'verification').
+    """Export model.pt to a verified bundle folder; returns the manifest (plus 'verification': max diffs
+    against PyTorch, and 'cascade_verification': cascade.onnx's decisions against the chain's).
 
     Graphs are written into a hidden temp folder beside `out` and renamed into place only after
     verification, so a failed or killed export leaves any earlier bundle at `out` intact.
@@ -192,11 +195,15 @@ def export_bundle(
     try:
         stages, full = write_graphs(model, staged, opset, progress)
         manifest = save_manifest(staged, build_manifest(model, staged, stages, full, opset))
-        verification = None
+        progress("building cascade.onnx")
+        manifest = save_manifest(staged, dataclasses.replace(manifest, cascade=write_cascade(manifest)))
+        verification = cascade_verification = None
         if verify:
             progress("verifying against PyTorch")
             verification = verify_bundle_against_model(staged, model)
+            progress("verifying cascade.onnx against the stage chain")
+            cascade_verification = verify_cascade(staged, model)
         _replace_dir(staged, out)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return {**manifest.to_dict(), "verification": verification}
+    return {**manifest.to_dict(), "verification": verification, "cascade_verification": cascade_verification}

@@ -11,7 +11,8 @@ from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.errors import VerificationError
 from edgeexit.runtime.datasets import digits_split
 from edgeexit.runtime.manifest import normalize
-from edgeexit.runtime.verify import TOLERANCE, check_chain, max_abs_diff
+from edgeexit.runtime.graph import GraphRunner
+from edgeexit.runtime.verify import TOLERANCE, check_chain, check_graph_decisions, max_abs_diff
 
 
 def verification_inputs(model: EarlyExitModel, count: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
@@ -60,3 +61,8 @@ def verify_bundle_against_model(bundle: Path, model: EarlyExitModel, tolerance: 
         diffs["chain_vs_full"] = check_chain(runner, x, tolerance)
         report[kind] = {k: float(v) for k, v in diffs.items()}
     return report
+
+
+def verify_cascade(bundle: Path, model: EarlyExitModel, count: int = 64) -> dict:
+    """cascade.onnx against the stage chain (the Python runtime) on random and real inputs, batch `count` and 1."""
+    return check_graph_decisions(GraphRunner(bundle), CascadeRunner(bundle), verification_inputs(model, count=count))

@@ -13,7 +13,8 @@ from edgeexit.errors import (
     VerificationError,
 )
 from edgeexit.runtime.manifest import Manifest, load_manifest
-from edgeexit.runtime.cascade import CascadeResult, CascadeRunner
+from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner
+from edgeexit.runtime.graph import GraphRunner, open_runner
 from edgeexit.runtime.policies import POLICIES, get_policy
 
 __all__ = [
@@ -23,11 +24,14 @@ __all__ = [
     "ConfigError",
     "DeviceError",
     "EdgeExitError",
+    "GraphRunner",
     "InputError",
     "Manifest",
     "MissingExtraError",
     "POLICIES",
+    "Runner",
     "VerificationError",
     "get_policy",
     "load_manifest",
+    "open_runner",
 ]

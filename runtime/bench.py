@@ -88,6 +88,8 @@ def run_bench(
     return {
         "accuracy": cascade["accuracy"],
         "relative_macs": cascade["relative_macs"],
+        "predicted_latency_ms": cascade["predicted_latency_ms"],
+        "measured_latency_ms": cascade["measured_latency_ms"],
         "exit_counts": cascade["exit_counts"],
         "latency_ms": cascade["latency_ms"],
         **runner_info(runner, batch_size, n),

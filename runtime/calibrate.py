@@ -5,6 +5,10 @@ The bundle runs once over the calibration data with every exit's outputs kept
 runtime's own Policy objects, so what calibration picks is exactly what `run` does, for
 every policy in POLICIES (stateful ones such as class exclusion included).
 
+Objectives: an accuracy drop (least MACs within it), a MACs budget (most accurate within
+it) or a latency budget in ms (most accurate whose latency, predicted from the exit
+histogram and a device profile by `latency.predict_latency`, is within it).
+
 Search (direction-agnostic: it never assumes whether a policy exits above or below T):
 1. Candidate grid per exit: GRIDS[policy kind] if registered, else quantiles of the
    policy's score on the calibration data (plus the finite ends of its threshold range),
@@ -43,8 +47,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
+from edgeexit.runtime.graph import with_graph_defaults
 from edgeexit.errors import ConfigError
-from edgeexit.runtime.manifest import Manifest, load_manifest, save_manifest
+from edgeexit.runtime.latency import cheapest_latency, predict_latency
+from edgeexit.runtime.manifest import DeviceProfile, Manifest, load_manifest, save_manifest
 from edgeexit.runtime.policies import SCORE_POLICIES, Policy, get_policy, policies_for
 from edgeexit.runtime.simulate import CascadeSimulator, Point, grid_points
 
@@ -53,7 +59,8 @@ TEMPERATURE_RANGE = (0.05, 20.0)  # searched in log space; beyond it an exit's l
 AUTO = "auto"
 MAX_ROUNDS = 4
 EXHAUSTIVE_POINTS = 70_000  # 41**3 = 68,921: about a second or two of simulation
-Objective = tuple[str, float]  # ("target_drop", points) or ("budget", fraction)
+Objective = tuple[str, float]  # ("target_drop", points), ("budget", fraction) or ("latency", ms)
+LATENCY_STATS = ("p50", "p95")
 GRIDS: dict[str, Callable[[Policy, Sequence[dict[str, np.ndarray]], int], np.ndarray]] = {}
 
 
@@ -76,12 +83,48 @@ def candidate_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]]) -> 
     return np.asarray(GRIDS.get(policy.name, score_grid)(policy, outputs, GRID_SIZE), dtype=np.float64)
 
 
-def objective_key(objective: Objective, reference_accuracy: float) -> Callable[[Point], tuple]:
+@dataclasses.dataclass(frozen=True)
+class LatencyTarget:
+    """The device profile and statistic (p50 or p95) a latency budget is predicted with."""
+
+    profile: DeviceProfile
+    stat: str = "p50"
+    _cache: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stat not in LATENCY_STATS:
+            raise ConfigError(f"--percentile must be one of {', '.join(s[1:] for s in LATENCY_STATS)}, got {self.stat[1:]}")
+
+    def predict(self, point: Point) -> float:
+        """Predicted ms per call at the profile's batch size for a point's exit histogram."""
+        if point.exit_counts not in self._cache:
+            self._cache[point.exit_counts] = predict_latency(self.profile, point.exit_counts, self.stat)
+        return self._cache[point.exit_counts]
+
+    def describe(self) -> dict:
+        """The objective's latency entries for the calibration record."""
+        return {"profile": self.profile.key, "percentile": int(self.stat[1:])}
+
+    def check_budget(self, budget_ms: float) -> None:
+        """ConfigError when no thresholds can meet the budget: it is below the cheapest exit's latency."""
+        least = cheapest_latency(self.profile, self.stat)
+        if budget_ms < least:
+            raise ConfigError(f"latency budget {budget_ms:g} ms is below the cheapest exit's {self.stat} latency on profile "
+                              f"{self.profile.key}: every input leaving at exit 0 takes {least:.4g} ms; the minimum budget is "
+                              f"{least:.4g} ms")
+
+
+def objective_key(objective: Objective, reference_accuracy: float,
+                  latency: LatencyTarget | None = None) -> Callable[[Point], tuple]:
     """Sort key (smaller is better): constraint violation first, then the objective, then the other metric."""
     kind, value = objective
     if kind == "target_drop":
         floor = reference_accuracy - value / 100.0
         return lambda p: (max(0.0, floor - p.accuracy - 1e-12), p.relative_macs, -p.accuracy)
+    if kind == "latency":
+        if latency is None:
+            raise ConfigError("a latency budget needs a device profile (--profile NAME)")
+        return lambda p: (max(0.0, latency.predict(p) - value - 1e-12), -p.accuracy, latency.predict(p))
     return lambda p: (max(0.0, p.relative_macs - value - 1e-12), -p.accuracy, p.relative_macs)
 
 
@@ -130,8 +173,9 @@ def search_method(grids: Sequence[np.ndarray]) -> str:
 def describe(point: dict) -> str:
     """One line of an operating point (Point.as_dict()) for progress output and the CLI."""
     thresholds = ",".join(f"{t:.4g}" for t in point["thresholds"])
-    return (f"thresholds {thresholds}  accuracy {point['accuracy']:.4f}  relative MACs {point['relative_macs']:.3f}  "
-            f"exits {point['exit_counts']}")
+    latency = f"  predicted latency {point['predicted_latency_ms']:.3f} ms" if "predicted_latency_ms" in point else ""
+    return (f"thresholds {thresholds}  accuracy {point['accuracy']:.4f}  relative MACs {point['relative_macs']:.3f}"
+            f"{latency}  exits {point['exit_counts']}")
 
 
 def stderr_progress(message: str) -> None:
@@ -146,7 +190,9 @@ def check_objective(objective: Objective) -> Objective:
         raise ConfigError(f"--target-drop must be >= 0 percentage points, got {value}")
     if kind == "budget" and not 0 < value <= 1:
         raise ConfigError(f"--budget must be a fraction of the full model's MACs in (0, 1], got {value}")
-    if kind not in ("target_drop", "budget"):
+    if kind == "latency" and not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"--latency-budget must be a positive number of milliseconds, got {value}")
+    if kind not in ("target_drop", "budget", "latency"):
         raise ConfigError(f"unknown calibration objective '{kind}'")
     return objective
 
@@ -159,26 +205,38 @@ def choose_thresholds(
     exit_costs: Sequence[float],
     objective: Objective,
     progress: Callable[[str], None] = lambda message: None,
+    latency: LatencyTarget | None = None,
 ) -> dict:
-    """The search on stored outputs: chosen point, curve, Pareto front (the record minus its data)."""
+    """The search on stored outputs: chosen point, curve, Pareto front (the record minus its data).
+
+    With `latency`, every point also carries its predicted latency on that profile."""
     kind, value = check_objective(objective)
+    if kind == "latency" and latency is not None:
+        latency.check_budget(value)
     reference = float((final_logits.argmax(axis=1) == labels).mean())
     sim = CascadeSimulator(policies, exit_outputs, final_logits, labels, exit_costs)
     grids = shared_grids(policies, exit_outputs)
-    key = objective_key(objective, reference)
+    key = objective_key(objective, reference, latency)
     chosen, curve = search(sim, grids, key, progress)
     met = key(chosen)[0] == 0.0
     if not met:
         progress("warning: no candidate meets the target; chose the closest point")
+
+    def entry(point: Point) -> dict:
+        if latency is None:
+            return point.as_dict()
+        return {**point.as_dict(), "predicted_latency_ms": latency.predict(point)}
+
     return {
-        "objective": {kind: value},
+        "objective": {kind: value, **(latency.describe() if latency is not None and kind == "latency" else {})},
         "reference_accuracy": reference,
         "policies": [p.name for p in policies],
         "search": {"method": search_method(grids), "grid_sizes": [len(g) for g in grids],
                    "evaluated": len(sim.evaluated)},
-        "curve": [p.as_dict() for p in curve],
-        "pareto": [p.as_dict() for p in sim.pareto()],
-        "chosen": {**chosen.as_dict(), "met": met},
+        "latency_profile": None if latency is None else latency.describe(),
+        "curve": [entry(p) for p in curve],
+        "pareto": [entry(p) for p in sim.pareto()],
+        "chosen": {**entry(chosen), "met": met},
     }
 
 
@@ -236,13 +294,18 @@ def calibrate(
     objective: Objective,
     data: dict | None = None,
     progress: Callable[[str], None] = lambda message: None,
+    latency: LatencyTarget | None = None,
     policy: str | None = None,
 ) -> dict:
     """Run the bundle once over (x, labels), fit per-exit temperatures, and choose the policy (None: the
     bundle's own; a name; or "auto") and thresholds for `objective`; returns the calibration record."""
     if len(x) != len(labels):
         raise ConfigError(f"calibration data has {len(x)} inputs but {len(labels)} labels")
-    check_objective(objective)
+    kind, value = check_objective(objective)
+    if kind == "latency":
+        if latency is None:
+            raise ConfigError("a latency budget needs a device profile (--profile NAME)")
+        latency.check_budget(value)
     names = candidate_policies(runner, policy)
     started = time.perf_counter()
     progress(f"running {len(runner.sessions)} stages over {len(x)} calibration inputs")
@@ -256,7 +319,7 @@ def calibrate(
             get_policy(name).default_threshold, {}, t) for p, t in zip(runner.policies, temperatures)]
         progress(f"policy {name}:")
         records[name] = choose_thresholds(policies, exit_outputs, final_logits, labels, runner.manifest.exit_costs(),
-                                          objective, progress)
+                                          objective, progress, latency)
     best = min(records, key=lambda name: key(point_of(records[name]["chosen"])))
     if len(records) > 1:
         progress(f"chose policy {best}")
@@ -274,7 +337,8 @@ def point_of(chosen: dict) -> Point:
 def apply_calibration(bundle: str, record: dict) -> Manifest:
     """Write the chosen policy, thresholds and temperatures into each exit plus the record, atomically; returns the manifest.
 
-    An exit whose policy kind changes gets the new kind with no arguments.
+    An exit whose policy kind changes gets the new kind with no arguments. The single-graph engine
+    (cascade.onnx) is kept only when the policies stay and no softmax policy needs a temperature.
     """
     manifest = load_manifest(bundle, check_hashes=False)
     stages = []
@@ -284,4 +348,9 @@ def apply_calibration(bundle: str, record: dict) -> Manifest:
         policy = dataclasses.replace(policy, threshold=float(threshold), **({} if policy.kind == kind else {"kind": kind, "args": {}}))
         stages.append(dataclasses.replace(stage, exit=dataclasses.replace(stage.exit, policy=policy, temperature=float(temperature))))
     manifest = dataclasses.replace(manifest, stages=(*stages, manifest.stages[-1]), calibration=record)
-    return save_manifest(bundle, manifest)
+    softmax_scored = any(kind in ("max_softmax", "entropy") for kind in record["policies"])
+    if record["policies"] == [p.kind for p in load_manifest(bundle, check_hashes=False).policies] and not (
+            softmax_scored and any(t != 1.0 for t in record["temperatures"])):
+        return save_manifest(bundle, with_graph_defaults(manifest, "thresholds", [float(t) for t in record["chosen"]["thresholds"]]))
+    # cascade.onnx has the old policies and no temperatures compiled in: drop it, the stage chain runs the new ones
+    return save_manifest(bundle, dataclasses.replace(manifest, cascade=None))

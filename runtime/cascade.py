@@ -85,16 +85,10 @@ def make_policy(stage: StageSpec, num_classes: int, kind: str | None = None, pol
     return policy
 
 
-class CascadeRunner:
-    """Runs a bundle's stages in order and stops each input at its first accepted exit.
+class Runner:
+    """What every engine shares: the manifest, providers, exit policies and thresholds, full.onnx."""
 
-    >>> runner = CascadeRunner("bundle/", device="cpu")
-    >>> result = runner.predict(batch)          # float32 (N, C, H, W), normalized
-    >>> result.predictions, result.exit_index
-
-    `policy` runs every exit with that policy (e.g. "max_softmax") instead of the manifest's;
-    `thresholds` and `policy_args` override the manifest's values.
-    """
+    engine = ""
 
     def __init__(
         self,
@@ -112,23 +106,23 @@ class CascadeRunner:
         self.chunk_size = chunk_size
         self.providers = resolve_providers(device, cache_dir=self.manifest.root / "cache")
         self._options = session_options(threads)
-        self.sessions = [self._session(stage.file, stage.inputs, stage.outputs) for stage in self.manifest.stages]
-        self.output_names = [stage.output_names for stage in self.manifest.stages]
-        self._input_names = [stage.inputs[0].name for stage in self.manifest.stages]
-        self._roles = [list(exit_spec.outputs) for exit_spec in self.manifest.exits]
         self._full: ort.InferenceSession | None = None
         self.policies = [make_policy(stage, self.manifest.num_classes, policy, policy_args)
                          for stage in self.manifest.stages[:-1]]
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
-    def _session(self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> ort.InferenceSession:
-        """A session for one graph, refused unless its inputs/outputs match the manifest's."""
+    def _load(self, name: str) -> ort.InferenceSession:
+        """An onnxruntime session for one graph of the bundle, BundleError if it cannot load."""
         path = self.manifest.path(name)
         try:
-            session = ort.InferenceSession(str(path), self._options, providers=self.providers)
+            return ort.InferenceSession(str(path), self._options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises several private exception types
             raise BundleError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
+
+    def _session(self, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> ort.InferenceSession:
+        """A session for one graph, refused unless its inputs/outputs match the manifest's."""
+        session = self._load(name)
         check_graph_io(name, inputs, outputs, session.get_inputs(), session.get_outputs())
         return session
 
@@ -137,8 +131,8 @@ class CascadeRunner:
         return len(self.policies)
 
     @property
-    def active_providers(self) -> list[str]:
-        return self.sessions[0].get_providers()
+    def num_stages(self) -> int:
+        return len(self.manifest.stages)
 
     @property
     def thresholds(self) -> list[float]:
@@ -155,6 +149,46 @@ class CascadeRunner:
         """Change the exit thresholds (one for all exits, or one per exit); no reload. The policy list is
         swapped whole, so a predict running in another thread keeps the list it started with."""
         self.policies = self.policies_at(thresholds)
+
+    def full_session(self) -> ort.InferenceSession:
+        """The session of full.onnx (the plain backbone), created on first use."""
+        if self._full is None:
+            self._full = self._session(FULL_NAME, *self.manifest.full_tensors())
+        return self._full
+
+    def predict_full(self, x: np.ndarray) -> np.ndarray:
+        """Logits of full.onnx for a batch: the no-early-exit baseline."""
+        x = check_batch(x, self.manifest.input_shape)
+        session = self.full_session()
+        name = session.get_inputs()[0].name
+        return np.concatenate([session.run(None, {name: x[i : i + self.chunk_size]})[0] for i in range(0, len(x), self.chunk_size)])
+
+    def relative_macs(self, result: CascadeResult) -> float:
+        """Average MACs spent per input relative to full.onnx."""
+        costs = np.asarray(self.manifest.exit_costs())
+        return float(costs[result.exit_index].mean())
+
+
+class CascadeRunner(Runner):
+    """Runs a bundle's stages in order and stops each input at its first accepted exit (the stage chain).
+
+    >>> runner = CascadeRunner("bundle/", device="cpu")
+    >>> result = runner.predict(batch)          # float32 (N, C, H, W), normalized
+    >>> result.predictions, result.exit_index
+    """
+
+    engine = "chain"
+
+    def __init__(self, bundle: str | os.PathLike | Manifest, device: str = "cpu", **options) -> None:
+        super().__init__(bundle, device, **options)
+        self.sessions = [self._session(stage.file, stage.inputs, stage.outputs) for stage in self.manifest.stages]
+        self.output_names = [stage.output_names for stage in self.manifest.stages]
+        self._input_names = [stage.inputs[0].name for stage in self.manifest.stages]
+        self._roles = [list(exit_spec.outputs) for exit_spec in self.manifest.exits]
+
+    @property
+    def active_providers(self) -> list[str]:
+        return self.sessions[0].get_providers()
 
     def run_stage(self, index: int, x: np.ndarray) -> list[np.ndarray]:
         """One session run of stage `index` on its input; outputs in manifest order."""
@@ -230,22 +264,3 @@ class CascadeRunner:
             finals.append(self.run_stage(len(self.sessions) - 1, features)[0])
         merged = [{role: np.concatenate([part[role] for part in parts]) for role in parts[0]} for parts in exits]
         return merged, np.concatenate(finals)
-
-    def full_session(self) -> ort.InferenceSession:
-        """The session of full.onnx (the plain backbone), created on first use."""
-        if self._full is None:
-            self._full = self._session(FULL_NAME, *self.manifest.full_tensors())
-        return self._full
-
-    def predict_full(self, x: np.ndarray) -> np.ndarray:
-        """Logits of full.onnx for a batch: the no-early-exit baseline."""
-        x = check_batch(x, self.manifest.input_shape)
-        session = self.full_session()
-        name = session.get_inputs()[0].name
-        return np.concatenate([session.run(None, {name: x[i : i + self.chunk_size]})[0] for i in range(0, len(x), self.chunk_size)])
-
-    def relative_macs(self, result: CascadeResult) -> float:
-        """Average MACs spent per input relative to full.onnx."""
-        costs = np.asarray(self.manifest.exit_costs())
-        return float(costs[result.exit_index].mean())
-

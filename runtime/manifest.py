@@ -30,6 +30,9 @@ FORMAT = "edgeexit-bundle"
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FULL_NAME = "full.onnx"
+CASCADE_NAME = "cascade.onnx"
+CASCADE_OUTPUTS = ("scores", "prediction", "exit_index")
+CASCADE_DTYPES = ("float32", "float64", "int64")
 BATCH_DIM = "batch"
 GRAPH_DTYPE = "tensor(float)"
 # ITU-R 601 luma weights: Pillow's RGB -> "L" conversion, so arrays and image files agree
@@ -380,6 +383,73 @@ class FullGraph:
 
 
 @dataclass(frozen=True)
+class CascadeTensor:
+    """An input or output of cascade.onnx: name, shape, dtype, and for optional inputs their default."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    default: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "CascadeTensor":
+        name = _require(data, "name", str, where)
+        shape = _require(data, "shape", list, where)
+        if not shape or not all(d == BATCH_DIM or (isinstance(d, int) and not isinstance(d, bool) and d > 0) for d in shape):
+            raise _fail(f"{where}.shape", f"dims must be '{BATCH_DIM}' or positive ints")
+        dtype = _require(data, "dtype", str, where)
+        if dtype not in CASCADE_DTYPES:
+            raise _fail(f"{where}.dtype", f"must be one of {', '.join(CASCADE_DTYPES)}")
+        default = data.get("default")
+        if default is not None and (not isinstance(default, list) or not all(_is_number(v) for v in default)):
+            raise _fail(f"{where}.default", "must be a list of finite numbers")
+        return cls(name, tuple(shape), dtype, None if default is None else tuple(float(v) for v in default))
+
+    def to_dict(self) -> dict:
+        entry = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return entry if self.default is None else {**entry, "default": list(self.default)}
+
+
+@dataclass(frozen=True)
+class CascadeGraph:
+    """cascade.onnx: the whole cascade as one graph. Inputs: the bundle's input, then per-exit float64
+    vectors with defaults (thresholds; beta; temperature); outputs: scores, prediction, exit_index."""
+
+    sha256: str
+    inputs: tuple[CascadeTensor, ...]
+    outputs: tuple[CascadeTensor, ...]
+    file: str = CASCADE_NAME
+
+    def default(self, name: str) -> tuple[float, ...] | None:
+        """The default of optional input `name`, None if the graph has no such input."""
+        return next((t.default for t in self.inputs[1:] if t.name == name), None)
+
+    @classmethod
+    def from_dict(cls, data: Any, input_spec: "InputSpec", num_exits: int) -> "CascadeGraph":
+        where = "cascade"
+        if _require(data, "file", str, where) != CASCADE_NAME:
+            raise _fail(f"{where}.file", f"expected '{CASCADE_NAME}'")
+        sha = _sha256(data, where)
+        tensors = {}
+        for kind in ("inputs", "outputs"):
+            raw = _require(data, kind, list, where)
+            tensors[kind] = tuple(CascadeTensor.from_dict(t, f"{where}.{kind}[{i}]") for i, t in enumerate(raw))
+        inputs, outputs = tensors["inputs"], tensors["outputs"]
+        if not inputs or inputs[0].name != input_spec.name or inputs[0].shape[1:] != tuple(input_spec.shape[1:]):
+            raise _fail(f"{where}.inputs", f"the first input must be the bundle's '{input_spec.name}' {list(input_spec.shape)}")
+        for i, tensor in enumerate(inputs[1:], 1):
+            if tensor.shape != (num_exits,) or tensor.default is None or len(tensor.default) != num_exits:
+                raise _fail(f"{where}.inputs[{i}]", f"must be a [{num_exits}] vector with {num_exits} default numbers")
+        if tuple(t.name for t in outputs) != CASCADE_OUTPUTS:
+            raise _fail(f"{where}.outputs", f"must be {', '.join(CASCADE_OUTPUTS)}")
+        return cls(sha, inputs, outputs)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256, "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs]}
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """How the bundle's model was built (informational: the runtime never needs it)."""
 
@@ -422,6 +492,114 @@ class Producer:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """Milliseconds of one measured path over warm repeats: mean and percentiles."""
+
+    mean: float
+    min: float
+    p50: float
+    p95: float
+    p99: float
+
+    QUANTILES = (("min", 0.0), ("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
+
+    @classmethod
+    def from_seconds(cls, seconds: Sequence[float]) -> "Timing":
+        """Timing of per-call wall times given in seconds."""
+        ms = np.asarray(seconds, dtype=np.float64) * 1e3
+        return cls(float(ms.mean()), float(ms.min()), *(float(np.percentile(ms, q)) for q in (50, 95, 99)))
+
+    def stat(self, name: str) -> float:
+        """The value named 'mean', 'p50' or 'p95'."""
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "min": self.min, "p50": self.p50, "p95": self.p95, "p99": self.p99}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "Timing":
+        values = [_require(data, key, (int, float), where) for key in ("mean", "min", "p50", "p95", "p99")]
+        if not all(_is_number(v) and v >= 0 for v in values):
+            raise _fail(where, "timings must be finite numbers >= 0 ms")
+        if not values[1] <= values[2] <= values[3] <= values[4]:
+            raise _fail(where, "timings must satisfy min <= p50 <= p95 <= p99")
+        return cls(*(float(v) for v in values))
+
+
+def profile_key(host: str, device: str, threads: int, batch_size: int, engine: str) -> str:
+    """The name a device profile is stored and selected under: HOST/DEVICE/tTHREADS/bBATCH/ENGINE."""
+    return f"{host}/{device}/t{threads}/b{batch_size}/{engine}"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Measured latency of a bundle on one host/device/threads/batch (threads 0 = onnxruntime's default).
+
+    `stages[k]`: stage k's session run plus its exit decision, alone. `exits[k]`: one whole
+    cascade call in which every input leaves at exit k (the last entry: the final stage), so
+    it includes every earlier stage and decision and the runner's bookkeeping. `exits_at_one`:
+    `exits` at batch 1 (the same as `exits` when batch_size is 1), for the cost of a stage
+    that runs on only a few surviving inputs. `full`: full.onnx. All in ms
+    per call at `batch_size` inputs.
+    """
+
+    host: str
+    device: str
+    threads: int
+    batch_size: int
+    engine: str
+    stages: tuple[Timing, ...]
+    exits: tuple[Timing, ...]
+    exits_at_one: tuple[Timing, ...]
+    full: Timing
+    repeats: int
+    providers: tuple[str, ...]
+    onnxruntime: str
+
+    @property
+    def key(self) -> str:
+        return profile_key(self.host, self.device, self.threads, self.batch_size, self.engine)
+
+    def to_dict(self) -> dict:
+        return {
+            "host": self.host, "device": self.device, "threads": self.threads, "batch_size": self.batch_size,
+            "engine": self.engine, "stages": [t.to_dict() for t in self.stages], "exits": [t.to_dict() for t in self.exits],
+            "exits_at_one": [t.to_dict() for t in self.exits_at_one], "full": self.full.to_dict(), "repeats": self.repeats,
+            "providers": list(self.providers), "onnxruntime": self.onnxruntime,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str, num_stages: int) -> "DeviceProfile":
+        strings = [_require(data, key, str, where) for key in ("host", "device")]
+        threads, batch_size, repeats = (_require(data, key, int, where) for key in ("threads", "batch_size", "repeats"))
+        if threads < 0 or batch_size < 1 or repeats < 1:
+            raise _fail(where, "threads must be >= 0, batch_size and repeats >= 1")
+        timings = {}
+        for key in ("stages", "exits", "exits_at_one"):
+            entries = _require(data, key, list, where)
+            if len(entries) != num_stages:
+                raise _fail(f"{where}.{key}", f"must have one entry per stage ({num_stages})")
+            timings[key] = tuple(Timing.from_dict(t, f"{where}.{key}[{i}]") for i, t in enumerate(entries))
+        providers = _require(data, "providers", list, where)
+        return cls(*strings, threads, batch_size, _require(data, "engine", str, where), timings["stages"],
+                   timings["exits"], timings["exits_at_one"], Timing.from_dict(_require(data, "full", dict, where), f"{where}.full"),
+                   repeats, tuple(str(p) for p in providers), _require(data, "onnxruntime", str, where))
+
+
+def read_profiles(data: Any, num_stages: int) -> dict[str, DeviceProfile]:
+    """The manifest's "profiles" object (absent = none) as DeviceProfiles by key, validated."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise _fail("profiles", "must be an object keyed by profile name")
+    profiles = {name: DeviceProfile.from_dict(entry, f"profiles[{name!r}]", num_stages) for name, entry in data.items()}
+    for name, profile in profiles.items():
+        if name != profile.key:
+            raise _fail(f"profiles[{name!r}]", f"key must be '{profile.key}' (host/device/threads/batch/engine)")
+    return profiles
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A validated manifest plus the folder it came from."""
 
@@ -433,6 +611,8 @@ class Manifest:
     full: FullGraph
     stages: tuple[StageSpec, ...]
     calibration: dict | None = None  # the record `edgeexit calibrate` wrote (see calibrate.calibrate)
+    profiles: dict[str, DeviceProfile] = dataclasses.field(default_factory=dict)  # by key, from `edgeexit profile`
+    cascade: CascadeGraph | None = None  # cascade.onnx; None in bundles exported without it
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -456,9 +636,9 @@ class Manifest:
         """Relative MACs spent by an input that leaves at each exit (last = final stage)."""
         return [stage.macs.cumulative / self.full_macs for stage in self.stages]
 
-    def files(self) -> list[StageSpec | FullGraph]:
-        """Entries (file, sha256) of every graph: the stages, then full.onnx."""
-        return [*self.stages, self.full]
+    def files(self) -> list[StageSpec | FullGraph | CascadeGraph]:
+        """Entries (file, sha256) of every graph: the stages, full.onnx, then cascade.onnx if present."""
+        return [*self.stages, self.full, *([self.cascade] if self.cascade else [])]
 
     def full_tensors(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """What full.onnx must look like: the bundle's input in, [batch, num_classes] logits out."""
@@ -475,6 +655,10 @@ class Manifest:
                   for stage, t in zip(self.stages, thresholds)]
         return dataclasses.replace(self, stages=(*stages, self.stages[-1]))
 
+    def with_profile(self, profile: DeviceProfile) -> "Manifest":
+        """A copy with `profile` added under its key (replacing one measured under the same key)."""
+        return dataclasses.replace(self, profiles={**self.profiles, profile.key: profile})
+
     def describe(self, name: str | None = None) -> list[str]:
         """Readable lines for `edgeexit info`: input, stages, MACs, exit policies, calibration."""
         spec = self.input_spec
@@ -488,6 +672,12 @@ class Manifest:
                 policy = stage.exit.policy
                 line += f"; exit at {stage.exit.cut or '?'}: {policy.kind} threshold {policy.threshold}"
             lines.append(line)
+        if self.cascade:
+            optional = ", ".join(f"{t.name} (default {list(t.default)})" for t in self.cascade.inputs[1:])
+            lines.append(f"{self.cascade.file}: the whole cascade in one graph; optional inputs: {optional}")
+        for key, profile in self.profiles.items():
+            lines.append(f"profile {key}: full.onnx p50 {profile.full.p50:.3f} ms; leaving at each exit p50 "
+                         + ", ".join(f"{t.p50:.3f}" for t in profile.exits) + " ms")
         if self.calibration:
             lines.append(f"calibrated: {json.dumps(self.calibration.get('chosen', {}))}")
         return lines
@@ -524,7 +714,11 @@ class Manifest:
         calibration = data.get("calibration")
         if calibration is not None and not isinstance(calibration, dict):
             raise _fail("calibration", "must be an object or null")
-        return cls(Path(root), producer, model, num_classes, input_spec, full, tuple(stages), calibration)
+        cascade = data.get("cascade")
+        if cascade is not None:
+            cascade = CascadeGraph.from_dict(cascade, input_spec, len(stages) - 1)
+        return cls(Path(root), producer, model, num_classes, input_spec, full, tuple(stages), calibration,
+                   read_profiles(data.get("profiles"), len(stages)), cascade)
 
     def to_dict(self) -> dict:
         return {
@@ -537,6 +731,8 @@ class Manifest:
             "full": self.full.to_dict(),
             "stages": [stage.to_dict() for stage in self.stages],
             "calibration": self.calibration,
+            "profiles": {key: profile.to_dict() for key, profile in self.profiles.items()},
+            **({"cascade": self.cascade.to_dict()} if self.cascade else {}),
         }
 
 

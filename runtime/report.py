@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edgeexit.runtime.cascade import CascadeResult, CascadeRunner
+from edgeexit.runtime.cascade import CascadeResult, Runner
+from edgeexit.runtime.latency import latency_prediction, matching_profile
 
 Progress = Callable[[str], None]
 
@@ -84,11 +85,17 @@ def logits_entry(parts: Sequence[np.ndarray], seconds: Sequence[float], labels: 
     return {"accuracy": accuracy(predictions, labels), "relative_macs": 1.0, **timing_entry(seconds, len(predictions))}
 
 
-def cascade_entry(runner: CascadeRunner, parts: Sequence[CascadeResult], seconds: Sequence[float],
+def cascade_entry(runner: Runner, parts: Sequence[CascadeResult], seconds: Sequence[float],
                   labels: np.ndarray | None, thresholds: Sequence[float] | None = None) -> dict:
     """Accuracy, MACs, exits and latency of a cascade run (at `thresholds`, default the runner's), with
-    latency grouped by the deepest exit per call."""
+    latency grouped by the deepest exit per call.
+
+    When the bundle has a device profile for this host, device, threads and batch size, the
+    entry carries the latency it predicts for this run's exit histogram beside the measured one
+    (`predicted_latency_ms` / `measured_latency_ms`: mean ms per input)."""
     result = merge_results(parts)
+    profile = matching_profile(runner.manifest, runner.device, runner.threads, len(parts[0].predictions))
+    expected = None if profile is None else latency_prediction(profile, result.exit_counts())
     deepest = np.array([p.exit_index.max() for p in parts])
     per_exit = {}
     for index in range(result.num_stages):
@@ -97,6 +104,9 @@ def cascade_entry(runner: CascadeRunner, parts: Sequence[CascadeResult], seconds
     return {
         "accuracy": accuracy(result.predictions, labels),
         "relative_macs": runner.relative_macs(result),
+        "predicted_latency_ms": None if expected is None else expected["mean_per_input_ms"],
+        "measured_latency_ms": float(np.sum(seconds)) * 1e3 / len(result.predictions),
+        "expected_latency": expected,
         "exit_counts": result.exit_counts(),
         "thresholds": runner.thresholds if thresholds is None else list(thresholds),
         **timing_entry(seconds, len(result.predictions)),
@@ -104,10 +114,11 @@ def cascade_entry(runner: CascadeRunner, parts: Sequence[CascadeResult], seconds
     }
 
 
-def runner_info(runner: CascadeRunner, batch_size: int, samples: int) -> dict:
+def runner_info(runner: Runner, batch_size: int, samples: int) -> dict:
     """Where and how a report was measured."""
     return {
         "device": runner.device,
+        "engine": runner.engine,
         "providers": runner.active_providers,
         "threads": runner.threads or 0,
         "batch_size": batch_size,
@@ -117,7 +128,7 @@ def runner_info(runner: CascadeRunner, batch_size: int, samples: int) -> dict:
 
 
 def run_report(
-    runner: CascadeRunner,
+    runner: Runner,
     x: np.ndarray,
     labels: np.ndarray | None = None,
     batch_size: int = 1,
@@ -128,7 +139,7 @@ def run_report(
     return {**cascade_entry(runner, parts, seconds, labels), **runner_info(runner, batch_size, len(x))}, merge_results(parts)
 
 
-def full_report(runner: CascadeRunner, x: np.ndarray, labels: np.ndarray | None, batch_size: int = 1, warmup: int = 3) -> dict:
+def full_report(runner: Runner, x: np.ndarray, labels: np.ndarray | None, batch_size: int = 1, warmup: int = 3) -> dict:
     """Accuracy and latency of full.onnx on the same inputs: the baseline the cascade must beat."""
     parts, seconds = interleaved_timings({"full": runner.predict_full}, x, batch_size, warmup)["full"]
     return logits_entry(parts, seconds, labels)

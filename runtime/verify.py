@@ -15,6 +15,7 @@ import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.errors import ConfigError, EdgeExitError, VerificationError, first_line
+from edgeexit.runtime.graph import GraphRunner
 from edgeexit.runtime.manifest import FORMAT_VERSION, Manifest, check_file_hash, load_manifest
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
@@ -35,6 +36,41 @@ def check_chain(runner: CascadeRunner, x: np.ndarray, tolerance: float = TOLERAN
     if diff > tolerance:
         raise VerificationError(f"chained stages differ from full.onnx by {diff:.2e} (> {tolerance:.0e})")
     return diff
+
+
+def check_graph_decisions(graph: GraphRunner, chain: CascadeRunner, inputs: dict[str, np.ndarray]) -> dict[str, dict]:
+    """cascade.onnx must make the chain's decisions: equal predictions and exit indices for each named
+    batch, run whole and one input at a time; VerificationError naming the first difference."""
+    report = {}
+    for kind, x in inputs.items():
+        for batch in (len(x), 1):
+            for start in range(0, len(x), batch):
+                part = x[start : start + batch]
+                got, want = graph.predict(part), chain.predict(part)
+                for field in ("predictions", "exit_index"):
+                    differ = np.flatnonzero(getattr(got, field) != getattr(want, field))
+                    if differ.size:
+                        i = int(differ[0])
+                        raise VerificationError(
+                            f"cascade.onnx differs from the stage chain on {kind} input {start + i} at batch {batch}: "
+                            f"{field} {getattr(got, field)[i]} vs {getattr(want, field)[i]}"
+                        )
+        report[kind] = {"samples": len(x), "batches": [len(x), 1], "exit_counts": chain.predict(x).exit_counts()}
+    return report
+
+
+def cascade_check(manifest: Manifest, chain: CascadeRunner, x: np.ndarray) -> Check:
+    """cascade.onnx makes the chain's decisions (batch and one by one), or a skip for bundles without it."""
+    name = "cascade.onnx vs chain decisions"
+    if manifest.cascade is None:
+        return Check(name, SKIP, "the bundle has no cascade.onnx (exported by an older edgeexit)")
+    try:
+        check_graph_decisions(GraphRunner(manifest, device=chain.device), chain, {"random": x})
+    except EdgeExitError as exc:
+        return Check(name, FAIL, str(exc))
+    except Exception as exc:  # onnxruntime's own error types
+        return Check(name, FAIL, f"onnxruntime failed: {_first_line(exc)}")
+    return Check(name, OK, f"equal predictions and exits on {len(x)} random inputs, batch {len(x)} and 1")
 
 
 @dataclass(frozen=True)
@@ -108,7 +144,7 @@ def runtime_checks(manifest: Manifest, device: str, samples: int, seed: int, tol
         checks.append(Check("chain vs full.onnx", FAIL, str(exc)))
     except Exception as exc:  # a graph that loads but fails to run raises onnxruntime's own types
         checks.append(Check("chain vs full.onnx", FAIL, f"onnxruntime failed: {_first_line(exc)}"))
-    return checks
+    return checks + [cascade_check(manifest, runner, x)]
 
 
 def verify_bundle(

@@ -43,21 +43,23 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
               help="Run every exit with this policy (confidence, max_softmax, entropy, ...) instead of the manifest's.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--engine", type=click.Choice(["auto", "graph", "chain"]), default="auto", show_default=True,
+              help="graph: cascade.onnx, one session run per batch; chain: one session per stage; auto: graph when the bundle has cascade.onnx.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
 def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_path: str | None, split: str, threshold: str | None,
-        beta: float | None, policy: str | None, batch_size: int, threads: int | None, json_path: str | None) -> None:
+        beta: float | None, policy: str | None, batch_size: int, threads: int | None, engine: str, json_path: str | None) -> None:
     """Run a bundle as an early-exit cascade and report accuracy, MACs, exits and latency.
 
     Example: edgeexit run bundle/ --device cpu --data digits --json report.json
     """
-    from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.graph import open_runner
     from edgeexit.runtime.report import run_report
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     policy_args = None if beta is None else {"beta": beta}
-    runner = CascadeRunner(bundle, device=device, threads=threads, thresholds=parse_thresholds(threshold),
-                           policy_args=policy_args, policy=policy)
+    runner = open_runner(bundle, engine, device=device, threads=threads, thresholds=parse_thresholds(threshold),
+                         policy_args=policy_args, policy=policy)
     x, labels = _load_run_data(runner, data, input_path, split, data_dir)
     report, result = run_report(runner, x, labels, batch_size)
     if labels is None:
@@ -76,9 +78,17 @@ def format_report(report: dict) -> str:
     acc = "n/a" if report.get("accuracy") is None else f"{report['accuracy']:.4f}"
     lat = report["latency_ms"]
     return (
-        f"accuracy {acc}  relative MACs {report['relative_macs']:.3f}  exits {report['exit_counts']}  "
+        f"accuracy {acc}  relative MACs {report['relative_macs']:.3f}{format_expected(report)}  exits {report['exit_counts']}  "
         f"latency p50 {lat['p50']:.3f} ms p95 {lat['p95']:.3f} ms p99 {lat['p99']:.3f} ms (batch {report['batch_size']})"
     )
+
+
+def format_expected(entry: dict) -> str:
+    """The profile's predicted latency beside the measured one (mean ms per input), or nothing without a profile."""
+    if entry.get("predicted_latency_ms") is None:
+        return ""
+    return (f"  expected {entry['predicted_latency_ms']:.3f} ms/input (measured {entry['measured_latency_ms']:.3f}, "
+            f"profile {entry['expected_latency']['profile']})")
 
 
 
@@ -130,26 +140,49 @@ def verify(bundle: str, device: str, samples: int) -> None:
 @click.option("--split", default="val", show_default=True, help="Data split to calibrate on (keep test for evaluation).")
 @click.option("--target-drop", type=float, default=None, help="Lowest MACs within this accuracy drop (percentage points vs the final classifier).")
 @click.option("--budget", type=float, default=None, help="Best accuracy within this fraction of the full model's MACs.")
+@click.option("--latency-budget", type=float, default=None,
+              help="Best accuracy whose predicted latency (ms per call, on --profile) is within this budget.")
+@click.option("--percentile", type=click.Choice(["50", "95"]), default="50", show_default=True,
+              help="Latency percentile the budget applies to.")
+@click.option("--profile", "profile_name", default=None,
+              help="Device profile (see `edgeexit info`) for --latency-budget and for predicted latencies.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
 @click.option("--policy", default=None,
               help="Exit policy: auto (the best of confidence, max_softmax, entropy the bundle can run) or a name "
                    "(default: the bundle's own).")
 def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_drop: float | None, budget: float | None,
-              threads: int | None, policy: str | None) -> None:
-    """Choose the exit policy and per-exit thresholds for an accuracy-drop or MACs-budget target, fit per-exit
-    temperatures, and write them into the manifest.
+              latency_budget: float | None, percentile: str, profile_name: str | None, threads: int | None,
+              policy: str | None) -> None:
+    """Choose the exit policy, per-exit thresholds and temperatures for an accuracy-drop, MACs-budget or latency-budget
+    target and write them into the manifest.
 
+    \b
     Example: edgeexit calibrate bundle/ --data digits --split val --target-drop 1.0 --policy auto
+    Latency: edgeexit profile bundle/ --threads 1 --batch-size 1, then
+      edgeexit calibrate bundle/ --latency-budget 0.5 --percentile 95 --profile HOST/cpu/t1/b1/chain
     """
-    from edgeexit.runtime.calibrate import apply_calibration, calibrate as run_calibration, describe, stderr_progress
+    from edgeexit.runtime.calibrate import (LatencyTarget, apply_calibration, calibrate as run_calibration, check_objective,
+                                            describe, stderr_progress)
     from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.latency import find_profile, matching_profile
 
-    if (target_drop is None) == (budget is None):
-        raise ConfigError("give exactly one of --target-drop POINTS or --budget FRACTION")
-    objective = ("target_drop", target_drop) if target_drop is not None else ("budget", budget)
+    given = [(kind, value) for kind, value in (("target_drop", target_drop), ("budget", budget), ("latency", latency_budget))
+             if value is not None]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of --target-drop POINTS, --budget FRACTION or --latency-budget MS")
+    objective = check_objective(given[0])
     runner = CascadeRunner(bundle, threads=threads)
+    if profile_name is not None:
+        profile = find_profile(runner.manifest, profile_name)
+    elif latency_budget is not None:
+        raise ConfigError("--latency-budget needs --profile NAME (measure one with `edgeexit profile`)")
+    else:
+        profile = matching_profile(runner.manifest, runner.device, threads, 1)
+    latency = None if profile is None else LatencyTarget(profile, f"p{percentile}")
+    if latency_budget is not None:
+        latency.check_budget(latency_budget)
     x, labels = _load_run_data(runner, data, None, split, data_dir)
-    record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress, policy)
+    record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress, latency, policy)
     apply_calibration(bundle, record)
     chosen = record["chosen"]
     status = "met" if chosen["met"] else "NOT met (closest point chosen)"
@@ -204,6 +237,34 @@ def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str,
     click.echo(f"wrote {Path(out) / 'bench.json'} ({plots})")
 
 
+@click.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, ...")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores, stored as t0).")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Inputs per call.")
+@click.option("--repeats", type=int, default=100, show_default=True, help="Timed calls per stage and exit (after warm-up).")
+def profile(bundle: str, device: str, threads: int | None, batch_size: int, repeats: int) -> None:
+    """Measure each stage's and exit's latency and full.onnx on this machine; store a device profile in the manifest.
+
+    Profiles are keyed HOST/DEVICE/tTHREADS/bBATCH/ENGINE; several live side by side (one bundle,
+    profiled on a workstation and again on the board). run, bench and calibrate then report the
+    latency a profile predicts; `calibrate --latency-budget MS --profile NAME` targets it.
+
+    Example: edgeexit profile bundle/ --device cpu --threads 1 --batch-size 1
+    """
+    from edgeexit.runtime.calibrate import stderr_progress
+    from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.latency import describe_profile
+    from edgeexit.runtime.profile import measure_profile, save_profile
+
+    runner = CascadeRunner(bundle, device=device, threads=threads)
+    measured = measure_profile(runner, batch_size, repeats, stderr_progress)
+    save_profile(bundle, measured)
+    for line in describe_profile(measured):
+        click.echo(line)
+    click.echo(f"wrote profile {measured.key} into {bundle}/manifest.json")
+
+
 def format_bench(report: dict) -> str:
     """A small table of a bench report."""
     rows = [name for name in ("full_onnx", "cascade", "cascade_no_exit", "pytorch_eager") if name in report]
@@ -214,6 +275,9 @@ def format_bench(report: dict) -> str:
         lines.append(f"{name:<17}{acc:>9}{row['relative_macs']:>10.3f}{lat['p50']:>9.3f}{lat['p95']:>9.3f}"
                      f"{lat['p99']:>9.3f}{row['throughput_per_s']:>10.0f}")
     speed = report["speedup"]
+    if report["cascade"]["predicted_latency_ms"] is not None:
+        lines.append(f"cascade latency per input: predicted {report['predicted_latency_ms']:.4f} ms, measured "
+                     f"{report['measured_latency_ms']:.4f} ms (profile {report['cascade']['expected_latency']['profile']})")
     lines.append(f"speedup realized {speed['realized']:.2f}x vs MACs-predicted {speed['macs_predicted']:.2f}x "
                  f"(ratio {speed['realized_over_predicted']:.2f}); no-exit/full {speed['no_exit_over_full']:.3f}")
     if "oracle" in report:
@@ -221,4 +285,4 @@ def format_bench(report: dict) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = [run, info, verify, calibrate, bench]
+COMMANDS = [run, info, verify, calibrate, bench, profile]

@@ -18,6 +18,8 @@ from edgeexit.cli.common import training_extra
 @click.option("--exit-type", default=None, help="Exit head type (default: the method's).")
 @click.option("--num-exits", type=int, default=2, show_default=True, help="Number of early exits.")
 @click.option("--placement", default="pareto", show_default=True, help="Exit placement scheme.")
+@click.option("--placement-cost", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
+              help="What placement targets: cumulative MACs, or prefix latency measured on this machine (onnxruntime CPU, 1 thread, batch 1).")
 @click.option("--exit-at", default=None, help="Explicit cut points, comma separated (overrides --placement).")
 @click.option("--loss", default=None, help="Loss (default: the method's), e.g. v1, v2 or v4 (EENets' exit tags).")
 @click.option("--lambda", "lam", type=float, default=1.0, show_default=True, help="Weight of the cost term.")
@@ -93,8 +95,8 @@ def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:
     worst = None
     if manifest["verification"]:
         worst = max(v for kind in manifest["verification"].values() for v in kind.values())
-    checked = "not verified" if worst is None else f"verified, max diff {worst:.1e}"
-    click.echo(f"wrote {out}: {len(manifest['stages'])} stages + full.onnx ({checked})")
+    checked = "not verified" if worst is None else f"verified, max diff {worst:.1e}; cascade.onnx decides as the chain"
+    click.echo(f"wrote {out}: {len(manifest['stages'])} stages + full.onnx + cascade.onnx ({checked})")
 
 
 
@@ -103,14 +105,24 @@ def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:
 @click.option("--input-size", type=int, default=32, show_default=True)
 @click.option("--channels", type=int, default=None, help="Input channels (default: 1 for CIFAR-style nets, 3 otherwise).")
 @click.option("--num-exits", type=int, default=2, show_default=True, help="Exits each scheme places.")
-def cuts(backbone: str, input_size: int, channels: int | None, num_exits: int) -> None:
-    """List a backbone's candidate cut points with cumulative MACs and the schemes that pick them.
+@click.option("--profile", is_flag=True, help="Export each cut's prefix graph and time it on onnxruntime; schemes place by latency.")
+@click.option("--threads", type=int, default=1, show_default=True, help="--profile: onnxruntime intra-op threads.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="--profile: inputs per timed call.")
+@click.option("--repeats", type=int, default=50, show_default=True, help="--profile: timed calls per cut.")
+def cuts(backbone: str, input_size: int, channels: int | None, num_exits: int, profile: bool, threads: int,
+         batch_size: int, repeats: int) -> None:
+    """List a backbone's candidate cut points with cumulative MACs (and measured latency) and the schemes that pick them.
 
+    \b
     Example: edgeexit cuts --backbone resnet20
+    Timed:   edgeexit cuts --backbone resnet20 --profile --threads 1 --batch-size 1
     """
+    from edgeexit.runtime.calibrate import stderr_progress
+
     with training_extra():
         from edgeexit import workflows
-    for line in workflows.describe_cuts(backbone, input_size, channels, num_exits):
+    for line in workflows.describe_cuts(backbone, input_size, channels, num_exits, profile, threads, batch_size, repeats,
+                                        stderr_progress):
         click.echo(line)
 
 

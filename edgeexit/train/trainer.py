@@ -61,13 +61,21 @@ class Indexed(Dataset):
 
 
 def choose_cuts(
-    backbone: torch.nn.Module, input_shape: Sequence[int], placement: str, num_exits: int, exit_at: Sequence[str] | None
+    backbone: torch.nn.Module, input_shape: Sequence[int], placement: str, num_exits: int, exit_at: Sequence[str] | None,
+    placement_cost: str = "macs",
 ) -> list[str]:
-    """Cut names: explicit `exit_at`, or picked by a placement scheme on the cumulative-cost curve."""
+    """Cut names: explicit `exit_at`, or picked by a placement scheme on the cumulative MACs or measured latency curve."""
+    from edgeexit.train.cut_latency import check_placement_cost, cut_latencies, latency_candidates
+
     graph = CutGraph(backbone, input_shape)
     if exit_at:
         return [graph.resolve(name).name for name in exit_at]
-    return [point.name for point in place_exits(placement, num_exits, graph.candidates)]
+    candidates = graph.candidates
+    if check_placement_cost(placement_cost) == "latency":
+        was_training = backbone.training  # exporting the prefixes puts the backbone in eval mode
+        candidates = latency_candidates(candidates, *cut_latencies(graph))
+        backbone.train(was_training)
+    return [point.name for point in place_exits(placement, num_exits, candidates)]
 
 
 @torch.no_grad()
@@ -188,6 +196,7 @@ def build_model(
     backbone_args: dict | None = None,
     exit_args: dict | None = None,
     weights: str | None = None,
+    placement_cost: str = "macs",
 ) -> EarlyExitModel:
     """Construct an untrained exit-augmented model sized for `data`, its backbone loaded from `weights` if given."""
     from edgeexit.train.backbones import build_backbone
@@ -198,7 +207,7 @@ def build_model(
     net = build_backbone(backbone, info.num_classes, info.input_shape[0], **(backbone_args or {}))
     if weights:
         load_backbone_weights(net, weights, backbone)
-    cuts = choose_cuts(net, info.input_shape, placement, num_exits, exit_at)
+    cuts = choose_cuts(net, info.input_shape, placement, num_exits, exit_at, placement_cost)
     config = ModelConfig(
         backbone=backbone,
         backbone_args=backbone_args or {},

@@ -1,0 +1,211 @@
+"""Latency, not MACs: predicted vs measured cascade latency, and latency- vs MACs-calibrated cascades at equal budgets.
+
+Data: Fashion-MNIST from an .npz (x uint8 (N, 28, 28), y, classes), by default the 60,000-image
+copy at ../shared/data/fashion-mnist-60k.npz beside the repository. It is NOT the official
+train/test split: this script makes its own seeded split of the file (--train-size, --val-size,
+--test-size images, disjoint, seed 0) and writes it as an image folder, so training and the
+runtime read it through `--data folder:PATH` like any user data. --bundle uses an existing
+Fashion-MNIST bundle instead (e.g. `python benchmarks/fashion_mnist.py --headline --out DIR`
+-> DIR/bundle; its input size must match the folder's images, which are resized on load).
+
+(a) Prediction: the bundle is calibrated on val, profiled (`edgeexit profile`) at batch 1 and 64
+    with --threads, then the cascade runs over the test split (tiled to --samples inputs); the
+    mean latency per input the profile predicts from the run's exit histogram is set against the
+    measured one (goal: within 10%).
+(b) Budgets: for each latency budget (ms per call at batch 1, p50 by default), the cascade is
+    calibrated on val twice: by latency (`calibrate --latency-budget B --profile P`) and by MACs
+    with the budget turned into a MACs fraction the way a MACs planner would (B / full.onnx p50,
+    i.e. latency taken proportional to MACs). Both run on test: accuracy, measured mean latency,
+    and whether it stays within the budget.
+
+    python benchmarks/latency_budget.py                  # -> benchmarks/results/latency_budget.{json,png}
+    python benchmarks/latency_budget.py --quick          # a few-minute check of the whole path
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgeexit import workflows
+from edgeexit.export import export_bundle
+from edgeexit.runtime.calibrate import LatencyTarget, apply_calibration, calibrate, stderr_progress
+from edgeexit.runtime.cascade import CascadeRunner
+from edgeexit.runtime.datasets import load_eval_data
+from edgeexit.runtime.latency import predict_latency
+from edgeexit.runtime.manifest import load_manifest, write_json_atomic
+from edgeexit.runtime.profile import measure_profile, save_profile
+from edgeexit.runtime.report import run_report
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+DEFAULT_NPZ = ROOT.parent.parent / "shared" / "data" / "fashion-mnist-60k.npz"
+TRAINING = {"method": "eenet", "exit_type": "plain", "num_exits": 2, "placement": "pareto", "loss": "v2"}
+
+
+def write_folder(npz: Path, out: Path, sizes: dict[str, int]) -> str:
+    """A seeded, disjoint train/val/test subset of the .npz as PNGs: out/{split}/{class}/{i}.png; returns the data spec."""
+    from PIL import Image
+
+    if (out / "done").exists():
+        return f"folder:{out}"
+    with np.load(npz, allow_pickle=False) as data:
+        x, y = data["x"], data["y"]
+    order = np.random.default_rng(0).permutation(len(x))
+    start = 0
+    for split, size in sizes.items():
+        for i in order[start : start + size]:
+            folder = out / split / f"{int(y[i]):02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(folder / f"{i}.png")
+        start += size
+    (out / "done").write_text("ok\n")
+    return f"folder:{out}"
+
+
+def tiled(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first n inputs of x repeated as needed."""
+    reps = -(-n // len(x))
+    return np.concatenate([x] * reps)[:n], np.concatenate([y] * reps)[:n]
+
+
+def prediction_check(bundle: Path, data: str, threads: int, batch: int, samples: int, repeats: int) -> dict:
+    """Profile at `batch`, run the calibrated cascade on test, compare predicted and measured mean ms per input."""
+    runner = CascadeRunner(bundle, threads=threads)
+    profile = measure_profile(runner, batch, repeats, stderr_progress)
+    save_profile(str(bundle), profile)
+    runner = CascadeRunner(bundle, threads=threads)
+    x, y = tiled(*load_eval_data(data, "test", runner.manifest.input_spec), samples)
+    report, _ = run_report(runner, x, y, batch)
+    predicted, measured = report["predicted_latency_ms"], report["measured_latency_ms"]
+    stderr_progress(f"batch {batch}: predicted {predicted:.4f} ms/input, measured {measured:.4f} ({predicted / measured - 1:+.1%})")
+    return {"batch_size": batch, "threads": threads, "profile": profile.key, "exit_counts": report["exit_counts"],
+            "predicted_ms_per_input": predicted, "measured_ms_per_input": measured,
+            "relative_error": predicted / measured - 1, "within_10pct": abs(predicted / measured - 1) <= 0.10,
+            "full_onnx_p50_ms": profile.full.p50}
+
+
+def budget_row(bundle: Path, data: str, threads: int, budget: float, stat: str, val: tuple, test: tuple) -> dict:
+    """Calibrate by latency and by the MACs proxy at one budget; measure both on test (batch 1)."""
+    runner = CascadeRunner(bundle, threads=threads)
+    profile = [p for p in runner.manifest.profiles.values() if p.batch_size == 1 and p.threads == (threads or 0)][0]
+    target = LatencyTarget(profile, stat)
+    macs_fraction = min(1.0, budget / profile.full.stat(stat))
+    row = {"budget_ms": budget, "macs_budget": macs_fraction}
+    for label, objective in (("latency", ("latency", budget)), ("macs", ("budget", macs_fraction))):
+        record = calibrate(runner, *val, objective, {"name": data, "split": "val"}, latency=target)
+        runner.set_thresholds(record["chosen"]["thresholds"])
+        report, _ = run_report(runner, *test, 1)
+        p = report["latency_ms"][stat] if stat != "mean" else report["latency_ms"]["mean"]
+        row[label] = {
+            "thresholds": record["chosen"]["thresholds"], "val_accuracy": record["chosen"]["accuracy"],
+            "val_predicted_ms": record["chosen"]["predicted_latency_ms"], "test_accuracy": report["accuracy"],
+            "test_predicted_ms": predict_latency(profile, report["exit_counts"], stat), "test_measured_ms": p,
+            "relative_macs": report["relative_macs"], "exit_counts": report["exit_counts"],
+            "meets_budget": p <= budget,
+        }
+        stderr_progress(f"budget {budget:.3f} ms by {label}: test accuracy {report['accuracy']:.4f}, measured {stat} {p:.3f} ms")
+    return row
+
+
+def plot(results: dict, path: Path) -> None:
+    """Left: predicted vs measured per batch size; right: test accuracy vs budget for both calibrations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    checks = results["prediction"]
+    pos = np.arange(len(checks))
+    left.bar(pos - 0.2, [c["predicted_ms_per_input"] for c in checks], 0.4, label="predicted (profile)")
+    left.bar(pos + 0.2, [c["measured_ms_per_input"] for c in checks], 0.4, label="measured")
+    left.set_xticks(pos, [f"batch {c['batch_size']}\n{c['relative_error']:+.1%}" for c in checks])
+    left.set_ylabel("mean ms per input")
+    left.legend()
+    rows = results["budgets"]
+    for label, marker in (("latency", "o-"), ("macs", "s--")):
+        right.plot([r["budget_ms"] for r in rows], [r[label]["test_accuracy"] for r in rows], marker,
+                   label=f"calibrated by {label}")
+        for r in rows:
+            if not r[label]["meets_budget"]:
+                right.plot(r["budget_ms"], r[label]["test_accuracy"], "rx", markersize=10)
+    right.set_xlabel(f"latency budget, {results['settings']['stat']} ms per input (batch 1); x = over budget on test")
+    right.set_ylabel("test accuracy")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ)
+    parser.add_argument("--bundle", type=Path, default=None, help="an existing Fashion-MNIST bundle (else train one)")
+    parser.add_argument("--backbone", default="resnet20")
+    parser.add_argument("--input-size", type=int, default=28)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--train-size", type=int, default=6000)
+    parser.add_argument("--val-size", type=int, default=2000)
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=1280, help="test inputs (tiled) per prediction check")
+    parser.add_argument("--repeats", type=int, default=200, help="profile repeats")
+    parser.add_argument("--budgets", type=int, default=6, help="latency budgets between the cheapest exit and full.onnx")
+    parser.add_argument("--stat", default="p50", choices=["p50", "p95"])
+    parser.add_argument("--quick", action="store_true", help="small model and data: checks the path in minutes")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgeexit-latency-budget")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.backbone, args.input_size, args.epochs = "resnet8", 16, 2
+        args.train_size, args.val_size, args.test_size, args.samples, args.repeats, args.budgets = 1500, 500, 500, 256, 40, 3
+    if not args.npz.is_file():
+        sys.exit(f"error: {args.npz} not found: pass --npz PATH to a Fashion-MNIST .npz (x, y, classes)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": args.train_size, "val": args.val_size, "test": args.test_size}
+    data = write_folder(args.npz, args.work / f"fashion-{args.train_size}-{args.val_size}-{args.test_size}", sizes)
+    bundle = args.bundle
+    if bundle is None:
+        model = args.work / f"{args.backbone}-{args.input_size}-e{args.epochs}-{args.train_size}.pt"
+        bundle = model.with_suffix("")
+        if not model.exists():
+            stderr_progress(f"training {args.backbone} on {data} for {args.epochs} epochs")
+            workflows.train(data=data, backbone=args.backbone, input_size=args.input_size, epochs=args.epochs,
+                            out=str(model), progress=False, **TRAINING)
+        export_bundle(model, bundle)
+    spec = load_manifest(bundle).input_spec
+    val, test = load_eval_data(data, "val", spec), load_eval_data(data, "test", spec)
+    apply_calibration(str(bundle), calibrate(CascadeRunner(bundle, threads=args.threads), *val, ("target_drop", 0.5),
+                                             {"name": data, "split": "val"}, stderr_progress))
+    prediction = [prediction_check(bundle, data, args.threads, batch, args.samples, args.repeats) for batch in (1, 64)]
+    profile = [p for p in load_manifest(bundle).profiles.values() if p.batch_size == 1][0]
+    low, high = profile.exits[0].stat(args.stat), profile.exits[-1].stat(args.stat)
+    budgets = [float(b) for b in np.linspace(low * 1.05, high, args.budgets)]
+    rows = [budget_row(bundle, data, args.threads, b, args.stat, val, test) for b in budgets]
+    results = {
+        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "data": "fashion-mnist subset as folder (seeded split)"},
+        "bundle_cuts": [s.exit.cut for s in load_manifest(bundle).stages[:-1]],
+        "prediction": prediction,
+        "budgets": rows,
+        "latency_at_least_as_accurate": sum(r["latency"]["test_accuracy"] >= r["macs"]["test_accuracy"] for r in rows),
+        "macs_over_budget": sum(not r["macs"]["meets_budget"] for r in rows),
+        "latency_over_budget": sum(not r["latency"]["meets_budget"] for r in rows),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "latency_budget_quick" if args.quick else "latency_budget"
+    write_json_atomic(args.out / f"{stem}.json", results)
+    plot(results, args.out / f"{stem}.png")
+    print("prediction: " + ", ".join(f"batch {c['batch_size']} {c['relative_error']:+.1%}" for c in prediction))
+    print(f"{'budget ms':>10}{'MACs frac':>10}{'acc lat':>9}{'acc MACs':>9}{'ms lat':>8}{'ms MACs':>8}")
+    for r in rows:
+        print(f"{r['budget_ms']:>10.3f}{r['macs_budget']:>10.3f}{r['latency']['test_accuracy']:>9.4f}"
+              f"{r['macs']['test_accuracy']:>9.4f}{r['latency']['test_measured_ms']:>8.3f}{r['macs']['test_measured_ms']:>8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

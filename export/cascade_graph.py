@@ -1,0 +1,308 @@
+"""The whole cascade as one ONNX graph (cascade.onnx): stage graphs nested under If nodes, exit policies as ONNX ops.
+
+Layout, for stage k of a batch of n inputs (level 0 is the top graph, level k+1 lives in level k's If):
+
+    stage k's nodes -> features_k, exit outputs -> policy -> exits (n,), prediction (n,), scores (n, C)
+    idx = NonZero(not exits)                      # the survivors
+    If Size(idx) > 0:  Gather(features_k, idx) -> level k+1 -> ScatterND its results into level k's
+    else:              level k's results as they are
+
+So each input leaves at its first accepted exit for any batch size, with one session run and no
+Loop: survivors are compacted as the stage chain compacts them. Why not the alternatives: a Loop
+over the batch with per-input Ifs runs every stage at batch 1 (at batch 64 that gives up batched
+convolutions: the chain measured 0.53 of full.onnx at exit 0, a per-input loop cannot beat 64
+batch-1 runs), and an If-only graph (no compaction) is correct at batch 1 only, so larger
+batches would need a second graph or the chain. Compaction costs, per early exit on the
+no-exit path, one Gather of the features and three ScatterND of a few bytes; at batch 1 the
+stage weights must live inside their own subgraph (see _inline_stage). Measured by
+benchmarks/one_graph.py (interleaved with full.onnx and the stage chain).
+
+The policies mirror edgeexit.runtime.policies decision for decision: the same comparisons in the
+same precision (float64 for the confidence logit, max-softmax and entropy, numpy's float32 for
+the class-exclusion scores), ArgMax taking the first of equal maxima as numpy does. Per-exit
+float64 vectors are graph inputs with the manifest's values as defaults (initializers that are
+also inputs): thresholds; beta for class exclusion; temperature for max-softmax and entropy.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeexit.runtime.manifest import BATCH_DIM, CASCADE_NAME, CASCADE_OUTPUTS, CascadeGraph, Manifest, sha256_file
+
+THRESHOLDS = "thresholds"
+BETA = "beta"
+TEMPERATURE = "temperature"
+SOFTMAX_POLICIES = ("max_softmax", "entropy")
+OUT_SCORES, OUT_PREDICTION, OUT_EXIT = CASCADE_OUTPUTS
+
+
+class _Graph:
+    """Node and name bookkeeping for one cascade graph; every stage's tensors get the prefix s{k}/."""
+
+    def __init__(self, opset: int, compact: bool) -> None:
+        self.initializers: list[onnx.TensorProto] = []
+        self.opset = opset
+        self.compact = compact
+        self._count = 0
+
+    def fresh(self, base: str) -> str:
+        self._count += 1
+        return f"cascade/{base}_{self._count}"
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        """A top-level initializer (subgraphs see it through the outer scope)."""
+        name = self.fresh(base)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, nodes: list, op: str, inputs: list[str], base: str, outputs: int = 1, **attrs) -> str | list[str]:
+        names = [self.fresh(base) for _ in range(outputs)]
+        nodes.append(helper.make_node(op, inputs, names, name=names[0], **attrs))
+        return names[0] if outputs == 1 else names
+
+
+def _inline_stage(model: onnx.ModelProto, index: int, input_name: str) -> tuple[list, list, dict[str, str]]:
+    """Stage `index`'s nodes and initializers renamed under s{index}/, reading `input_name`.
+
+    The initializers stay in the (sub)graph that uses them: onnxruntime pre-packs and fuses the
+    weights of a subgraph's own initializers only (measured: with the weights top-level, a stage
+    inside an If ran about 3x slower at batch 1)."""
+    prefix = f"s{index}/"
+    rename = {model.graph.input[0].name: input_name, "": ""}
+
+    def mapped(name: str) -> str:
+        return rename.setdefault(name, prefix + name)
+
+    initializers = []
+    for init in model.graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        copy.name = mapped(init.name)
+        initializers.append(copy)
+    nodes = []
+    for node in model.graph.node:
+        if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute):
+            raise ValueError(f"stage_{index}.onnx has a control-flow node ({node.op_type}); cascade.onnx cannot inline it")
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = prefix + (node.name or f"node{len(nodes)}")
+        copy.input[:] = [mapped(n) for n in node.input]
+        copy.output[:] = [mapped(n) for n in node.output]
+        nodes.append(copy)
+    outputs = {out.name: mapped(out.name) for out in model.graph.output}
+    return nodes, initializers, outputs
+
+
+def _reduce(graph: _Graph, nodes: list, op: str, x: str, base: str) -> str:
+    """Reduce over the class axis (1), keepdims 0; axes became an input of ReduceMax in opset 18 (of ReduceSum in 13)."""
+    if graph.opset >= (13 if op == "ReduceSum" else 18):
+        return graph.node(nodes, op, [x, graph.const("axis", np.array([1], dtype=np.int64))], base, keepdims=0)
+    return graph.node(nodes, op, [x], base, axes=[1], keepdims=0)
+
+
+def _argmax(graph: _Graph, nodes: list, x: str) -> str:
+    return graph.node(nodes, "ArgMax", [x], "argmax", axis=1, keepdims=0, select_last_index=0)
+
+
+def _exit_scalar(graph: _Graph, nodes: list, vector: str, index: int, dtype: int | None = None) -> str:
+    """Element `index` of a per-exit graph input, optionally cast."""
+    value = graph.node(nodes, "Gather", [vector, graph.const("exit", np.array(index, dtype=np.int64))], "at", axis=0)
+    return value if dtype is None else graph.node(nodes, "Cast", [value], "cast", to=dtype)
+
+
+def _softmax64(graph: _Graph, nodes: list, logits: str, index: int) -> str:
+    """softmax(logits / temperature) in float64, as the Python policies compute it."""
+    z = graph.node(nodes, "Cast", [logits], "logits64", to=TensorProto.DOUBLE)
+    z = graph.node(nodes, "Div", [z, _exit_scalar(graph, nodes, TEMPERATURE, index)], "scaled")
+    return graph.node(nodes, "Softmax", [z], "probs", axis=1)
+
+
+# A decision builder gets (graph, nodes, exit outputs by role, exit index, state) and returns
+# (exits bool (n,), prediction int64 (n,), scores float (n, C), state for the next level).
+Decision = Callable[..., tuple[str, str, str, str | None]]
+
+
+def _confidence(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
+    """z >= logit(T) in float64 (T = 0: every input; T = 1: none)."""
+    if "confidence_logit" not in out:  # bundles whose head outputs sigmoid(z): numpy compares in float32
+        z = graph.node(nodes, "Reshape", [out["confidence"], graph.const("flat", np.array([-1], dtype=np.int64))], "conf")
+        exits = graph.node(nodes, "GreaterOrEqual", [z, _exit_scalar(graph, nodes, THRESHOLDS, index, TensorProto.FLOAT)], "exits")
+        return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
+    z = graph.node(nodes, "Reshape", [out["confidence_logit"], graph.const("flat", np.array([-1], dtype=np.int64))], "z")
+    z = graph.node(nodes, "Cast", [z], "z64", to=TensorProto.DOUBLE)
+    t = _exit_scalar(graph, nodes, THRESHOLDS, index)
+    one_minus = graph.node(nodes, "Sub", [graph.const("one", np.array(1.0)), t], "one_minus_t")
+    cutoff = graph.node(nodes, "Sub", [graph.node(nodes, "Log", [t], "log_t"), graph.node(nodes, "Log", [one_minus], "log_1mt")], "logit_t")
+    exits = graph.node(nodes, "GreaterOrEqual", [z, cutoff], "exits")
+    return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
+
+
+def _max_softmax(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
+    """max softmax(logits / temperature) >= T in float64."""
+    probs = _softmax64(graph, nodes, out["logits"], index)
+    top = _reduce(graph, nodes, "ReduceMax", probs, "top")
+    exits = graph.node(nodes, "GreaterOrEqual", [top, _exit_scalar(graph, nodes, THRESHOLDS, index)], "exits")
+    return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
+
+
+def _entropy(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
+    """-sum p log max(p, 1e-12) <= T in float64, p = softmax(logits / temperature)."""
+    probs = _softmax64(graph, nodes, out["logits"], index)
+    clipped = graph.node(nodes, "Clip", [probs, graph.const("eps", np.array(1e-12))], "clipped")
+    plogp = graph.node(nodes, "Mul", [probs, graph.node(nodes, "Log", [clipped], "logp")], "plogp")
+    total = _reduce(graph, nodes, "ReduceSum", plogp, "sum")
+    entropy = graph.node(nodes, "Neg", [total], "entropy")
+    exits = graph.node(nodes, "LessOrEqual", [entropy, _exit_scalar(graph, nodes, THRESHOLDS, index)], "exits")
+    return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
+
+
+def _exclusion(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
+    """Remove classes in play with s_c <= max(T, beta * max s in play), never the best; exit with one left.
+
+    In float32 like numpy (a float32 array with Python floats stays float32)."""
+    scores = out["exclusion"]
+    ninf = graph.const("ninf", np.array(-np.inf, dtype=np.float32))
+    in_play = graph.node(nodes, "Where", [state, scores, ninf], "in_play")
+    best = _argmax(graph, nodes, in_play)
+    top = _reduce(graph, nodes, "ReduceMax", in_play, "top")
+    beta = _exit_scalar(graph, nodes, BETA, index, TensorProto.FLOAT)
+    floor = _exit_scalar(graph, nodes, THRESHOLDS, index, TensorProto.FLOAT)
+    cut = graph.node(nodes, "Max", [graph.node(nodes, "Mul", [beta, top], "beta_top"), floor], "cut")
+    cut = graph.node(nodes, "Unsqueeze", [cut, graph.const("axis", np.array([1], dtype=np.int64))], "cut_col")
+    above = graph.node(nodes, "Greater", [scores, cut], "above")
+    classes = graph.node(nodes, "Range", [graph.const("zero", np.array(0, dtype=np.int64)),
+                                          graph.node(nodes, "Gather", [graph.node(nodes, "Shape", [scores], "shape"),
+                                                                      graph.const("one", np.array(1, dtype=np.int64))], "classes_n"),
+                                          graph.const("one", np.array(1, dtype=np.int64))], "classes")
+    best_col = graph.node(nodes, "Unsqueeze", [best, graph.const("axis", np.array([1], dtype=np.int64))], "best_col")
+    is_best = graph.node(nodes, "Equal", [classes, best_col], "is_best")
+    mask = graph.node(nodes, "Or", [graph.node(nodes, "And", [state, above], "kept"), is_best], "mask")
+    left = _reduce(graph, nodes, "ReduceSum", graph.node(nodes, "Cast", [mask], "mask64", to=TensorProto.INT64), "left")
+    exits = graph.node(nodes, "Equal", [left, graph.const("one", np.array(1, dtype=np.int64))], "exits")
+    return exits, best, scores, mask
+
+
+DECISIONS: dict[str, Decision] = {
+    "confidence": _confidence,
+    "max_softmax": _max_softmax,
+    "entropy": _entropy,
+    "exclusion": _exclusion,
+}
+
+
+def _policy(exit_spec: dict):
+    """The runtime's policy object for a manifest exit (its defaults filled in)."""
+    return exit_spec.policy.build()
+
+
+def _level(graph: _Graph, manifest: Manifest, stages: list[onnx.ModelProto], index: int, x: str,
+           state: str | None) -> tuple[list, list, list[str]]:
+    """Level `index` (stage `index` on input `x`, the rest under an If): nodes, initializers, (scores, prediction, exit)."""
+    nodes, initializers, outputs = _inline_stage(stages[index], index, x)
+    spec = manifest.stages[index]
+    names = spec.output_names
+    if spec.exit is None:
+        logits = outputs[names[0]]
+        masked = logits if state is None else graph.node(nodes, "Where", [state, logits, graph.const("ninf", np.array(-np.inf, dtype=np.float32))], "masked")
+        prediction = _argmax(graph, nodes, masked)
+        exit_index = graph.node(nodes, "Expand", [graph.const("exit", np.array(index, dtype=np.int64)), graph.node(nodes, "Shape", [prediction], "n")], "exit_index")
+        return nodes, initializers, [logits, prediction, exit_index]
+    kind = spec.exit.policy.kind
+    roles = {role: outputs[name] for role, name in spec.exit.outputs.items()}
+    if kind == "exclusion" and state is None:
+        state = graph.node(nodes, "Expand", [graph.const("all_true", np.array(True)), graph.node(nodes, "Shape", [roles["exclusion"]], "shape")], "state")
+    exits, prediction, scores, state = DECISIONS[kind](graph, nodes, roles, index, state)
+    exit_index = graph.node(nodes, "Expand", [graph.const("exit", np.array(index, dtype=np.int64)), graph.node(nodes, "Shape", [prediction], "n")], "exit_index")
+    types = [TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64]
+    same = []
+    kept = [graph.node(same, "Identity", [base], "same") for base in (scores, prediction, exit_index)]
+    else_graph = helper.make_graph(same, graph.fresh("else"), [], [helper.make_tensor_value_info(n, t, None) for n, t in zip(kept, types)])
+    if not graph.compact:  # batch 1: the input goes on unless it left here
+        stays = graph.node(nodes, "Not", [graph.node(nodes, "Reshape", [exits, graph.const("scalar", np.array([], dtype=np.int64))], "exit")], "stays")
+        inner, inner_inits, results = _level(graph, manifest, stages, index + 1, outputs[names[0]], state)
+        then_graph = helper.make_graph(inner, graph.fresh("then"), [], [helper.make_tensor_value_info(n, t, None) for n, t in zip(results, types)],
+                                       initializer=inner_inits)
+        return nodes, initializers, graph.node(nodes, "If", [stays], "level", outputs=3, then_branch=then_graph, else_branch=else_graph)
+    survivors = graph.node(nodes, "NonZero", [graph.node(nodes, "Not", [exits], "stay")], "survivors")
+    any_left = graph.node(nodes, "Greater", [graph.node(nodes, "Size", [survivors], "count"), graph.const("zero", np.array(0, dtype=np.int64))], "any_left")
+
+    rows = []
+    flat = graph.node(rows, "Reshape", [survivors, graph.const("flat", np.array([-1], dtype=np.int64))], "rows")
+    sub_x = graph.node(rows, "Gather", [outputs[names[0]], flat], "sub_x", axis=0)
+    sub_state = None if state is None else graph.node(rows, "Gather", [state, flat], "sub_state", axis=0)
+    inner, inner_inits, results = _level(graph, manifest, stages, index + 1, sub_x, sub_state)
+    rows += inner
+    at = graph.node(rows, "Transpose", [survivors], "at", perm=[1, 0])
+    merged = [graph.node(rows, "ScatterND", [base, at, sub], "merged") for base, sub in zip([scores, prediction, exit_index], results)]
+    then_graph = helper.make_graph(rows, graph.fresh("then"), [], [helper.make_tensor_value_info(n, t, None) for n, t in zip(merged, types)],
+                                   initializer=inner_inits)
+    results = graph.node(nodes, "If", [any_left], "level", outputs=3, then_branch=then_graph, else_branch=else_graph)
+    return nodes, initializers, results
+
+
+def build_cascade(manifest: Manifest, compact: bool = True) -> onnx.ModelProto:
+    """cascade.onnx for a bundle whose stage graphs are in manifest.root.
+
+    compact=False builds the batch-1 graph: no survivor compaction, input and outputs fixed at
+    batch 1 (an If per exit only; for runtimes or benchmarks that want the leanest batch-1 graph)."""
+    stages = [onnx.load(str(manifest.path(stage.file))) for stage in manifest.stages]
+    opset = next(o.version for o in stages[0].opset_import if o.domain in ("", "ai.onnx"))
+    graph = _Graph(opset, compact)
+    spec = manifest.input_spec
+    nodes, initializers, (scores, prediction, exit_index) = _level(graph, manifest, stages, 0, spec.name, None)
+    graph.initializers += initializers
+    num_exits = len(manifest.exits)
+    kinds = [e.policy.kind for e in manifest.exits]
+    defaults = {THRESHOLDS: np.array([e.policy.threshold for e in manifest.exits], dtype=np.float64)}
+    if "exclusion" in kinds:
+        defaults[BETA] = np.array([_policy(e).args.get("beta", 0.0) for e in manifest.exits], dtype=np.float64)
+    if any(kind in SOFTMAX_POLICIES for kind in kinds):
+        defaults[TEMPERATURE] = np.array([getattr(_policy(e), "temperature", 1.0) for e in manifest.exits], dtype=np.float64)
+    for name, value in defaults.items():
+        graph.initializers.append(numpy_helper.from_array(value, name))
+    nodes += [helper.make_node("Identity", [scores], [OUT_SCORES]), helper.make_node("Identity", [prediction], [OUT_PREDICTION]),
+              helper.make_node("Identity", [exit_index], [OUT_EXIT])]
+    c, h, w = manifest.input_shape
+    batch = BATCH_DIM if compact else 1
+    inputs = [helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, [batch, c, h, w])]
+    inputs += [helper.make_tensor_value_info(name, TensorProto.DOUBLE, [num_exits]) for name in defaults]
+    outputs = [
+        helper.make_tensor_value_info(OUT_SCORES, TensorProto.FLOAT, [batch, manifest.num_classes]),
+        helper.make_tensor_value_info(OUT_PREDICTION, TensorProto.INT64, [batch]),
+        helper.make_tensor_value_info(OUT_EXIT, TensorProto.INT64, [batch]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "edgeexit_cascade", inputs, outputs, initializer=graph.initializers),
+        opset_imports=list(stages[0].opset_import),
+        producer_name="edgeexit",
+    )
+    model.ir_version = stages[0].ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _describe(values, initializers: dict[str, np.ndarray]) -> list[dict]:
+    dtypes = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.INT64: "int64"}
+    described = []
+    for value in values:
+        tensor = value.type.tensor_type
+        entry = {"name": value.name, "shape": [d.dim_param or int(d.dim_value) for d in tensor.shape.dim], "dtype": dtypes[tensor.elem_type]}
+        if value.name in initializers:
+            entry["default"] = initializers[value.name].tolist()
+        described.append(entry)
+    return described
+
+
+def write_cascade(manifest: Manifest, compact: bool = True) -> CascadeGraph:
+    """Build cascade.onnx into the bundle folder; return its manifest record (file, sha256, inputs, outputs)."""
+    model = build_cascade(manifest, compact)
+    path = manifest.path(CASCADE_NAME)
+    onnx.save(model, str(path))
+    defaults = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in (THRESHOLDS, BETA, TEMPERATURE)}
+    entry = {"file": CASCADE_NAME, "sha256": sha256_file(path), "inputs": _describe(model.graph.input, defaults),
+             "outputs": _describe(model.graph.output, {})}
+    return CascadeGraph.from_dict(entry, manifest.input_spec, len(manifest.exits))
