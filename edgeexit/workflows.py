@@ -13,7 +13,8 @@ from edgeexit.runtime.manifest import InputSpec
 from edgeexit.train.backbones import build_backbone
 from edgeexit.train.config import TrainConfig
 from edgeexit.train.cuts import CutGraph
-from edgeexit.train.data import load_data
+from edgeexit.runtime.datasets import DATASETS
+from edgeexit.train.data import load_data, load_torchvision_data
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import save_model
 from edgeexit.train.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
@@ -96,14 +97,15 @@ def train(
 
 
 def eval_arrays(name: str, split: str, input_spec: InputSpec, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A torchvision data set split as normalized numpy arrays at the bundle's input size."""
+    """A torchvision data set split as the bundle's model-ready arrays: resized to its input size, converted
+    to its channel count and normalized with its mean/std (InputSpec.preprocess), never the set's own table."""
     if split not in ("train", "val", "test"):
         raise ConfigError(f"unknown split '{split}'; choose from: train, val, test")
-    shape = input_spec.sample_shape
-    splits = load_data(name, data_dir=data_dir, input_size=shape[1], channels=shape[0])
-    dataset = getattr(splits, split)
-    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in DataLoader(dataset, batch_size=512)])
-    return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+    if DATASETS.resolve(name)[0].torchvision is None:
+        raise ConfigError(f"data set '{name}' is not a torchvision set")
+    splits = load_torchvision_data(name, data_dir, download=False, input_size=input_spec.sample_shape[1], normalized=False)
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in DataLoader(getattr(splits, split), batch_size=512)])
+    return input_spec.preprocess(np.concatenate(xs)), np.concatenate(ys)
 
 
 def describe_cuts(backbone: str, input_size: int, channels: int | None, num_exits: int, profile: bool = False,

@@ -17,7 +17,7 @@ from edgeexit import __version__
 from edgeexit.export.onnx_graphs import DEFAULT_OPSET, FusedStage, SingleOutput, export_graph, graph_io
 from edgeexit.export.cascade_graph import write_cascade
 from edgeexit.export.verify import verify_bundle_against_model, verify_cascade
-from edgeexit.train.macs import count_macs, count_params
+from edgeexit.train.macs import count_params
 from edgeexit.train.models import EarlyExitModel, load_model
 from edgeexit.errors import BundleError
 from edgeexit.runtime.manifest import (
@@ -58,21 +58,19 @@ def write_graphs(model: EarlyExitModel, folder: Path, opset: int,
     previous = TensorSpec(INPUT_NAME, (BATCH_DIM, *config.input_shape))
     cumulative = 0
     heads = list(model.exits)
-    for index, segment in enumerate(model.segments):
+    for index, (segment, (segment_macs, head_macs)) in enumerate(zip(model.segments, model.stage_macs())):
         final = index == len(model.segments) - 1
         if final:
-            module, outputs, head_macs, exit_spec = SingleOutput(segment), ["logits"], 0, None
+            module, outputs, exit_spec = SingleOutput(segment), ["logits"], None
         else:
             head = heads[index]
             roles = tuple(head.outputs)
             module = FusedStage(segment, head)
             outputs = [_features_name(index), *_exit_names(index, roles)]
-            head_macs = count_macs(head, model.cut_shapes[index])
             exit_spec = ExitSpec(dict(zip(roles, outputs[1:])), config.policy, config.cuts[index])
         progress(f"exporting {stage_file(index)}")
         graph = export_graph(module, example, folder / stage_file(index), previous.name, outputs, opset)
         inputs, outs = graph_io(graph)
-        segment_macs = count_macs(segment, previous.shape[1:])
         cumulative += segment_macs + head_macs
         stages.append(StageSpec(
             index=index,
@@ -153,11 +151,18 @@ def clean_stale(out: Path) -> list[Path]:
     return removed
 
 
+def check_target(out: Path) -> None:
+    """BundleError unless `out` is absent, an empty folder or an earlier bundle (export never overwrites anything else)."""
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"refusing to overwrite {out}: it is a file, not a bundle folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise BundleError(f"refusing to overwrite {out}: it exists and is not an edgeexit bundle")
+
+
 def _replace_dir(staged: Path, out: Path) -> None:
     """Move a finished bundle into place; an earlier bundle at `out` survives any failure."""
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
-            raise BundleError(f"refusing to overwrite {out}: it exists and is not an edgeexit bundle")
+        check_target(out)  # again: the target may have changed while the graphs were exported
         old = _temp_dir(out, "old")
         os.replace(out, old / out.name)
         try:
@@ -187,8 +192,7 @@ def export_bundle(
     out = Path(out).resolve()
     model = load_model(model_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not out.is_dir():
-        raise BundleError(f"refusing to overwrite {out}: it is a file, not a bundle folder")
+    check_target(out)  # before any work: a wrong target fails in a second, not after the export
     for path in clean_stale(out):
         progress(f"removed {path.name}, left by an export that was killed")
     staged = _temp_dir(out, "tmp")

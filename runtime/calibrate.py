@@ -49,6 +49,7 @@ import numpy as np
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.graph import with_graph_defaults
 from edgeexit.errors import ConfigError
+from edgeexit.registry import Registry
 from edgeexit.runtime.latency import cheapest_latency, predict_latency
 from edgeexit.runtime.manifest import DeviceProfile, Manifest, load_manifest, save_manifest
 from edgeexit.runtime.policies import SCORE_POLICIES, Policy, get_policy, policies_for
@@ -61,7 +62,8 @@ MAX_ROUNDS = 4
 EXHAUSTIVE_POINTS = 70_000  # 41**3 = 68,921: about a second or two of simulation
 Objective = tuple[str, float]  # ("target_drop", points), ("budget", fraction) or ("latency", ms)
 LATENCY_STATS = ("p50", "p95")
-GRIDS: dict[str, Callable[[Policy, Sequence[dict[str, np.ndarray]], int], np.ndarray]] = {}
+GridFn = Callable[[Policy, Sequence[dict[str, np.ndarray]], int], np.ndarray]
+GRIDS: Registry[GridFn] = Registry("calibration grid")  # policy kind -> its candidate thresholds
 
 
 def score_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]], size: int = GRID_SIZE) -> np.ndarray:
@@ -80,7 +82,8 @@ def score_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]], size: i
 
 def candidate_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
     """The thresholds calibration tries for a policy (a registered grid wins over the default)."""
-    return np.asarray(GRIDS.get(policy.name, score_grid)(policy, outputs, GRID_SIZE), dtype=np.float64)
+    grid = GRIDS.get(policy.name) if policy.name in GRIDS else score_grid
+    return np.asarray(grid(policy, outputs, GRID_SIZE), dtype=np.float64)
 
 
 @dataclasses.dataclass(frozen=True)

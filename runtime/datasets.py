@@ -5,14 +5,16 @@ was tested on is the split `edgeexit run --data digits` evaluates.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from edgeexit.runtime.cascade import check_batch
 from edgeexit.errors import ConfigError, InputError
+from edgeexit.registry import Registry
 from edgeexit.runtime.manifest import InputSpec, resize, to_channels
 
 SPLITS = ("train", "val", "test")
@@ -29,16 +31,18 @@ def load_digits_raw() -> tuple[np.ndarray, np.ndarray]:
         return data["images"].astype(np.float32), data["target"].astype(np.int64)
 
 
-def split_indices(n: int, split: str, seed: int = SPLIT_SEED) -> np.ndarray:
-    """Indices of `split` in a fixed seeded 70/15/15 permutation of n samples."""
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split '{split}'; choose from: {', '.join(SPLITS)}")
+def split_indices(n: int, split: str, seed: int = SPLIT_SEED, names: Sequence[str] = SPLITS,
+                  fractions: Sequence[float] = SPLIT_FRACTIONS) -> np.ndarray:
+    """Indices of `split` in a fixed seeded permutation of n samples cut into `names` by `fractions`
+    (default: train/val/test 70/15/15; the last name takes what rounding leaves)."""
+    if split not in names:
+        raise ConfigError(f"unknown split '{split}'; choose from: {', '.join(names)}")
     order = np.random.default_rng(seed).permutation(n)
-    n_train = int(round(SPLIT_FRACTIONS[0] * n))
-    n_val = int(round(SPLIT_FRACTIONS[1] * n))
-    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
-    start, stop = bounds[split]
-    return np.sort(order[start:stop])
+    total = float(sum(fractions))
+    sizes = [int(round(f / total * n)) for f in fractions[:-1]]
+    stops = np.cumsum([0, *sizes, n - sum(sizes)])
+    index = list(names).index(split)
+    return np.sort(order[stops[index] : stops[index + 1]])
 
 
 def digits_split(split: str, input_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -127,30 +131,100 @@ def load_input(path: str | Path, spec: InputSpec) -> tuple[np.ndarray, list[str]
     raise InputError(f"unsupported input {path}: give an image, a folder of images or a .npy file")
 
 
-def load_labeled_folder(root: Path, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
-    """root/CLASS/*.png with CLASS among the bundle's class names -> normalized batch and labels."""
-    names = list(spec.class_names)
-    files, labels = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if folder.name not in names:
-            raise InputError(f"folder {folder} is not one of the bundle's classes: {', '.join(names)}")
-        found = image_files(folder)
+def folder_classes(root: Path) -> list[str]:
+    """Class names of an image folder: the sorted subfolders of root/train, or of root when it has no train/."""
+    source = root / "train" if (root / "train").is_dir() else root
+    return sorted(p.name for p in source.iterdir() if p.is_dir())
+
+
+def _class_files(folder: Path, class_names: Sequence[str]) -> tuple[list[Path], list[int]]:
+    """folder/CLASS/image files in (class folder, file name) order, labelled by their index in class_names."""
+    files: list[Path] = []
+    labels: list[int] = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if sub.name not in class_names:
+            raise InputError(f"folder {sub} is not one of the classes: {', '.join(class_names)}")
+        found = image_files(sub)
         files += found
-        labels += [names.index(folder.name)] * len(found)
+        labels += [list(class_names).index(sub.name)] * len(found)
+    return files, labels
+
+
+def folder_split(root: Path, split: str, class_names: Sequence[str]) -> tuple[list[Path], np.ndarray]:
+    """Image files and labels of one split of an image folder: the same for training, `run` and `calibrate`.
+
+    root/{train,val,test}/CLASS/*: each split is its folder; a val/ or test/ that is missing is
+    carved out of train/ by the seeded split (train/ alone: 70/15/15; train/ and test/: train/val
+    70/15), so validation never sees a training image. root/CLASS/* (no train/): the seeded
+    70/15/15 split of all of it, as for digits.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'; choose from: {', '.join(SPLITS)}")
+    if not root.is_dir():
+        raise InputError(f"image folder not found: {root}")
+    has_train = (root / "train").is_dir()
+    if has_train and split != "train" and (root / split).is_dir():
+        files, labels = _class_files(root / split, class_names)
+        parts = [split]
+    else:
+        files, labels = _class_files(root / "train" if has_train else root, class_names)
+        parts = ["train", *(s for s in SPLITS[1:] if not (has_train and (root / s).is_dir()))]
     if not files:
-        raise InputError(f"no labeled images under {root} (expected {root}/CLASS/image.png)")
-    return load_images(files, spec), np.asarray(labels, dtype=np.int64)
+        raise InputError(f"no labeled images for split '{split}' under {root} (expected {root}/CLASS/image.png)")
+    if len(parts) > 1:
+        index = split_indices(len(files), split, names=parts, fractions=[SPLIT_FRACTIONS[SPLITS.index(s)] for s in parts])
+        files, labels = [files[i] for i in index], [labels[i] for i in index]
+    return files, np.asarray(labels, dtype=np.int64)
 
 
-def load_eval_data(spec_name: str, split: str, input_spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Labeled evaluation data without torch: `digits` (a split) or `folder:PATH` (class subfolders)."""
-    if spec_name == "digits":
-        x, y = digits_split(split, input_spec.sample_shape)
-        return input_spec.normalize(x), y
-    if spec_name.startswith("folder:"):
-        root = Path(spec_name[len("folder:") :])
-        if not root.is_dir():
-            raise InputError(f"image folder not found: {root}")
-        sub = root / split
-        return load_labeled_folder(sub if sub.is_dir() else root, input_spec)
-    raise ConfigError(f"unknown data set '{spec_name}' for the runtime; use digits or folder:PATH")
+EvalFn = Callable[[str | None, str, InputSpec], tuple[np.ndarray, np.ndarray]]  # (ARG of NAME:ARG, split, spec)
+
+
+class TorchvisionSet(NamedTuple):
+    """A torchvision data set: its class in torchvision.datasets, channels, native size, the mean/std training uses."""
+
+    cls_name: str
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One `--data` choice. `evaluate` loads a labeled split as model-ready arrays for a bundle without torch;
+    a set read through torchvision (`torchvision` set, evaluate None) needs the training extra."""
+
+    summary: str
+    evaluate: EvalFn | None = None
+    torchvision: TorchvisionSet | None = None
+
+
+def _digits(arg: str | None, split: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    x, y = digits_split(split, spec.sample_shape)
+    return spec.normalize(x), y
+
+
+def _folder(path: str | None, split: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    files, labels = folder_split(Path(path), split, spec.class_names)
+    return load_images(files, spec), labels
+
+
+DATASETS: Registry[DataSource] = Registry("data set")
+DATASETS.register("digits", DataSource("scikit-learn's 8x8 digits, shipped with edgeexit", _digits))
+for _name, _set in (
+    ("mnist", TorchvisionSet("MNIST", 1, 28, (0.1307,), (0.3081,))),
+    ("cifar10", TorchvisionSet("CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
+    ("cifar100", TorchvisionSet("CIFAR100", 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
+    ("svhn", TorchvisionSet("SVHN", 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))),
+):
+    DATASETS.register(_name, DataSource(f"torchvision {_set.cls_name} from --data-dir", torchvision=_set))
+DATASETS.register("folder", DataSource("PATH/CLASS/*.png (or PATH/SPLIT/CLASS/*.png), split as training splits it", _folder), arg="PATH")
+
+
+def load_eval_data(name: str, split: str, input_spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Labeled evaluation data without torch for a DATASETS name (`digits`, `folder:PATH`, ...)."""
+    source, arg = DATASETS.resolve(name)
+    if source.evaluate is None:
+        raise ConfigError(f"data set '{name}' is read through torchvision, which the runtime does not use")
+    return source.evaluate(arg, split, input_spec)

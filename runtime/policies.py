@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from edgeexit.errors import BundleError, ConfigError
+from edgeexit.registry import Registry
 
 if TYPE_CHECKING:  # the manifest builds policies, so it imports this module
     from edgeexit.runtime.manifest import StageSpec
@@ -230,9 +231,9 @@ class ExclusionPolicy(Policy):
         return logits.argmax(axis=1) if state is None else np.where(state, logits, -np.inf).argmax(axis=1)
 
 
-POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (ConfidencePolicy, MaxSoftmaxPolicy, EntropyPolicy, ExclusionPolicy)
-}
+POLICIES: Registry[type[Policy]] = Registry("exit policy")
+for _policy in (ConfidencePolicy, MaxSoftmaxPolicy, EntropyPolicy, ExclusionPolicy):
+    POLICIES.register(_policy.name, _policy)
 
 
 SCORE_POLICIES = ("confidence", "max_softmax", "entropy")  # what `calibrate --policy auto` chooses among
@@ -245,7 +246,4 @@ def policies_for(roles) -> list[str]:
 
 def get_policy(kind: str) -> type[Policy]:
     """Look up a policy class by name, with an error listing the valid names."""
-    try:
-        return POLICIES[kind]
-    except KeyError:
-        raise ConfigError(f"unknown exit policy '{kind}'; choose from: {', '.join(sorted(POLICIES))}") from None
+    return POLICIES.get(kind)

@@ -6,30 +6,31 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgeexit.errors import DeviceError
+from edgeexit.registry import Registry
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 
 # device name -> providers in priority order; the first one is the one the device needs.
-DEVICES: dict[str, tuple[str, ...]] = {
-    "cpu": (CPU,),
-    "cuda": (CUDA, CPU),
-    "tensorrt": (TENSORRT, CUDA, CPU),
-    "jetson": (TENSORRT, CUDA, CPU),
-    "coreml": ("CoreMLExecutionProvider", CPU),
-    "openvino": ("OpenVINOExecutionProvider", CPU),
-    "directml": ("DmlExecutionProvider", CPU),
-    "rocm": ("ROCMExecutionProvider", CPU),
-    "xnnpack": ("XnnpackExecutionProvider", CPU),
-}
+DEVICES: Registry[tuple[str, ...]] = Registry("device", DeviceError)
+for _name, _providers in (
+    ("cpu", (CPU,)),
+    ("cuda", (CUDA, CPU)),
+    ("tensorrt", (TENSORRT, CUDA, CPU)),
+    ("jetson", (TENSORRT, CUDA, CPU)),
+    ("coreml", ("CoreMLExecutionProvider", CPU)),
+    ("openvino", ("OpenVINOExecutionProvider", CPU)),
+    ("directml", ("DmlExecutionProvider", CPU)),
+    ("rocm", ("ROCMExecutionProvider", CPU)),
+    ("xnnpack", ("XnnpackExecutionProvider", CPU)),
+):
+    DEVICES.register(_name, _providers)
 
 
 def resolve_providers(device: str, cache_dir: Path | None = None) -> list:
     """Providers (with options) for `device`; DeviceError if unknown or not available here."""
-    if device not in DEVICES:
-        raise DeviceError(f"unknown device '{device}'; choose from: {', '.join(DEVICES)}")
-    wanted = DEVICES[device]
+    wanted = DEVICES.get(device)
     available = ort.get_available_providers()
     if wanted[0] not in available:
         raise DeviceError(

@@ -93,3 +93,16 @@ def fake_torchvision(monkeypatch):
         return calls
 
     return install
+
+
+def _hypothesis_profiles() -> None:
+    """CI runs the fuzz tests derandomized (the same cases every run: a failure there is never luck);
+    elsewhere hypothesis explores new cases each run. HYPOTHESIS_PROFILE=ci|explore picks one by hand."""
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+    settings.register_profile("explore", derandomize=False)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "explore"))
+
+
+_hypothesis_profiles()

@@ -15,7 +15,7 @@ import numpy as np
 
 CLASSES = 4
 EXITS = 2
-ROLES = ("logits", "confidence_logit", "exclusion")
+ROLES = ("logits", "confidence", "exclusion")  # the columns of one exit (see Layout)
 OPSET = 17
 IR_VERSION = 8  # what every supported onnxruntime reads
 # cumulative MACs of leaving at exit 0, exit 1, the final stage (full.onnx costs FULL_MACS)
@@ -58,6 +58,20 @@ class Layout:
         }[role]
 
 
+def confidence_output() -> tuple[str, bool]:
+    """The output role the runtime's confidence policy reads, and whether it holds the logit z (no sigmoid)
+    rather than the probability sigmoid(z): bundles are written the way the installed runtime reads them."""
+    from edgeexit.runtime.policies import get_policy
+
+    roles = get_policy("confidence").roles
+    return ("confidence_logit", True) if "confidence_logit" in roles else ("confidence", False)
+
+
+def output_role(column: str) -> str:
+    """The manifest role name of an exit column."""
+    return confidence_output()[0] if column == "confidence" else column
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
@@ -73,8 +87,21 @@ def pack(layout: Layout, exits: list[dict[str, np.ndarray]], final_logits: np.nd
     return x[:, :, None, None]
 
 
+def runtime_outputs(layout: Layout, x: np.ndarray) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """The exit outputs as the runtime receives them from a bundle of `write_bundle` (role names, float32)."""
+    exits, final = unpack(layout, x)
+    flat = x.reshape(len(x), -1)
+    logit_confidence = confidence_output()[1]
+    outputs = []
+    for k, scores in enumerate(exits):
+        confidence = flat[:, layout.columns(k, "confidence")] if logit_confidence else scores["confidence"]
+        outputs.append({"logits": scores["logits"].astype(np.float32), output_role("confidence"): confidence.astype(np.float32),
+                        "exclusion": scores["exclusion"].astype(np.float32)})
+    return outputs, final.astype(np.float32)
+
+
 def unpack(layout: Layout, x: np.ndarray) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
-    """The exit outputs a bundle built by `write_bundle` computes for x (in float64), and the final logits."""
+    """The exit scores in x in float64: class logits, confidence probability sigmoid(z), exclusion sigmoids; final logits."""
     flat = x.reshape(len(x), -1).astype(np.float64)
     exits = []
     for k in range(layout.exits):
@@ -121,14 +148,15 @@ def _graph(layout: Layout, k: int, in_name: str, outputs: list[tuple[str, str | 
 
     nodes = [helper.make_node("Flatten", [in_name], ["flat"], axis=1)]
     inits, outs = [], []
-    for out_name, role, shape in outputs:
-        if role is None:  # the features: the input passed on unchanged
+    for out_name, column, shape in outputs:
+        if column is None:  # the features: the input passed on unchanged
             nodes.append(helper.make_node("Identity", [in_name], [out_name]))
         else:
-            inits.append(numpy_helper.from_array(_selection(layout, layout.columns(k, role)), f"pick_{out_name}"))
-            target = f"{out_name}_pre" if role == "exclusion" else out_name
+            inits.append(numpy_helper.from_array(_selection(layout, layout.columns(k, column)), f"pick_{out_name}"))
+            raw = column == "logits" or (column == "confidence" and confidence_output()[1])
+            target = out_name if raw else f"{out_name}_pre"
             nodes.append(helper.make_node("MatMul", ["flat", f"pick_{out_name}"], [target]))
-            if role == "exclusion":
+            if not raw:
                 nodes.append(helper.make_node("Sigmoid", [target], [out_name]))
         outs.append(helper.make_tensor_value_info(out_name, TensorProto.FLOAT, shape))
     inputs = [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, ["batch", layout.width, 1, 1])]
@@ -153,8 +181,8 @@ def write_bundle(root: Path, layout: Layout = Layout(), roles: tuple[str, ...] =
         if final:
             outputs = [("logits", "logits", ["batch", layout.classes])]
         else:
-            shapes = {"logits": ["batch", layout.classes], "confidence_logit": ["batch", 1], "exclusion": ["batch", layout.classes]}
-            outputs = [(f"features_{k}", None, features_shape)] + [(f"exit_{k}_{r}", r, shapes[r]) for r in roles]
+            shapes = {"logits": ["batch", layout.classes], "confidence": ["batch", 1], "exclusion": ["batch", layout.classes]}
+            outputs = [(f"features_{k}", None, features_shape)] + [(f"exit_{k}_{output_role(r)}", r, shapes[r]) for r in roles]
         model = _graph(layout, k, in_name, outputs, f"stage_{k}")
         onnx.save(model, root / stage_file(k))
         previous = CUMULATIVE[k - 1] if k else 0
@@ -168,7 +196,7 @@ def write_bundle(root: Path, layout: Layout = Layout(), roles: tuple[str, ...] =
                      "cumulative": CUMULATIVE[k]},
             "params": 0,
             "exit": None if final else {
-                "outputs": {r: f"exit_{k}_{r}" for r in roles},
+                "outputs": {output_role(r): f"exit_{k}_{output_role(r)}" for r in roles},
                 "policy": {"kind": kind, "threshold": threshold, "args": dict(args or {})},
                 "cut": f"hand.{k}",
             },
@@ -190,3 +218,49 @@ def write_bundle(root: Path, layout: Layout = Layout(), roles: tuple[str, ...] =
     }
     save_manifest(root, manifest)
     return root
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def reference_cascade(kind: str, thresholds, args: dict, exits: list[dict[str, np.ndarray]], final: np.ndarray):
+    """The cascade written out input by input from stored exit outputs, without onnxruntime or the runtime's policies.
+
+    Returns predictions, exit indices and each input's smallest distance between a score and the cut it
+    was compared with: inputs closer than a tie margin may fall either side between float32 graphs,
+    batch sizes or a float64 reference, so equality checks leave them out."""
+    n, last = len(final), len(exits)
+    predictions, exit_index, margin = np.empty(n, np.int64), np.full(n, last), np.full(n, np.inf)
+    for i in range(n):
+        in_play = np.ones(final.shape[1], dtype=bool)
+        for k, (out, threshold) in enumerate(zip(exits, thresholds)):
+            if kind == "exclusion":
+                s = np.asarray(out["exclusion"][i], dtype=np.float64)
+                best = int(np.argmax(np.where(in_play, s, -np.inf)))
+                cut = max(threshold, args["beta"] * s[best])
+                others = in_play.copy()
+                others[best] = False
+                if others.any():
+                    margin[i] = min(margin[i], np.abs(s[others] - cut).min(), s[best] - s[others].max())
+                in_play = others & (s > cut)
+                in_play[best] = True
+                leave, guess = in_play.sum() == 1, best
+            else:
+                if kind == "confidence":  # compared as a probability, whichever form the exit outputs
+                    score = float(out["confidence"][i, 0]) if "confidence" in out else float(sigmoid(out["confidence_logit"][i, 0]))
+                elif kind == "max_softmax":
+                    score = _softmax(out["logits"][i]).max()
+                else:
+                    p = _softmax(out["logits"][i])
+                    score = -(p * np.log(np.clip(p, 1e-12, None))).sum()
+                margin[i] = min(margin[i], abs(score - threshold))
+                leave = score <= threshold if kind == "entropy" else score >= threshold
+                guess = int(np.argmax(out["logits"][i]))
+            if leave:
+                predictions[i], exit_index[i] = guess, k
+                break
+        else:
+            predictions[i] = int(np.argmax(np.where(in_play, final[i], -np.inf)))
+    return predictions, exit_index, margin

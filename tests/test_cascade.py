@@ -36,50 +36,9 @@ def runner_for(bundles, kind, **kwargs) -> CascadeRunner:
     return CascadeRunner(bundles[kind], threads=1, **kwargs)
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max())
-    return e / e.sum()
-
-
 def reference(kind: str, thresholds, args: dict, x: np.ndarray):
-    """The cascade written out per input from the known scores, without onnxruntime or the runtime's policies.
-
-    Returns predictions, exit indices and each input's smallest distance between a score and the cut it
-    was compared with (ties: see TIE_MARGIN)."""
-    exits, final = handmade.unpack(handmade.Layout(), x)
-    n, last = len(x), len(exits)
-    predictions, exit_index, margin = np.empty(n, np.int64), np.full(n, last), np.full(n, np.inf)
-    for i in range(n):
-        in_play = np.ones(final.shape[1], dtype=bool)
-        for k, (out, threshold) in enumerate(zip(exits, thresholds)):
-            if kind == "exclusion":
-                s = out["exclusion"][i]
-                best = int(np.argmax(np.where(in_play, s, -np.inf)))
-                cut = max(threshold, args["beta"] * s[best])
-                others = in_play.copy()
-                others[best] = False
-                if others.any():
-                    margin[i] = min(margin[i], np.abs(s[others] - cut).min())
-                in_play = others & (s > cut)
-                in_play[best] = True
-                leave, guess = in_play.sum() == 1, best
-            else:
-                if kind == "confidence":  # sigmoid space here; the runtime decides z >= logit(T)
-                    score = handmade.sigmoid(out["confidence_logit"][i, 0])
-                elif kind == "max_softmax":
-                    score = softmax(out["logits"][i]).max()
-                else:
-                    p = softmax(out["logits"][i])
-                    score = -(p * np.log(np.clip(p, 1e-12, None))).sum()
-                margin[i] = min(margin[i], abs(score - threshold))
-                leave = score <= threshold if kind == "entropy" else score >= threshold
-                guess = int(np.argmax(out["logits"][i]))
-            if leave:
-                predictions[i], exit_index[i] = guess, k
-                break
-        else:
-            predictions[i] = int(np.argmax(np.where(in_play, final[i], -np.inf)))
-    return predictions, exit_index, margin
+    """The cascade written out per input from the known scores in x (see handmade.reference_cascade)."""
+    return handmade.reference_cascade(kind, thresholds, args, *handmade.unpack(handmade.Layout(), x))
 
 
 def clear_of_ties(margin: np.ndarray) -> np.ndarray:

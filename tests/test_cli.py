@@ -1,5 +1,6 @@
 """The CLI end to end through click's CliRunner, and its one-line errors."""
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -65,16 +66,17 @@ def test_run_on_npy_input_prints_predictions(tiny_bundle, digits_test, tmp_path)
 @pytest.mark.parametrize(
     "args, code, fragment",
     [
-        (("run", "/nonexistent/bundle"), 3, "bundle folder not found"),
-        (("info", "/nonexistent/bundle"), 3, "bundle folder not found"),
-        (("export", "/nonexistent/model.pt", "/tmp/edgeexit-never"), 4, "model file not found"),
-        (("train", "--backbone", "resnet8", "--epochs", "0", "--out", "/tmp/edgeexit-never.pt"), 2, "--epochs must be >= 1"),
-        (("train", "--backbone", "alexnet9", "--epochs", "1", "--out", "/tmp/edgeexit-never.pt"), 2, "unknown backbone"),
+        (("run", "{tmp}/missing/bundle"), 3, "bundle folder not found"),
+        (("info", "{tmp}/missing/bundle"), 3, "bundle folder not found"),
+        (("export", "{tmp}/missing/model.pt", "{tmp}/bundle"), 4, "model file not found"),
+        (("train", "--backbone", "resnet8", "--epochs", "0", "--out", "{tmp}/m.pt"), 2, "--epochs must be >= 1"),
+        (("train", "--backbone", "alexnet9", "--epochs", "1", "--out", "{tmp}/m.pt"), 2, "unknown backbone"),
         (("cuts", "--backbone", "nope"), 2, "unknown backbone 'nope'; choose from"),
     ],
 )
-def test_bad_arguments_get_one_line_errors(args, code, fragment):
-    assert_one_line_error(invoke(*args), code, fragment)
+def test_bad_arguments_get_one_line_errors(tmp_path, args, code, fragment):
+    assert_one_line_error(invoke(*(a.format(tmp=tmp_path) for a in args)), code, fragment)
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing written, not even a half file
 
 
 def test_bad_device_threshold_and_input(tiny_bundle, tmp_path):
@@ -100,3 +102,12 @@ def test_every_command_has_help_with_an_example():
     for name, command in cli.main.commands.items():
         result = invoke(name, "--help")
         assert result.exit_code == 0 and "Example" in result.output, name
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`edgeexit cuts --backbone resnet20 | head -3`: the reader leaves early; no error line, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "edgeexit", "cuts", "--backbone", "resnet20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line: every write meets a broken pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 141 and err == ""

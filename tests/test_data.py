@@ -28,12 +28,16 @@ def test_digits_training_data_records_normalization():
     assert splits.info.input_shape == (1, 16, 16) and splits.info.num_classes == 10
 
 
-def write_images(root, classes=("cat", "dog"), per_class=6, size=(20, 12)):
-    rng = np.random.default_rng(0)
+def write_images(root, classes=("cat", "dog"), per_class=6, size=(20, 12), first_level=0):
+    """Class folders of RGB PNGs, each a flat gray at its own level (first_level, first_level + 1, ...),
+    so a loaded image says which file it was."""
+    level = first_level
     for name in classes:
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+            Image.fromarray(np.full((size[1], size[0], 3), level, dtype=np.uint8)).save(root / name / f"{i}.png")
+            level += 1
+    return level
 
 
 def test_folder_data_trains_side(tmp_path):
@@ -45,13 +49,68 @@ def test_folder_data_trains_side(tmp_path):
     assert tuple(x.shape) == (3, 24, 24) and y in (0, 1)
 
 
-def test_folder_data_runtime_side_matches_class_names(tmp_path):
-    write_images(tmp_path)
-    spec = InputSpec("input", ("batch", 3, 8, 8), (0.5,) * 3, (0.5,) * 3, ("cat", "dog"))
-    x, y = load_eval_data(f"folder:{tmp_path}", "test", spec)
-    assert x.shape == (12, 3, 8, 8) and sorted(set(y.tolist())) == [0, 1]
-    with pytest.raises(InputError, match="not one of the bundle's classes"):
-        load_eval_data(f"folder:{tmp_path}", "test", dataclasses.replace(spec, class_names=("a", "b")))
+SPEC = InputSpec("input", ("batch", 3, 8, 8), (0.5,) * 3, (0.5,) * 3, ("cat", "dog"))
+
+
+def levels_training(dataset) -> list[int]:
+    """The gray level (file identity) and label of every image of a training split."""
+    return sorted((round(float(dataset[i][0][0].mean()) * 127.5 + 127.5), dataset[i][1]) for i in range(len(dataset)))
+
+
+def levels_runtime(root, split) -> list[int]:
+    x, y = load_eval_data(f"folder:{root}", split, SPEC)
+    return sorted((round(float(v) * 127.5 + 127.5), int(label)) for v, label in zip(x[:, 0].mean(axis=(1, 2)), y))
+
+
+def assert_same_split_both_sides(root) -> dict[str, list]:
+    """run/calibrate (torch-free) read exactly the images training put in each split, and the splits are disjoint."""
+    splits = load_data(f"folder:{root}", input_size=8)
+    sides = {}
+    for split in ("train", "val", "test"):
+        trained = levels_training(getattr(splits, split))
+        assert levels_runtime(root, split) == trained, split
+        sides[split] = trained
+    seen = [level for part in sides.values() for level, _ in part]
+    assert len(seen) == len(set(seen)), "an image is in two splits"
+    return sides
+
+
+def test_flat_folder_uses_the_training_split_everywhere(tmp_path):
+    write_images(tmp_path, per_class=20)
+    sides = assert_same_split_both_sides(tmp_path)
+    assert [len(sides[s]) for s in ("train", "val", "test")] == [28, 6, 6]  # seeded 70/15/15 of 40
+    with pytest.raises(InputError, match="not one of the classes"):
+        load_eval_data(f"folder:{tmp_path}", "test", dataclasses.replace(SPEC, class_names=("a", "b")))
+
+
+def test_train_val_test_folders_are_each_their_split(tmp_path):
+    end = write_images(tmp_path / "train", per_class=5)
+    end = write_images(tmp_path / "val", per_class=2, first_level=end)
+    write_images(tmp_path / "test", per_class=3, first_level=end)
+    sides = assert_same_split_both_sides(tmp_path)
+    assert [len(sides[s]) for s in ("train", "val", "test")] == [10, 4, 6]
+    assert [level for level, _ in sides["val"]] == list(range(10, 14))
+
+
+def test_missing_val_is_carved_out_of_train_not_copied(tmp_path):
+    end = write_images(tmp_path / "train", per_class=17)
+    write_images(tmp_path / "test", per_class=3, first_level=end)
+    sides = assert_same_split_both_sides(tmp_path)
+    assert [len(sides[s]) for s in ("train", "val", "test")] == [28, 6, 6]  # train/ cut 70/15 (seeded), test/ as is
+    assert {level for level, _ in sides["train"] + sides["val"]} == set(range(34))
+
+
+def test_train_folder_alone_is_split_like_a_flat_folder(tmp_path):
+    write_images(tmp_path / "train", per_class=20)
+    sides = assert_same_split_both_sides(tmp_path)
+    assert [len(sides[s]) for s in ("train", "val", "test")] == [28, 6, 6]
+
+
+def test_digits_split_is_unchanged_by_the_general_split():
+    """The seeded digits split (the one the README's numbers and every trained model used) stays as it was."""
+    order = np.random.default_rng(0).permutation(1797)
+    np.testing.assert_array_equal(split_indices(1797, "val"), np.sort(order[1258:1528]))
+    np.testing.assert_array_equal(split_indices(1797, "test"), np.sort(order[1528:]))
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_SETS))
@@ -89,3 +148,19 @@ def test_load_input_npy_image_and_folder(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(InputError, match="cannot read image"):
         load_input(tmp_path / "bad.png", spec)
+
+
+def test_torchvision_evaluation_uses_the_bundles_channels_and_normalization(tmp_path, fake_torchvision):
+    """mnist (1 channel, 28x28) into a 3-channel 16x16 bundle: gray repeated, resized, the bundle's mean/std."""
+    from edgeexit.workflows import eval_arrays
+
+    fake_torchvision("mnist")
+    spec = InputSpec("input", ("batch", 3, 16, 16), (0.2, 0.4, 0.6), (0.5, 0.25, 0.125), tuple("0123456789"))
+    x, y = eval_arrays("mnist", "test", spec, str(tmp_path))
+    assert x.shape == (20, 3, 16, 16) and y.shape == (20,)
+    pixels = x * np.asarray(spec.std, np.float32).reshape(1, 3, 1, 1) + np.asarray(spec.mean, np.float32).reshape(1, 3, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and pixels.std() > 0.1
+    np.testing.assert_allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)
+    gray, _ = eval_arrays("mnist", "test", dataclasses.replace(spec, shape=("batch", 1, 16, 16), mean=(0.2,), std=(0.5,)),
+                          str(tmp_path))
+    np.testing.assert_allclose(gray[:, 0], x[:, 0], atol=1e-5)

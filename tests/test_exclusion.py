@@ -13,6 +13,9 @@ from edgeexit.runtime.manifest import MANIFEST_NAME, sha256_file
 from edgeexit.runtime.policies import ExclusionPolicy, get_policy
 
 from conftest import tiny_train
+from handmade import reference_cascade
+
+TIE_MARGIN = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +109,19 @@ def test_trained_model_removes_classes_early_and_exits_a_real_share(exclusion_bu
 
 @pytest.mark.parametrize("beta", [0.5, 0.85])
 def test_batch_equals_one_by_one(exclusion_bundle, digits, beta):
+    """Batched (compacted masks) vs one input at a time vs the reference cascade on the stored scores; inputs
+    with a score within TIE_MARGIN of its cut may differ between batch sizes and are left out (and must be rare)."""
     runner = CascadeRunner(exclusion_bundle[0], threads=1, policy_args={"beta": beta})
     x = digits[0][:80]
     batched = runner.predict(x)
     single = [runner.predict(x[i : i + 1]) for i in range(len(x))]
-    np.testing.assert_array_equal(batched.predictions, [r.predictions[0] for r in single])
-    np.testing.assert_array_equal(batched.exit_index, [r.exit_index[0] for r in single])
+    predictions, exit_index, margin = reference_cascade("exclusion", runner.thresholds, {"beta": beta}, *runner.stage_outputs(x))
+    clear = margin > TIE_MARGIN
+    assert clear.mean() >= 0.9
+    for result in (batched.predictions, np.array([r.predictions[0] for r in single])):
+        np.testing.assert_array_equal(result[clear], predictions[clear])
+    for result in (batched.exit_index, np.array([r.exit_index[0] for r in single])):
+        np.testing.assert_array_equal(result[clear], exit_index[clear])
     if beta == 0.85:  # some inputs leave at each exit, so compacted masks reach later stages
         assert len(set(batched.exit_index.tolist())) >= 2
 

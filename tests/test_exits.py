@@ -93,9 +93,9 @@ def train_export_run(tmp_path, data: DataSplits, backbone: str, exit_type: str, 
     assert sum(result.exit_counts()) == len(x)
 
 
-@pytest.mark.parametrize("exit_type, loss, placement", [("plain", "v1", "fine"), ("bnpool", "v2", "golden"), ("pool", "v4", "linear")])
+@pytest.mark.parametrize("exit_type, loss, placement", [("plain", "v1", "fine"), ("pool", "v2", "pareto"), ("bnpool", "v2", "golden"), ("pool", "v4", "linear")])
 def test_exit_types_and_losses_export_verify_and_run(tmp_path, digits16, exit_type, loss, placement):
-    """Each exit type and loss once by default (pool + v2 is the session's tiny bundle); the product is slow."""
+    """Each exit type once by default (pool is the eenet default), both losses; the whole product is slow."""
     train_export_run(tmp_path, digits16, "eenet8", exit_type, loss, placement)
 
 

@@ -1,13 +1,20 @@
-"""Exported stages match PyTorch, chain to full.onnx, and land atomically."""
+"""Exported stages match PyTorch and chain to full.onnx; verification (export's and `edgeexit verify`'s)
+catches a real weight change just beyond the stated tolerance and lets one just within it pass."""
 import json
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from click.testing import CliRunner
+from onnx import numpy_helper
 
+from edgeexit.cli import main
 from edgeexit.export import export_bundle
-from edgeexit.export.verify import torch_stage_outputs
+from edgeexit.export.verify import torch_stage_outputs, verification_inputs
+from edgeexit.runtime.verify import TOLERANCE, max_abs_diff
+from edgeexit.runtime import VerificationError
+from edgeexit.runtime.manifest import MANIFEST_NAME, sha256_file
 from edgeexit.train.models import load_model
 from edgeexit.runtime import CascadeRunner, load_manifest
 
@@ -56,16 +63,96 @@ def test_manifest_records_costs_hashes_and_producer(tiny_bundle):
     assert data["stages"][0]["exit"]["policy"] == {"kind": "confidence", "threshold": 0.5, "args": {}}
 
 
-def test_failed_verification_keeps_previous_bundle(tiny_model_path, tmp_path, monkeypatch):
-    out = tmp_path / "bundle"
-    export_bundle(tiny_model_path, out, verify=False)
-    before = (out / "manifest.json").read_bytes()
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("injected failure")
 
-    monkeypatch.setattr("edgeexit.export.exporter.verify_bundle_against_model", broken)
-    with pytest.raises(RuntimeError, match="injected"):
-        export_bundle(tiny_model_path, out)
-    assert (out / "manifest.json").read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+def shift_final_bias(path, delta: float) -> None:
+    """A real, small change of one weight: add `delta` to the first bias value of the layer that
+    computes the graph's first output (the final classifier), and save the graph."""
+    model = onnx.load(path)
+    node = next(n for n in model.graph.node if model.graph.output[0].name in n.output)
+    initializers = {i.name: i for i in model.graph.initializer}
+    bias = initializers[next(name for name in reversed(node.input) if name in initializers)]
+    values = numpy_helper.to_array(bias).copy()
+    values.flat[0] += delta
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    onnx.save(model, path)
+
+
+def logit_scales(model_path) -> dict[str, float]:
+    """Per verification input kind, the magnitude the tolerance is scaled by: max(1, largest |logit|)."""
+    model = load_model(model_path)
+    with torch.no_grad():
+        return {kind: max(1.0, float(model.backbone.eval()(torch.from_numpy(x)).abs().max()))
+                for kind, x in verification_inputs(model).items()}
+
+
+def perturbed_export(monkeypatch, delta: float) -> None:
+    """Make the exporter's graph writer shift the final stage's classifier bias by `delta` after writing it."""
+    from edgeexit.export import exporter
+
+    real = exporter.export_graph
+
+    def export_graph(module, example, path, *args, **kwargs):
+        graph = real(module, example, path, *args, **kwargs)
+        if path.name == "stage_2.onnx":
+            shift_final_bias(path, delta)
+        return graph
+
+    monkeypatch.setattr(exporter, "export_graph", export_graph)
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_tolerance_is_absolute_up_to_one_and_relative_above():
+    """The rule the README states: |a - b| <= 1e-4, or 1e-4 of the largest |b| when that exceeds 1."""
+    assert TOLERANCE == 1e-4
+    small = np.linspace(-0.5, 0.5, 11, dtype=np.float32)
+    assert max_abs_diff(small + 2e-4, small) > TOLERANCE
+    assert max_abs_diff(small + 5e-5, small) <= TOLERANCE
+    large = np.linspace(-100, 100, 11, dtype=np.float32)
+    assert max_abs_diff(large + 5e-3, large) <= TOLERANCE  # 5e-5 of 100
+    assert max_abs_diff(large + 2e-2, large) > TOLERANCE  # 2e-4 of 100
+
+
+def test_export_fails_on_a_weight_changed_slightly_beyond_tolerance(tiny_model_path, bundle_copy, monkeypatch):
+    """No stand-in verifier: the real one must catch one bias value moved 1.5x the tolerance, exit 7,
+    and leave the earlier bundle as it was."""
+    before = snapshot(bundle_copy)
+    perturbed_export(monkeypatch, 1.5 * TOLERANCE * max(logit_scales(tiny_model_path).values()))
+    result = CliRunner().invoke(main, ["export", str(tiny_model_path), str(bundle_copy)])
+    assert result.exit_code == VerificationError.exit_code, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("error: stage_2.onnx output 'logits' differs from PyTorch")
+    assert snapshot(bundle_copy) == before
+    assert [p.name for p in bundle_copy.parent.iterdir() if p.name.startswith(".bundle.")] == []
+
+
+def test_export_accepts_a_change_within_tolerance_and_reports_it(tiny_model_path, tmp_path, monkeypatch):
+    scales = logit_scales(tiny_model_path)
+    delta = 0.5 * TOLERANCE  # scales are >= 1: within tolerance on every input kind
+    perturbed_export(monkeypatch, delta)
+    manifest = export_bundle(tiny_model_path, tmp_path / "bundle")
+    measured = manifest["verification"]["random"]["logits"]
+    assert measured == pytest.approx(delta / scales["random"], rel=0.05)  # the change was there, and measured
+
+
+def verify_inputs_scale(bundle) -> float:
+    """max(1, |logit|) of full.onnx on the random inputs `edgeexit verify` draws (seed 0, 8 samples)."""
+    runner = CascadeRunner(bundle)
+    x = np.random.default_rng(0).standard_normal((8, *runner.manifest.input_shape)).astype(np.float32)
+    return max(1.0, float(np.abs(runner.predict_full(x)).max()))
+
+
+@pytest.mark.parametrize("factor, code", [(1.5, VerificationError.exit_code), (0.5, 0)])
+def test_verify_catches_a_stage_changed_beyond_tolerance_with_a_fixed_hash(bundle_copy, factor, code):
+    """A re-hashed stage whose classifier moved 1.5x the tolerance fails the chain check; 0.5x passes."""
+    shift_final_bias(bundle_copy / "stage_2.onnx", factor * TOLERANCE * verify_inputs_scale(bundle_copy))
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    manifest["stages"][2]["sha256"] = sha256_file(bundle_copy / "stage_2.onnx")
+    (bundle_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["verify", str(bundle_copy)])
+    assert result.exit_code == code, result.output
+    assert "ok   sha256 stage_2.onnx" in result.output
+    status = "FAIL" if code else "ok  "
+    assert f"{status} chain vs full.onnx" in result.output

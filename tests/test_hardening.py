@@ -198,14 +198,6 @@ def test_verify_fails_a_tampered_bundle(bundle_copy):
     assert "FAIL sha256 stage_0.onnx" in result.output and "ok   sha256 stage_1.onnx" in result.output
 
 
-def test_verify_fails_a_chain_that_disagrees_with_full(bundle_copy, monkeypatch):
-    from edgeexit.runtime import verify
-
-    monkeypatch.setattr(verify.CascadeRunner, "predict_full", lambda self, x: np.zeros((len(x), self.manifest.num_classes), np.float32) + 9)
-    result = cli("verify", bundle_copy)
-    assert result.exit_code == VerificationError.exit_code and "FAIL chain vs full.onnx: chained stages differ" in result.output
-
-
 def test_verify_refuses_an_invalid_manifest(bundle_copy):
     (bundle_copy / "manifest.json").write_text("{}")
     result = cli("verify", bundle_copy)
@@ -231,19 +223,6 @@ def test_failed_export_keeps_the_earlier_bundle(tiny_model_path, bundle_copy, mo
     monkeypatch.setattr(exporter, "export_graph", _fail_second_graph(exporter.export_graph))
     with pytest.raises(RuntimeError, match="injected"):
         exporter.export_bundle(tiny_model_path, bundle_copy)
-    assert snapshot(bundle_copy) == before and leftovers(bundle_copy) == []
-
-
-def test_failed_verification_keeps_the_earlier_bundle(tiny_model_path, bundle_copy, monkeypatch):
-    from edgeexit.export import exporter
-
-    def fail(*args, **kwargs):
-        raise VerificationError("injected: stage_1.onnx differs from PyTorch")
-
-    before = snapshot(bundle_copy)
-    monkeypatch.setattr(exporter, "verify_bundle_against_model", fail)
-    result = cli("export", tiny_model_path, bundle_copy)
-    assert result.exit_code == VerificationError.exit_code and "injected" in result.output
     assert snapshot(bundle_copy) == before and leftovers(bundle_copy) == []
 
 
@@ -291,10 +270,9 @@ def test_killed_export_keeps_the_earlier_bundle_and_its_temp_dir_is_cleaned(tiny
 def test_bundle_moved_aside_by_a_kill_is_put_back(bundle_copy):
     from edgeexit.export.exporter import clean_stale
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1 if Path("/proc/sys/kernel/pid_max").is_file() else 2**31 - 1
     before = snapshot(bundle_copy)
-    aside = bundle_copy.parent / f".bundle.old-{dead.pid}-abc"
+    aside = bundle_copy.parent / f".bundle.old-{dead_pid}-abc"  # a PID above pid_max: no process has it, ever
     aside.mkdir()
     shutil.move(str(bundle_copy), aside / "bundle")
     (bundle_copy.parent / f".bundle.tmp-{os.getpid()}-live").mkdir()  # a live export's folder stays

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import os
 import sys
+from signal import SIGPIPE
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import click
 
 from edgeexit.errors import ConfigError, EdgeExitError, MissingExtraError, first_line
+from edgeexit.runtime.datasets import DATASETS
+from edgeexit.runtime.providers import DEVICES
 
 DEBUG_ENV = "EDGEEXIT_DEBUG"
 
@@ -40,6 +42,9 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader left (`edgeexit cuts | head -3`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again
+            sys.exit(128 + SIGPIPE)
         except Exception as exc:  # last line of defence: no traceback unless asked for
             if os.environ.get(DEBUG_ENV):
                 raise
@@ -61,21 +66,12 @@ def parse_thresholds(value: str | None) -> float | list[float] | None:
 
 
 
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write a report atomically."""
-    from edgeexit.runtime.manifest import write_json_atomic
-
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(target, data)
-
-
-
+DEVICE_HELP = f"One of: {DEVICES.choices()}."
 DATA_DIR_OPTION = click.option("--data-dir", default=None, help="Where torchvision data sets live (mnist, cifar10, ...).")
 
 
 def labeled_data_options(command: Any) -> Any:
     """--data (default digits) and --data-dir, for the commands that need labels (calibrate, bench)."""
-    data = click.option("--data", default="digits", show_default=True, help="Labeled data: digits, folder:PATH, or a torchvision set.")
+    data = click.option("--data", default="digits", show_default=True, help=f"Labeled data: {DATASETS.choices()}.")
     return data(DATA_DIR_OPTION(command))
 

@@ -8,8 +8,10 @@ from typing import Any
 
 import click
 
-from edgeexit.cli.common import DATA_DIR_OPTION, labeled_data_options, parse_thresholds, training_extra, write_json
+from edgeexit.cli.common import DATA_DIR_OPTION, DEVICE_HELP, labeled_data_options, parse_thresholds, training_extra
 from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
+from edgeexit.runtime.datasets import DATASETS
+from edgeexit.runtime.manifest import write_json_atomic
 
 
 def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str,
@@ -22,7 +24,7 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
         x, _ = load_input(input_path, spec)
         return x, None
     name = data or "digits"
-    if name == "digits" or name.startswith("folder:"):
+    if DATASETS.resolve(name)[0].torchvision is None:
         return load_eval_data(name, split, spec)
     with training_extra():
         from edgeexit import workflows
@@ -32,8 +34,8 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
 
 @click.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, jetson, coreml, openvino, ...")
-@click.option("--data", default=None, help="Labeled data: digits (default), folder:PATH, or a torchvision set.")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+@click.option("--data", default=None, help=f"Labeled data (default digits): {DATASETS.choices()}.")
 @DATA_DIR_OPTION
 @click.option("--input", "input_path", default=None, help="An image, a folder of images or a .npy array.")
 @click.option("--split", default="test", show_default=True, help="Data split to evaluate.")
@@ -69,7 +71,7 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
         for i, (p, e) in enumerate(zip(result.predictions, result.exit_index)):
             click.echo(f"{i}\t{names[p]}\texit {e}")
     if json_path:
-        write_json(json_path, report)
+        write_json_atomic(json_path, report)
     click.echo(format_report(report))
 
 
@@ -112,7 +114,7 @@ def info(bundle: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--device", default="cpu", show_default=True, help="Device whose execution providers load the graphs.")
+@click.option("--device", default="cpu", show_default=True, help=f"Device whose execution providers load the graphs. {DEVICE_HELP}")
 @click.option("--samples", type=int, default=8, show_default=True, help="Random inputs for the chain vs full.onnx check.")
 def verify(bundle: str, device: str, samples: int) -> None:
     """Check a bundle: manifest schema, sha256 of every graph, ONNX checker, chained stages vs full.onnx.
@@ -196,7 +198,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
 @click.argument("bundle", type=click.Path())
 @labeled_data_options
 @click.option("--split", default="test", show_default=True, help="Data split to benchmark on.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, tensorrt, ...")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--threads", type=int, default=None, help="onnxruntime (and PyTorch) intra-op threads.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
@@ -227,7 +229,7 @@ def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str,
             from edgeexit.train.eager import eager_predictor
         baselines["pytorch_eager"] = eager_predictor(model_path, threads)
     report = run_bench(runner, x, labels, batch_size, baselines, sweep_points, progress=stderr_progress)
-    write_json(Path(out) / "bench.json", report)
+    write_json_atomic(Path(out) / "bench.json", report)
     click.echo(format_bench(report))
     try:
         plots = ", ".join(p.name for p in write_plots(report, out))

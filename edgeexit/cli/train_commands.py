@@ -6,10 +6,11 @@ from typing import Any
 import click
 
 from edgeexit.cli.common import training_extra
+from edgeexit.runtime.datasets import DATASETS
 
 
 @click.command()
-@click.option("--data", default="digits", show_default=True, help="digits, mnist, cifar10, cifar100, svhn or folder:PATH.")
+@click.option("--data", default="digits", show_default=True, help=f"One of: {DATASETS.choices()}.")
 @click.option("--data-dir", default=None, help="Where torchvision data sets live.")
 @click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
 @click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
@@ -58,7 +59,7 @@ def train(**opts: Any) -> None:
 
 @click.command()
 @click.option("--backbone", required=True, help="Backbone name, e.g. resnet20 or torchvision:resnet18.")
-@click.option("--data", default="digits", show_default=True, help="digits, mnist, cifar10, cifar100, svhn or folder:PATH.")
+@click.option("--data", default="digits", show_default=True, help=f"One of: {DATASETS.choices()}.")
 @click.option("--data-dir", default=None, help="Where torchvision data sets live.")
 @click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
 @click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
@@ -81,7 +82,7 @@ def pretrain(**opts: Any) -> None:
 
 @click.command("export")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--no-verify", is_flag=True, help="Skip the PyTorch parity checks (not recommended).")
 def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from edgeexit.runtime.datasets import DIGITS_CLASSES, digits_split, split_indices
+from edgeexit.registry import Registry
+from edgeexit.runtime.datasets import DATASETS, DIGITS_CLASSES, SPLITS, TorchvisionSet, digits_split, folder_classes, folder_split
 from edgeexit.errors import ConfigError, InputError, first_line
 
 VAL_SEED = 0
@@ -58,21 +59,15 @@ def load_digits_data(input_size: int = 32, channels: int = 1) -> DataSplits:
     return DataSplits(sets["train"], sets["val"], sets["test"], DataInfo(shape, mean, std, list(DIGITS_CLASSES)))
 
 
-# name -> (torchvision class name, channels, native size, mean, std)
-TORCHVISION_SETS: dict[str, tuple[str, int, int, list[float], list[float]]] = {
-    "mnist": ("MNIST", 1, 28, [0.1307], [0.3081]),
-    "cifar10": ("CIFAR10", 3, 32, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
-    "cifar100": ("CIFAR100", 3, 32, [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
-    "svhn": ("SVHN", 3, 32, [0.4377, 0.4438, 0.4728], [0.1980, 0.2010, 0.1970]),
-}
+TORCHVISION_SETS: dict[str, TorchvisionSet] = {name: src.torchvision for name, src in DATASETS.items() if src.torchvision}
 
 
-def _transform(input_size: int, mean: list[float], std: list[float]) -> Callable:
+def _transform(input_size: int, mean: list[float] | None, std: list[float] | None) -> Callable:
+    """Resize, to a [0, 1] tensor, then normalize (skipped when mean is None: the caller normalizes)."""
     from torchvision import transforms
 
-    return transforms.Compose(
-        [transforms.Resize((input_size, input_size)), transforms.ToTensor(), transforms.Normalize(mean, std)]
-    )
+    steps = [transforms.Resize((input_size, input_size)), transforms.ToTensor()]
+    return transforms.Compose(steps if mean is None else [*steps, transforms.Normalize(mean, std)])
 
 
 def _train_val(dataset: Dataset) -> tuple[Subset, Subset]:
@@ -82,15 +77,17 @@ def _train_val(dataset: Dataset) -> tuple[Subset, Subset]:
     return Subset(dataset, np.sort(order[:cut]).tolist()), Subset(dataset, np.sort(order[cut:]).tolist())
 
 
-def load_torchvision_data(name: str, data_dir: str | None, download: bool, input_size: int | None) -> DataSplits:
-    """MNIST / CIFAR10 / CIFAR100 / SVHN from `data_dir`; downloads only when asked to."""
+def load_torchvision_data(name: str, data_dir: str | None, download: bool, input_size: int | None,
+                          normalized: bool = True) -> DataSplits:
+    """MNIST / CIFAR10 / CIFAR100 / SVHN from `data_dir`; downloads only when asked to. Unless `normalized`,
+    images stay in [0, 1] (evaluation normalizes with the bundle's own InputSpec instead)."""
     import torchvision.datasets as tvd
 
     cls_name, channels, native, mean, std = TORCHVISION_SETS[name]
     if data_dir is None:
         raise ConfigError(f"--data {name} needs --data-dir (add --download to fetch it there)")
     size = input_size or native
-    transform = _transform(size, mean, std)
+    transform = _transform(size, mean, std) if normalized else _transform(size, None, None)
     cls = getattr(tvd, cls_name)
     try:
         if name == "svhn":
@@ -104,41 +101,51 @@ def load_torchvision_data(name: str, data_dir: str | None, download: bool, input
     except RuntimeError as exc:
         raise InputError(f"cannot load {name} from {data_dir}: {exc} (pass --download to fetch it)") from None
     train, val = _train_val(train_full)
-    return DataSplits(train, val, test, DataInfo((channels, size, size), mean, std, classes))
+    return DataSplits(train, val, test, DataInfo((channels, size, size), list(mean), list(std), classes))
+
+
+class ImageFiles(Dataset):
+    """Labeled image files read with PIL and a torchvision transform."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, transform: Callable, mode: str) -> None:
+        self.files, self.labels, self.transform, self.mode = files, labels, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[index]) as image:
+                return self.transform(image.convert(self.mode)), int(self.labels[index])
+        except OSError as exc:
+            raise InputError(f"cannot read image {self.files[index]}: {first_line(exc)}") from None
 
 
 def load_folder_data(root: str, input_size: int | None, channels: int = 3) -> DataSplits:
-    """ImageFolder data: root/{train,val,test}/CLASS/*.png if those exist, else root/CLASS/* split 70/15/15."""
-    from torchvision import datasets, transforms
+    """Image folder data split exactly as the runtime splits it (runtime.datasets.folder_split):
+    root/{train,val,test}/CLASS/* (a missing val/ or test/ carved out of train/), else root/CLASS/* 70/15/15."""
+    from torchvision import transforms
 
     root_path = Path(root)
     if not root_path.is_dir():
         raise InputError(f"image folder not found: {root}")
-    size = input_size or 32
-    mean, std = [0.5] * channels, [0.5] * channels
-    steps = [transforms.Resize((size, size))]
-    if channels == 1:
-        steps.append(transforms.Grayscale(1))
-    transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
-    try:
-        if (root_path / "train").is_dir():
-            sets = {}
-            for split in ("train", "val", "test"):
-                folder = root_path / split if (root_path / split).is_dir() else root_path / "train"
-                sets[split] = datasets.ImageFolder(str(folder), transform=transform)
-            classes = sets["train"].classes
-        else:
-            full = datasets.ImageFolder(str(root_path), transform=transform)
-            classes = full.classes
-            sets = {split: Subset(full, split_indices(len(full), split).tolist()) for split in ("train", "val", "test")}
-    except (FileNotFoundError, OSError) as exc:
-        raise InputError(f"cannot read image folder {root}: {first_line(exc)}") from None
+    classes = folder_classes(root_path)
     if len(classes) < 2:
         raise InputError(f"image folder {root} needs at least two class subfolders, found {len(classes)}")
-    return DataSplits(sets["train"], sets["val"], sets["test"], DataInfo((channels, size, size), mean, std, list(classes)))
+    size = input_size or 32
+    mean, std = [0.5] * channels, [0.5] * channels
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    mode = "L" if channels == 1 else "RGB"
+    sets = {split: ImageFiles(*folder_split(root_path, split, classes), transform, mode) for split in SPLITS}
+    return DataSplits(sets["train"], sets["val"], sets["test"], DataInfo((channels, size, size), mean, std, classes))
 
 
-DATASET_NAMES = ("digits", *TORCHVISION_SETS, "folder:PATH")
+# how the training side reads each DATASETS entry that is not a torchvision set: (ARG, input size, channels) -> splits
+TRAINING_LOADERS: Registry[Callable[[str | None, int | None, int | None], DataSplits]] = Registry("data set")
+TRAINING_LOADERS.register("digits", lambda arg, size, channels: load_digits_data(size or 32, channels or 1))
+TRAINING_LOADERS.register("folder", lambda path, size, channels: load_folder_data(path, size, channels or 3))
 
 
 def load_data(
@@ -148,11 +155,8 @@ def load_data(
     input_size: int | None = None,
     channels: int | None = None,
 ) -> DataSplits:
-    """Resolve a --data spec (digits, mnist, cifar10, cifar100, svhn, folder:PATH) to splits."""
-    if spec == "digits":
-        return load_digits_data(input_size or 32, channels or 1)
-    if spec in TORCHVISION_SETS:
+    """Resolve a --data spec (a DATASETS name: digits, mnist, cifar10, cifar100, svhn, folder:PATH) to splits."""
+    source, arg = DATASETS.resolve(spec)
+    if source.torchvision is not None:
         return load_torchvision_data(spec, data_dir, download, input_size)
-    if spec.startswith("folder:"):
-        return load_folder_data(spec[len("folder:") :], input_size, channels or 3)
-    raise ConfigError(f"unknown data set '{spec}'; choose from: {', '.join(DATASET_NAMES)}")
+    return TRAINING_LOADERS.get(spec.partition(":")[0])(arg, input_size, channels)

@@ -12,18 +12,10 @@ import torch
 from torch import nn
 
 from edgeexit.errors import ConfigError
+from edgeexit.registry import Registry
 
-EXITS: dict[str, Callable[..., nn.Module]] = {}
+EXITS: Registry[Callable[..., nn.Module]] = Registry("exit type")
 
-
-def register_exit(name: str) -> Callable:
-    """Decorator adding an exit constructor(feature_shape, num_classes, **args) to EXITS."""
-
-    def add(cls: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        EXITS[name] = cls
-        return cls
-
-    return add
 
 
 # Starting bias of every confidence branch: sigmoid(-2) = 0.12, so a new head begins by sending
@@ -54,20 +46,20 @@ class ConfidenceExit(nn.Module):
         return self.classifier(h), self.confidence(h)
 
 
-@register_exit("plain")
+@EXITS.register("plain")
 def plain_exit(feature_shape: Sequence[int], num_classes: int) -> ConfidenceExit:
     """EENets Plain: the feature map flattened straight into both branches."""
     channels, height, width = feature_shape
     return ConfidenceExit(nn.Flatten(1), channels * height * width, num_classes)
 
 
-@register_exit("pool")
+@EXITS.register("pool")
 def pool_exit(feature_shape: Sequence[int], num_classes: int) -> ConfidenceExit:
     """EENets Pool: global average pooling, then both branches."""
     return ConfidenceExit(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)), feature_shape[0], num_classes)
 
 
-@register_exit("bnpool")
+@EXITS.register("bnpool")
 def bnpool_exit(feature_shape: Sequence[int], num_classes: int) -> ConfidenceExit:
     """EENets Bnpool: batch norm and ReLU, then global average pooling, then both branches."""
     channels = feature_shape[0]
@@ -96,13 +88,13 @@ class ExclusionExit(nn.Module):
         return (torch.sigmoid(self.scores(self.pool(x))),)
 
 
-@register_exit("exclusion")
+@EXITS.register("exclusion")
 def exclusion_exit(feature_shape: Sequence[int], num_classes: int) -> ExclusionExit:
     """Class-exclusion head on a feature map of `feature_shape` channels."""
     return ExclusionExit(feature_shape[0], num_classes)
 
 
-@register_exit("branch")
+@EXITS.register("branch")
 def branch_exit(feature_shape: Sequence[int], num_classes: int, channels: int | None = None, depth: int = 2) -> ConfidenceExit:
     """PTEENet branch: `depth` conv3x3-BN-ReLU blocks of `channels` (default: the cut's), pooling, both heads.
 
@@ -121,9 +113,8 @@ def branch_exit(feature_shape: Sequence[int], num_classes: int, channels: int | 
 
 def build_exit(name: str, feature_shape: Sequence[int], num_classes: int, **args) -> nn.Module:
     """Construct a registered exit head, with an error listing the valid names."""
-    if name not in EXITS:
-        raise ConfigError(f"unknown exit type '{name}'; choose from: {', '.join(EXITS)}")
+    constructor = EXITS.get(name)
     try:
-        return EXITS[name](tuple(feature_shape), num_classes, **args)
+        return constructor(tuple(feature_shape), num_classes, **args)
     except TypeError as exc:
         raise ConfigError(f"bad arguments for exit type '{name}': {exc}") from None

@@ -15,20 +15,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from edgeexit.errors import ConfigError
+from edgeexit.registry import Registry
 
 LossFn = Callable[[Sequence[tuple[torch.Tensor, ...]], torch.Tensor, torch.Tensor, Sequence[float], float], torch.Tensor]
-LOSSES: dict[str, LossFn] = {}
+LOSSES: Registry[LossFn] = Registry("loss")
 
-
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator adding a loss function to LOSSES."""
-
-    def add(fn: LossFn) -> LossFn:
-        LOSSES[name] = fn
-        return fn
-
-    return add
 
 
 def _cascade_terms(exit_outputs, final_logits, costs):
@@ -50,7 +41,7 @@ def _cascade_terms(exit_outputs, final_logits, costs):
     return terms[::-1]
 
 
-@register_loss("v0")
+@LOSSES.register("v0")
 def eenet_v0(exit_outputs, final_logits, target, costs, lam):
     """EENets v0: the sum of every classifier's own CE, no confidence or cost (first stage of two-stage training).
 
@@ -60,7 +51,7 @@ def eenet_v0(exit_outputs, final_logits, target, costs, lam):
     return F.cross_entropy(final_logits, target) + sum(F.cross_entropy(outputs[0], target) for outputs in exit_outputs)
 
 
-@register_loss("v1")
+@LOSSES.register("v1")
 def eenet_v1(exit_outputs, final_logits, target, costs, lam):
     """EENets L_v1 = CE(P_0) + lambda * mean(C_0) on the full mixture only.
 
@@ -71,7 +62,7 @@ def eenet_v1(exit_outputs, final_logits, target, costs, lam):
     return F.nll_loss(log_probs, target) + lam * cost.mean()
 
 
-@register_loss("v2")
+@LOSSES.register("v2")
 def eenet_v2(exit_outputs, final_logits, target, costs, lam):
     """EENets L_v2 = sum over i = 0..N of CE(P_i) + lambda * mean(C_i) (eenets.pytorch loss_v2).
 
@@ -96,7 +87,7 @@ def exit_tags(exit_outputs, final_logits, target, costs, lam) -> torch.Tensor:
     return scores.argmin(dim=1)
 
 
-@register_loss("v4")
+@LOSSES.register("v4")
 def eenet_v4(exit_outputs, final_logits, target, costs, lam, tags):
     """EENets v4 (the authors' code, not the paper): classifiers by their CE, confidences toward exit tags.
 
@@ -118,7 +109,7 @@ def eenet_v4(exit_outputs, final_logits, target, costs, lam, tags):
     return loss
 
 
-@register_loss("exclusion")
+@LOSSES.register("exclusion")
 def class_exclusion(exit_outputs, final_logits, target, costs, lam):
     """Class-exclusion-aware objective: L = CE(final logits, y) + lambda * sum over exits k of L_ex(s_k).
 
@@ -137,7 +128,7 @@ def class_exclusion(exit_outputs, final_logits, target, costs, lam):
     return F.cross_entropy(final_logits, target) + lam * exclusion
 
 
-@register_loss("pteenet")
+@LOSSES.register("pteenet")
 def pteenet(exit_outputs, final_logits, target, costs, lam):
     """PTEENet: EENets v1 against the frozen backbone's own predictions, not the labels.
 
@@ -148,7 +139,7 @@ def pteenet(exit_outputs, final_logits, target, costs, lam):
     return eenet_v1(exit_outputs, final_logits, final_logits.detach().argmax(1), costs, lam)
 
 
-@register_loss("pteenet_v0")
+@LOSSES.register("pteenet_v0")
 def pteenet_v0(exit_outputs, final_logits, target, costs, lam):
     """PTEENet warm-up: each branch classifier's CE against the backbone's predictions, no confidence or cost.
 
@@ -161,6 +152,4 @@ def pteenet_v0(exit_outputs, final_logits, target, costs, lam):
 
 def get_loss(name: str) -> LossFn:
     """Look up a loss by name, with an error listing the valid names."""
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss '{name}'; choose from: {', '.join(LOSSES)}")
-    return LOSSES[name]
+    return LOSSES.get(name)

@@ -20,7 +20,13 @@ def layer_macs(module: nn.Module, output_shape: Sequence[int]) -> int:
 
 
 def count_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
-    """MACs of module(x) for one sample of shape `input_shape` (C, H, W), measured with hooks."""
+    """MACs of module(x) for one sample of shape `input_shape` (C, H, W), measured with hooks.
+
+    Hooks see nn.Conv2d and nn.Linear modules, which is where every registered backbone and exit
+    head does its multiply-accumulates (fx segments call the same modules). Functional convolutions
+    or matmuls (e.g. the attention of torchvision's ViT/Swin) are not counted: such a backbone's
+    costs come out low, and torch.utils.flop_counter would be the tool for it.
+    """
     total = 0
 
     def hook(layer: nn.Module, _inputs, output) -> None:

@@ -1,6 +1,7 @@
 """Exit-augmented models: a backbone split at cut points, an exit head after each, and model.pt I/O."""
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import warnings
@@ -16,6 +17,7 @@ from edgeexit.train.cuts import CutGraph
 from edgeexit.train.exits import build_exit
 from edgeexit.train.macs import count_macs
 from edgeexit.errors import ConfigError, InputError, first_line
+from edgeexit.runtime.manifest import atomic_write
 
 MODEL_FORMAT = "edgeexit-model"
 MODEL_VERSION = 1
@@ -64,16 +66,17 @@ class EarlyExitModel(nn.Module):
             exit_outputs.append(head(x))
         return exit_outputs, self._segments[-1](x)
 
+    def stage_macs(self) -> list[tuple[int, int]]:
+        """(segment, exit head) MACs of each stage (the final stage's head is 0): the one cost walk behind
+        exit_costs and the manifest's per-stage MACs."""
+        in_shapes = [self.config.input_shape, *self.cut_shapes]
+        heads = [*(count_macs(head, shape) for head, shape in zip(self.exits, self.cut_shapes)), 0]
+        return [(count_macs(segment, shape), head) for segment, shape, head in zip(self._segments, in_shapes, heads)]
+
     def exit_costs(self) -> list[float]:
         """Relative MACs of leaving at each exit (segments and heads passed so far), final = all."""
         full = self.cut_graph.full_macs
-        costs, running = [], 0
-        in_shapes = [self.config.input_shape, *self.cut_shapes]
-        for segment, head, in_shape, out_shape in zip(self._segments, self.exits, in_shapes, self.cut_shapes):
-            running += count_macs(segment, in_shape) + count_macs(head, out_shape)
-            costs.append(running / full)
-        running += count_macs(self._segments[-1], in_shapes[-1])
-        return [*costs, running / full]
+        return [running / full for running in itertools.accumulate(segment + head for segment, head in self.stage_macs())]
 
 
 def checkpoint_dict(model: EarlyExitModel, extra: dict | None = None) -> dict:
@@ -90,14 +93,8 @@ def checkpoint_dict(model: EarlyExitModel, extra: dict | None = None) -> dict:
 
 def save_model(model: EarlyExitModel, path: str | os.PathLike, extra: dict | None = None) -> None:
     """Write model.pt atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(checkpoint_dict(model, extra), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    checkpoint = checkpoint_dict(model, extra)
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

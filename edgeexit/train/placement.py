@@ -14,46 +14,38 @@ from typing import Callable, Sequence
 
 from edgeexit.train.cuts import CutPoint
 from edgeexit.errors import ConfigError
+from edgeexit.registry import Registry
 
 PHI = (1 + math.sqrt(5)) / 2
-SCHEMES: dict[str, Callable[[int], list[float]]] = {}
+SCHEMES: Registry[Callable[[int], list[float]]] = Registry("placement scheme")
 
 
-def register_scheme(name: str) -> Callable:
-    """Decorator adding a targets(num_exits) function to SCHEMES."""
 
-    def add(fn: Callable[[int], list[float]]) -> Callable[[int], list[float]]:
-        SCHEMES[name] = fn
-        return fn
-
-    return add
-
-
-@register_scheme("pareto")
+@SCHEMES.register("pareto")
 def pareto(num_exits: int) -> list[float]:
     """Pareto 80/20: exit i at 1 - 0.8^(i+1), each exit 20% further into the cost left."""
     return [1 - 0.8 ** (i + 1) for i in range(num_exits)]
 
 
-@register_scheme("golden")
+@SCHEMES.register("golden")
 def golden(num_exits: int) -> list[float]:
     """Golden ratio: exit i at phi^(i-N), the last one at 1/phi of the cost."""
     return [PHI ** (i - num_exits) for i in range(num_exits)]
 
 
-@register_scheme("fine")
+@SCHEMES.register("fine")
 def fine(num_exits: int) -> list[float]:
     """Fine: exit i at 1 - 0.95^(i+1), exits packed early about 5% of the cost apart."""
     return [1 - 0.95 ** (i + 1) for i in range(num_exits)]
 
 
-@register_scheme("linear")
+@SCHEMES.register("linear")
 def linear(num_exits: int) -> list[float]:
     """Linear: exit i at (i+1)/(N+1), evenly spaced in cost."""
     return [(i + 1) / (num_exits + 1) for i in range(num_exits)]
 
 
-@register_scheme("quadratic")
+@SCHEMES.register("quadratic")
 def quadratic(num_exits: int) -> list[float]:
     """Quadratic: exit i at ((i+1)/(N+1))^2, gaps growing with the exit index (denser early)."""
     return [((i + 1) / (num_exits + 1)) ** 2 for i in range(num_exits)]
@@ -61,11 +53,10 @@ def quadratic(num_exits: int) -> list[float]:
 
 def scheme_targets(scheme: str, num_exits: int) -> list[float]:
     """A scheme's cost targets for `num_exits` exits, with errors listing the valid choices."""
-    if scheme not in SCHEMES:
-        raise ConfigError(f"unknown placement scheme '{scheme}'; choose from: {', '.join(SCHEMES)}")
+    targets = SCHEMES.get(scheme)
     if num_exits < 1:
         raise ConfigError(f"--num-exits must be >= 1, got {num_exits}")
-    return SCHEMES[scheme](num_exits)
+    return targets(num_exits)
 
 
 def check_exit_count(num_exits: int, candidates: Sequence[CutPoint]) -> None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from edgeexit.train.backbones import build_backbone, first_conv_name
 from edgeexit.train.data import load_data
 from edgeexit.errors import ConfigError, InputError, first_line
+from edgeexit.runtime.manifest import atomic_write
 
 CHECKPOINT_KEYS = ("state_dict", "model")
 SHOWN = 3  # keys named per problem in an error line
@@ -78,14 +79,8 @@ def load_backbone_weights(net: nn.Module, path: str | os.PathLike, name: str = "
 
 def save_state_dict(net: nn.Module, path: str | os.PathLike) -> None:
     """Write the plain state_dict atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from edgeexit.errors import ConfigError
-from edgeexit.runtime.manifest import PolicySpec
 from edgeexit.runtime.simulate import CascadeSimulator
 from edgeexit.train.config import ModelConfig, TrainConfig
 from edgeexit.train.cuts import CutGraph
@@ -220,7 +219,7 @@ def build_model(
         mean=info.mean,
         std=info.std,
         class_names=info.class_names,
-        policy=PolicySpec(spec.policy, spec.threshold if threshold is None else threshold, dict(spec.policy_args)),
+        policy=spec.policy if threshold is None else spec.policy.with_threshold(threshold),
         frozen_backbone=spec.frozen_backbone,
     )
     model = EarlyExitModel(config, backbone=net)
