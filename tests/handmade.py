@@ -53,7 +53,7 @@ class Layout:
         base = k * self.per_exit
         return {
             "logits": slice(base, base + self.classes),
-            "confidence_logit": slice(base + self.classes, base + self.classes + 1),
+            "confidence": slice(base + self.classes, base + self.classes + 1),
             "exclusion": slice(base + self.classes + 1, base + self.per_exit),
         }[role]
 
@@ -107,7 +107,7 @@ def unpack(layout: Layout, x: np.ndarray) -> tuple[list[dict[str, np.ndarray]], 
     for k in range(layout.exits):
         exits.append({
             "logits": flat[:, layout.columns(k, "logits")],
-            "confidence_logit": flat[:, layout.columns(k, "confidence_logit")],
+            "confidence": sigmoid(flat[:, layout.columns(k, "confidence")]),
             "exclusion": sigmoid(flat[:, layout.columns(k, "exclusion")]),
         })
     return exits, flat[:, layout.columns(layout.exits, "logits")]
@@ -131,7 +131,7 @@ def synthetic_scores(n: int = 240, layout: Layout = Layout(), seed: int = 0):
         logits = np.eye(layout.classes)[guess] * peak + rng.normal(0, 0.7, (n, layout.classes))
         confidence = rng.normal(0.0, 2.0, (n, 1)) + np.where(right, 0.7, -0.7)[:, None]
         exclusion = rng.normal(-0.5, 1.6, (n, layout.classes)) + onehot * (1.0 + k)
-        exits.append({"logits": logits, "confidence_logit": confidence, "exclusion": exclusion})
+        exits.append({"logits": logits, "confidence": confidence, "exclusion": exclusion})
     final = onehot * 3.0 + rng.normal(0, 1.0, (n, layout.classes))
     return pack(layout, exits, final), labels
 
@@ -143,7 +143,7 @@ def _selection(layout: Layout, cols: slice) -> np.ndarray:
 
 
 def _graph(layout: Layout, k: int, in_name: str, outputs: list[tuple[str, str | None, list]], name: str):
-    """One stage graph: Flatten the input, pick columns per output, Sigmoid on the exclusion scores."""
+    """One stage graph: Flatten the input, pick columns per output, Sigmoid where asked."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [helper.make_node("Flatten", [in_name], ["flat"], axis=1)]
