@@ -15,6 +15,7 @@ from edgeexit.train.config import TrainConfig
 from edgeexit.train.cuts import CutGraph
 from edgeexit.runtime.datasets import DATASETS
 from edgeexit.train.data import load_data, load_torchvision_data
+from edgeexit.train.hardware import training_env
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import save_model
 from edgeexit.train.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
@@ -51,42 +52,47 @@ def train(
     weights: str | None = None,
     branch_channels: int | None = None,
     branch_depth: int | None = None,
+    device: str = TrainConfig.device,
+    precision: str = TrainConfig.precision,
+    num_workers: int = TrainConfig.num_workers,
+    checkpoint_dir: str | None = TrainConfig.checkpoint_dir,
+    resume: bool = TrainConfig.resume,
 ) -> dict[str, Any]:
-    """Build, train and save a model; returns a summary (cuts, final validation metrics).
+    """Build, train and save a model; returns a summary (cuts, final validation metrics, rank).
 
     `weights` loads the backbone from a local file first (PTEENet post-trains a frozen,
     pre-trained backbone and refuses to start without it); `branch_channels` and
-    `branch_depth` size the conv branches of exit type "branch".
+    `branch_depth` size the conv branches of exit type "branch". Launched by torchrun, every
+    process trains its share of each batch and only rank 0 writes `out`.
     """
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     spec = get_method(method)
     if spec.frozen_backbone and not weights:
         raise ConfigError(f"--method {method} post-trains a frozen backbone: pass its pre-trained weights with --weights FILE")
+    if num_workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {num_workers}")
+    if resume and not checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir DIR (where the checkpoint is)")
     exit_args = {k: v for k, v in (("channels", branch_channels), ("depth", branch_depth)) if v is not None}
-    torch.manual_seed(seed)
-    splits = load_data(data, data_dir=data_dir, download=download, input_size=input_size)
-    model = build_model(
-        splits,
-        backbone,
-        exit_type or spec.exit_type,
-        placement,
-        num_exits,
-        exit_at=_split_list(exit_at),
-        method=method,
-        threshold=threshold,
-        exit_args=exit_args,
-        weights=weights,
-        placement_cost=placement_cost,
-    )
     config = TrainConfig(data=data, data_dir=data_dir, download=download, epochs=epochs, batch_size=batch_size,
                          lr=lr, loss=loss or spec.loss, lam=lam, seed=seed, warmup_epochs=warmup_epochs,
-                         warmup_loss=spec.warmup_loss)
+                         warmup_loss=spec.warmup_loss, num_workers=num_workers, device=device, precision=precision,
+                         checkpoint_dir=checkpoint_dir, resume=resume)
     config.head_lr = head_lr if head_lr is not None else spec.head_lr
-    history = train_model(model, splits, config, progress=progress)
-    save_model(model, out, extra={"train": vars(config), "history": vars(history), "backbone_weights": weights})
+    with training_env(device, precision) as env:
+        torch.manual_seed(seed)
+        splits = load_data(data, data_dir=data_dir, download=download, input_size=input_size)
+        model = build_model(splits, backbone, exit_type or spec.exit_type, placement, num_exits,
+                            exit_at=_split_list(exit_at), method=method, threshold=threshold, exit_args=exit_args,
+                            weights=weights, placement_cost=placement_cost)
+        history = train_model(model, splits, config, progress=progress, env=env)
+        if env.is_main:
+            save_model(model, out, extra={"train": vars(config), "history": vars(history), "backbone_weights": weights,
+                                          "world_size": env.world_size})
     best = history.best_epoch
     return {
+        "rank": env.rank,
         "cuts": model.config.cuts,
         "best_epoch": best,
         "val_accuracy": history.val_accuracy[best],

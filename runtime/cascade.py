@@ -156,12 +156,25 @@ class Runner:
             self._full = self._session(FULL_NAME, *self.manifest.full_tensors())
         return self._full
 
+    def _run(self, session: ort.InferenceSession, outputs: list[str] | None, input_name: str, x: np.ndarray) -> list[np.ndarray]:
+        """One session run, or for a static-batch bundle one run per N inputs with the last group zero-padded."""
+        static = self.manifest.static_batch
+        if static is None or len(x) == static:
+            return session.run(outputs, {input_name: x})
+        parts = []
+        for start in range(0, len(x), static):
+            group = x[start : start + static]
+            if len(group) < static:
+                group = np.concatenate([group, np.zeros((static - len(group), *group.shape[1:]), group.dtype)])
+            parts.append(session.run(outputs, {input_name: group}))
+        return [np.concatenate([part[i] for part in parts])[: len(x)] for i in range(len(parts[0]))]
+
     def predict_full(self, x: np.ndarray) -> np.ndarray:
         """Logits of full.onnx for a batch: the no-early-exit baseline."""
         x = check_batch(x, self.manifest.input_shape)
         session = self.full_session()
         name = session.get_inputs()[0].name
-        return np.concatenate([session.run(None, {name: x[i : i + self.chunk_size]})[0] for i in range(0, len(x), self.chunk_size)])
+        return np.concatenate([self._run(session, None, name, x[i : i + self.chunk_size])[0] for i in range(0, len(x), self.chunk_size)])
 
     def relative_macs(self, result: CascadeResult) -> float:
         """Average MACs spent per input relative to full.onnx."""
@@ -191,8 +204,8 @@ class CascadeRunner(Runner):
         return self.sessions[0].get_providers()
 
     def run_stage(self, index: int, x: np.ndarray) -> list[np.ndarray]:
-        """One session run of stage `index` on its input; outputs in manifest order."""
-        return self.sessions[index].run(self.output_names[index], {self._input_names[index]: x})
+        """Stage `index` on its input; outputs in manifest order."""
+        return self._run(self.sessions[index], self.output_names[index], self._input_names[index], x)
 
     def _exit_outputs(self, index: int, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {role: outputs[1 + i] for i, role in enumerate(self._roles[index])}

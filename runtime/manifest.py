@@ -34,6 +34,8 @@ CASCADE_NAME = "cascade.onnx"
 CASCADE_OUTPUTS = ("scores", "prediction", "exit_index")
 CASCADE_DTYPES = ("float32", "float64", "int64")
 BATCH_DIM = "batch"
+FP32, INT8 = "fp32", "int8"
+PRECISIONS = (FP32, INT8)
 GRAPH_DTYPE = "tensor(float)"
 # ITU-R 601 luma weights: Pillow's RGB -> "L" conversion, so arrays and image files agree
 LUMA = (0.299, 0.587, 0.114)
@@ -90,11 +92,15 @@ def _sha256(entry: dict, where: str) -> str:
     return value
 
 
+def _is_batch_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _shape(shape: Any, where: str) -> Shape:
     if not isinstance(shape, list) or not shape:
         raise _fail(where, "shape must be a non-empty list")
-    if shape[0] != BATCH_DIM:
-        raise _fail(where, f"first dim must be the symbolic '{BATCH_DIM}'")
+    if shape[0] != BATCH_DIM and not _is_batch_size(shape[0]):
+        raise _fail(where, f"first dim must be the symbolic '{BATCH_DIM}' (or a static-batch bundle's batch size)")
     for dim in shape[1:]:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise _fail(where, f"dims after the batch must be positive ints, got {dim!r}")
@@ -349,7 +355,7 @@ class StageSpec:
         if final:
             if data.get("exit") is not None:
                 raise _fail(f"{where}.exit", "the final stage has no exit: must be null")
-            if len(outputs) != 1 or outputs[0].shape != (BATCH_DIM, num_classes):
+            if len(outputs) != 1 or outputs[0].shape[1:] != (num_classes,):
                 raise _fail(f"{where}.outputs", f"final stage must output logits [batch, {num_classes}]")
         else:
             exit_spec = ExitSpec.from_dict(data.get("exit"), f"{where}.exit", [t.name for t in outputs[1:]])
@@ -613,6 +619,9 @@ class Manifest:
     calibration: dict | None = None  # the record `edgeexit calibrate` wrote (see calibrate.calibrate)
     profiles: dict[str, DeviceProfile] = dataclasses.field(default_factory=dict)  # by key, from `edgeexit profile`
     cascade: CascadeGraph | None = None  # cascade.onnx; None in bundles exported without it
+    precision: str = FP32  # int8 for a bundle written by `edgeexit quantize`
+    quantization: dict | None = None  # int8: settings, calibration data and `parent` (fp32 folder name, manifest sha256)
+    static_batch: int | None = None  # `edgeexit static-batch`: every tensor's first dim is this int, not "batch"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -642,7 +651,12 @@ class Manifest:
 
     def full_tensors(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """What full.onnx must look like: the bundle's input in, [batch, num_classes] logits out."""
-        return [TensorSpec(self.input_spec.name, self.input_spec.shape)], [TensorSpec(None, (BATCH_DIM, self.num_classes))]
+        return [TensorSpec(self.input_spec.name, self.input_spec.shape)], [TensorSpec(None, (self.batch_dim, self.num_classes))]
+
+    @property
+    def batch_dim(self) -> str | int:
+        """The first dim of every tensor: the symbolic 'batch', or a static-batch bundle's N."""
+        return BATCH_DIM if self.static_batch is None else self.static_batch
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -665,6 +679,10 @@ class Manifest:
         lines = [f"bundle {name or self.root}: {self.model.method} on {self.model.backbone}, {self.num_classes} classes",
                  f"input {spec.name} {list(spec.shape)} {spec.dtype} {spec.layout}",
                  f"full.onnx {self.full_macs / 1e6:.2f} MMACs"]
+        if self.precision != FP32:
+            lines.append(f"precision {self.precision}, quantized from '{self.quantization['parent']['name']}'")
+        if self.static_batch is not None:
+            lines.append(f"static batch {self.static_batch} (inputs run in groups of {self.static_batch})")
         for stage, cost in zip(self.stages, self.exit_costs()):
             line = f"  {stage.file}: segment {stage.macs.segment / 1e6:.2f} M + head {stage.macs.head / 1e6:.3f} M"
             line += f", leaving here costs {cost:.3f} of full"
@@ -702,6 +720,10 @@ class Manifest:
         if num_classes < 2:
             raise _fail("num_classes", "must be >= 2")
         input_spec = InputSpec.from_dict(spec, num_classes)
+        static_batch = data.get("static_batch")
+        if static_batch is not None and not _is_batch_size(static_batch):
+            raise _fail("static_batch", f"must be a positive int or null, got {static_batch!r}")
+        _check_batch_dim("input.shape", input_spec.shape, static_batch)
         full = FullGraph.from_dict(_require(data, "full", dict, "manifest"))
         raw_stages = _require(data, "stages", list, "manifest")
         if len(raw_stages) < 2:
@@ -714,11 +736,15 @@ class Manifest:
         calibration = data.get("calibration")
         if calibration is not None and not isinstance(calibration, dict):
             raise _fail("calibration", "must be an object or null")
+        precision, quantization = _precision(data)
+        tensors = [(f"stages[{s.index}]", t.shape) for s in stages for t in (*s.inputs, *s.outputs)]
+        for where, shape in tensors:
+            _check_batch_dim(where, shape, static_batch)
         cascade = data.get("cascade")
         if cascade is not None:
             cascade = CascadeGraph.from_dict(cascade, input_spec, len(stages) - 1)
         return cls(Path(root), producer, model, num_classes, input_spec, full, tuple(stages), calibration,
-                   read_profiles(data.get("profiles"), len(stages)), cascade)
+                   read_profiles(data.get("profiles"), len(stages)), cascade, precision, quantization, static_batch)
 
     def to_dict(self) -> dict:
         return {
@@ -733,7 +759,33 @@ class Manifest:
             "calibration": self.calibration,
             "profiles": {key: profile.to_dict() for key, profile in self.profiles.items()},
             **({"cascade": self.cascade.to_dict()} if self.cascade else {}),
+            "precision": self.precision,
+            "quantization": self.quantization,
+            "static_batch": self.static_batch,
         }
+
+
+def _check_batch_dim(where: str, shape: Shape, static_batch: int | None) -> None:
+    """Every tensor's first dim is the symbolic 'batch', or the static batch of a static-batch bundle."""
+    batch = BATCH_DIM if static_batch is None else static_batch
+    if shape[0] != batch:
+        expected = f"the symbolic '{BATCH_DIM}'" if static_batch is None else f"the static batch {static_batch}"
+        raise _fail(where, f"first dim must be {expected}, got {shape[0]!r}")
+
+
+def _precision(data: dict) -> tuple[str, dict | None]:
+    """precision (fp32 default, or int8) and the quantization record an int8 bundle must carry (naming its parent)."""
+    precision = data.get("precision", FP32)
+    if precision not in PRECISIONS:
+        raise _fail("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    quantization = data.get("quantization")
+    if precision == INT8:
+        parent = _require(_require(data, "quantization", dict, "manifest"), "parent", dict, "quantization")
+        _require(parent, "name", str, "quantization.parent")
+        _require(parent, "manifest_sha256", str, "quantization.parent")
+    elif quantization is not None:
+        raise _fail("quantization", "only an int8 bundle has a quantization record")
+    return precision, quantization
 
 
 def validate(data: Any) -> Manifest:
@@ -742,11 +794,13 @@ def validate(data: Any) -> Manifest:
 
 
 def _dims_match(declared: Sequence[Any], actual: Sequence[Any]) -> bool:
-    """A declared shape matches a graph's: same rank, symbolic batch, equal fixed dims."""
+    """A declared shape matches a graph's: same rank, the same batch (symbolic, or the static int), equal other dims."""
     if len(declared) != len(actual):
         return False
     batch, *rest = actual
-    return (batch is None or isinstance(batch, str)) and list(rest) == list(declared[1:])
+    symbolic = batch is None or isinstance(batch, str)
+    same_batch = symbolic if declared[0] == BATCH_DIM else batch == declared[0]
+    return same_batch and list(rest) == list(declared[1:])
 
 
 def check_graph_io(

@@ -20,6 +20,7 @@ for _name, _providers in (
     ("tensorrt", (TENSORRT, CUDA, CPU)),
     ("jetson", (TENSORRT, CUDA, CPU)),
     ("coreml", ("CoreMLExecutionProvider", CPU)),
+    ("nnapi", ("NnapiExecutionProvider", CPU)),
     ("openvino", ("OpenVINOExecutionProvider", CPU)),
     ("directml", ("DmlExecutionProvider", CPU)),
     ("rocm", ("ROCMExecutionProvider", CPU)),

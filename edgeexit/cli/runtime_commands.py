@@ -203,11 +203,13 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="model.pt the bundle was exported from: adds a PyTorch eager baseline (needs torch).")
+@click.option("--eager-device", default="cpu", show_default=True,
+              help="torch device of the --model eager baseline: auto, cpu, cuda, cuda:N or mps.")
 @click.option("--limit", type=int, default=None, help="Use only the first N inputs.")
 @click.option("--sweep-points", type=int, default=6, show_default=True, help="Thresholds timed in the sweep.")
 @click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json and PNGs.")
 def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str, threads: int | None, batch_size: int,
-          model_path: str | None, limit: int | None, sweep_points: int, out: str) -> None:
+          model_path: str | None, eager_device: str, limit: int | None, sweep_points: int, out: str) -> None:
     """Measure full.onnx vs the cascade (and PyTorch eager) on the same inputs; write bench.json and plots.
 
     Example: edgeexit bench bundle/ --data digits --threads 1 --batch-size 1 --model model.pt --out bench/
@@ -227,7 +229,7 @@ def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str,
     if model_path is not None:
         with training_extra():
             from edgeexit.train.eager import eager_predictor
-        baselines["pytorch_eager"] = eager_predictor(model_path, threads)
+        baselines["pytorch_eager"] = eager_predictor(model_path, threads, eager_device)
     report = run_bench(runner, x, labels, batch_size, baselines, sweep_points, progress=stderr_progress)
     write_json_atomic(Path(out) / "bench.json", report)
     click.echo(format_bench(report))

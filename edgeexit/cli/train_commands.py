@@ -1,12 +1,35 @@
-"""Training-side commands (need the [train] extra, imported lazily): train, pretrain, export, cuts, demo."""
+"""Training-side commands (need the [train] extra, imported lazily): train, pretrain, export, static-batch,
+quantize (these two need onnx only), cuts, demo."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import click
 
-from edgeexit.cli.common import training_extra
+from edgeexit.cli.common import calibration_objective, labeled_data_options, training_extra
+from edgeexit.cli.runtime_commands import _load_run_data as load_run_data
 from edgeexit.runtime.datasets import DATASETS
+from edgeexit.train.config import TrainConfig  # plain dataclasses: no torch needed for --help
+
+BATCH_HELP = "Examples per step in each process; under torchrun the global batch is this times the process count."
+
+
+def hardware_options(command: Any) -> Any:
+    """--device, --precision and --workers, shared by train and pretrain."""
+    options = [
+        click.option("--device", default=TrainConfig.device, show_default=True,
+                     help="auto (cuda when available), cpu, cuda, cuda:N or mps. Under torchrun, cuda means cuda:LOCAL_RANK."),
+        click.option("--precision", default=TrainConfig.precision, show_default=True,
+                     help="32, bf16 (autocast; CPUs and recent GPUs) or 16-mixed (autocast float16 + gradient scaling; GPUs). "
+                          "Exported graphs are float32 either way."),
+        click.option("--workers", "num_workers", type=int, default=TrainConfig.num_workers, show_default=True,
+                     help="DataLoader worker processes per training process (memory is pinned on CUDA)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.command()
@@ -25,7 +48,7 @@ from edgeexit.runtime.datasets import DATASETS
 @click.option("--loss", default=None, help="Loss (default: the method's), e.g. v1, v2 or v4 (EENets' exit tags).")
 @click.option("--lambda", "lam", type=float, default=1.0, show_default=True, help="Weight of the cost term.")
 @click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help=BATCH_HELP)
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate (cosine schedule).")
 @click.option("--head-lr", type=float, default=None,
               help="Learning rate of the exit heads (default: the method's; eenet 1e-3, gentler than the backbone's; others: --lr).")
@@ -38,6 +61,11 @@ from edgeexit.runtime.datasets import DATASETS
               help="Pre-trained backbone weights (a state_dict file, or a checkpoint with 'state_dict'/'model'); never downloaded.")
 @click.option("--branch-channels", type=int, default=None, help="Branch exits: conv channels (default: the cut's).")
 @click.option("--branch-depth", type=int, default=None, help="Branch exits: conv-BN-ReLU blocks (default 2).")
+@hardware_options
+@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False),
+              help="Write DIR/checkpoint.pt (atomically) after every epoch: weights, optimizer, scheduler, RNG states.")
+@click.option("--resume", is_flag=True,
+              help="Continue from --checkpoint-dir's checkpoint (same settings required); starts fresh when there is none yet.")
 def train(**opts: Any) -> None:
     """Train an exit-augmented model and write model.pt.
 
@@ -45,15 +73,18 @@ def train(**opts: Any) -> None:
     Example: edgeexit train --data digits --backbone resnet20 --num-exits 2 --epochs 10 --out model.pt
     PTEENet (branches on a frozen pre-trained backbone, see `edgeexit pretrain`):
       edgeexit train --method pteenet --backbone torchvision:resnet18 --weights backbone.pt --data digits
+    Several GPUs or machines (DistributedDataParallel; only rank 0 writes model.pt):
+      torchrun --nproc_per_node 4 -m edgeexit train --device cuda --batch-size 64 ...
     """
     with training_extra():
         from edgeexit import workflows
     summary = workflows.train(**opts, progress=True)
-    click.echo(
-        f"wrote {opts['out']}: cuts {', '.join(summary['cuts'])}; kept epoch {summary['best_epoch'] + 1} (lowest val loss): "
-        f"val accuracy {summary['val_accuracy']:.4f}, "
-        f"early-exit rate {summary['val_exit_rate']:.2f}"
-    )
+    if summary["rank"] == 0:
+        click.echo(
+            f"wrote {opts['out']}: cuts {', '.join(summary['cuts'])}; kept epoch {summary['best_epoch'] + 1} (lowest val loss): "
+            f"val accuracy {summary['val_accuracy']:.4f}, "
+            f"early-exit rate {summary['val_exit_rate']:.2f}"
+        )
 
 
 
@@ -64,10 +95,11 @@ def train(**opts: Any) -> None:
 @click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
 @click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
 @click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help=BATCH_HELP)
 @click.option("--lr", type=float, default=0.05, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", default="backbone.pt", show_default=True, type=click.Path(dir_okay=False), help="Output state_dict.")
+@hardware_options
 def pretrain(**opts: Any) -> None:
     """Train a plain backbone (no exits) and write its state_dict, the input of `train --weights`.
 
@@ -76,7 +108,8 @@ def pretrain(**opts: Any) -> None:
     with training_extra():
         from edgeexit.train.pretrained import pretrain_backbone
     summary = pretrain_backbone(**opts, progress=True)
-    click.echo(f"wrote {opts['out']}: val accuracy {summary['val_accuracy']:.4f}, test accuracy {summary['test_accuracy']:.4f}")
+    if summary["rank"] == 0:
+        click.echo(f"wrote {opts['out']}: val accuracy {summary['val_accuracy']:.4f}, test accuracy {summary['test_accuracy']:.4f}")
 
 
 
@@ -85,14 +118,23 @@ def pretrain(**opts: Any) -> None:
 @click.argument("out", type=click.Path())
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--no-verify", is_flag=True, help="Skip the PyTorch parity checks (not recommended).")
-def export_cmd(model: str, out: str, opset: int, no_verify: bool) -> None:
+@click.option("--static-batch", type=int, default=None,
+              help="Fix every graph's batch dim to N (NNAPI/CoreML need fixed shapes); same as `edgeexit static-batch`.")
+def export_cmd(model: str, out: str, opset: int, no_verify: bool, static_batch: int | None) -> None:
     """Export model.pt to a bundle of per-stage ONNX graphs plus manifest.json.
 
-    Example: edgeexit export model.pt bundle/
+    Example: edgeexit export model.pt bundle/   (for a phone NPU: --static-batch 1)
     """
     with training_extra():
         from edgeexit.export import export_bundle
-    manifest = export_bundle(model, out, opset=opset, verify=not no_verify, progress=lambda m: click.echo(m, err=True))
+        from edgeexit.static_batch import static_batch_bundle
+    if static_batch is None:
+        manifest = export_bundle(model, out, opset=opset, verify=not no_verify, progress=echo_err)
+    else:
+        Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.symbolic-", dir=Path(out).resolve().parent) as tmp:
+            manifest = export_bundle(model, Path(tmp) / "bundle", opset=opset, verify=not no_verify, progress=echo_err)
+            static_batch_bundle(Path(tmp) / "bundle", out, static_batch, echo_err)
     worst = None
     if manifest["verification"]:
         worst = max(v for kind in manifest["verification"].values() for v in kind.values())
@@ -149,4 +191,57 @@ def demo(out: str, epochs: int) -> None:
 
 
 
-COMMANDS = [train, pretrain, export_cmd, cuts, demo]
+def echo_err(message: str) -> None:
+    """Progress lines on stderr."""
+    click.echo(message, err=True)
+
+
+@click.command("static-batch")
+@click.argument("bundle", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--batch", type=int, default=1, show_default=True, help="The fixed batch size.")
+def static_batch_cmd(bundle: str, out: str, batch: int) -> None:
+    """Write a copy of a bundle whose graphs have a fixed batch dim (for NNAPI / CoreML), checked against the original.
+
+    The runtime feeds such a bundle N inputs at a time (the last group zero-padded). Needs the
+    onnx package (the [train] extra), not torch.
+
+    Example: edgeexit static-batch bundle/ bundle-b1/ --batch 1 && edgeexit run bundle-b1/ --device nnapi
+    """
+    with training_extra():
+        from edgeexit.static_batch import static_batch_bundle
+    manifest = static_batch_bundle(bundle, out, batch, echo_err)
+    click.echo(f"wrote {out}: {len(manifest.stages)} stages + full.onnx with batch fixed to {batch}")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@labeled_data_options
+@click.option("--split", default="val", show_default=True, help="Split whose inputs calibrate activation ranges and thresholds.")
+@click.option("--target-drop", type=float, default=None, help="Thresholds: lowest MACs within this accuracy drop (points).")
+@click.option("--budget", type=float, default=None,
+              help="Thresholds: best accuracy within this MACs fraction (default: what the fp32 bundle spends on the data).")
+def quantize(bundle: str, out: str, data: str, data_dir: str | None, split: str, target_drop: float | None,
+             budget: float | None) -> None:
+    """Write an int8 copy of a bundle (static QDQ quantization, per-channel weights) with re-calibrated thresholds.
+
+    Stage k is calibrated on the features stage k-1 of the fp32 bundle gives for the data.
+    Needs the onnx package (the [train] extra), not torch.
+
+    Example: edgeexit quantize bundle/ bundle-int8/ --data digits --split val
+    """
+    from edgeexit.runtime.calibrate import describe, stderr_progress
+    from edgeexit.runtime.cascade import CascadeRunner
+
+    objective = calibration_objective(target_drop, budget, required=False)
+    with training_extra():
+        from edgeexit.quantize import quantize_bundle
+    runner = CascadeRunner(bundle)
+    x, labels = load_run_data(runner, data, None, split, data_dir)
+    manifest = quantize_bundle(bundle, out, x, labels, objective, {"name": data, "split": split}, stderr_progress)
+    chosen = manifest.calibration["chosen"]
+    click.echo(f"wrote {out}: int8 ({len(manifest.stages)} stages + full.onnx); operating point on {data}/{split}: {describe(chosen)}")
+
+
+COMMANDS = [train, pretrain, export_cmd, static_batch_cmd, quantize, cuts, demo]

@@ -57,4 +57,8 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_loss: str | None = None
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per training process
+    device: str = "auto"  # auto|cpu|cuda|cuda:N|mps (edgeexit.train.hardware)
+    precision: str = "32"  # 32|bf16|16-mixed
+    checkpoint_dir: str | None = None  # a checkpoint after every epoch goes here
+    resume: bool = False  # continue from checkpoint_dir's checkpoint when there is one

@@ -7,15 +7,21 @@ from typing import Callable
 import numpy as np
 import torch
 
+from edgeexit.train.hardware import resolve_device
 from edgeexit.train.models import load_model
 
 
-def eager_predictor(model_path: str | os.PathLike, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """The same computation as full.onnx (backbone, eval mode, no grad) run by PyTorch eager.
+def eager_predictor(
+    model_path: str | os.PathLike, threads: int | None = None, device: str = "cpu"
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The same computation as full.onnx (backbone, eval mode, no grad) run by PyTorch eager on `device`.
 
     torch's thread count is process-global, so it is set for each call and restored after.
+    On a GPU each call includes the copies in and out (the result is back on the host, so
+    the timing covers the finished computation).
     """
-    backbone = load_model(model_path).backbone.eval()
+    target = resolve_device(device)
+    backbone = load_model(model_path).backbone.eval().to(target)
     wanted = threads or torch.get_num_threads()
 
     def predict(x: np.ndarray) -> np.ndarray:
@@ -23,7 +29,7 @@ def eager_predictor(model_path: str | os.PathLike, threads: int | None = None) -
         torch.set_num_threads(wanted)
         try:
             with torch.inference_mode():
-                return backbone(torch.from_numpy(x)).numpy()
+                return backbone(torch.from_numpy(x).to(target)).cpu().numpy()
         finally:
             torch.set_num_threads(previous)
 

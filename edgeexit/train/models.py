@@ -6,6 +6,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,10 +92,31 @@ def checkpoint_dict(model: EarlyExitModel, extra: dict | None = None) -> dict:
     }
 
 
+def atomic_save(data: Any, path: str | os.PathLike) -> None:
+    """torch.save through a temporary file and a rename: readers see the old file or the new one, never half of one."""
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
 def save_model(model: EarlyExitModel, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write model.pt atomically (temporary file, then rename)."""
-    checkpoint = checkpoint_dict(model, extra)
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    """Write model.pt atomically."""
+    atomic_save(checkpoint_dict(model, extra), path)
+
+
+def safe_load(path: Path, what: str) -> Any:
+    """torch.load with the weights-only unpickler (tensors and plain data, no code); InputError naming `what` otherwise."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler met code, a custom object or junk
+        blocked = [line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        detail = blocked[0].strip() if blocked else "objects outside tensors and plain data"
+        raise InputError(
+            f"refusing to load {path}: the safe weights-only loader rejected it ({detail[:200]}); "
+            f"it must be {what} (tensors and plain data, no code)"
+        ) from None
+    except Exception as exc:  # corrupt zips, truncated files and the like come in many types
+        raise InputError(f"refusing to load {path}: not {what} ({first_line(exc)})") from None
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -102,19 +124,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"model file not found: {path}")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
-            warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # the weights-only unpickler met code, a custom object or junk
-        blocked = [line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        detail = blocked[0].strip() if blocked else "objects outside tensors and plain data"
-        raise InputError(
-            f"refusing to load {path}: the safe weights-only loader rejected it ({detail[:200]}); "
-            "model.pt must be a plain checkpoint (tensors and plain data, no code) written by `edgeexit train`"
-        ) from None
-    except Exception as exc:  # corrupt zips, truncated files and the like come in many types
-        raise InputError(f"refusing to load {path}: not a plain edgeexit checkpoint ({first_line(exc)})") from None
+    data = safe_load(path, "a plain model.pt written by `edgeexit train`")
     if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
         raise InputError(f"{path} is not an edgeexit model.pt (missing format '{MODEL_FORMAT}')")
     if data.get("version") != MODEL_VERSION:

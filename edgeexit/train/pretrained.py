@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 from edgeexit.train.backbones import build_backbone, first_conv_name
 from edgeexit.train.data import load_data
 from edgeexit.errors import ConfigError, InputError, first_line
-from edgeexit.runtime.manifest import atomic_write
+from edgeexit.train.config import TrainConfig
+from edgeexit.train.hardware import training_env
+from edgeexit.train.models import atomic_save
 
 CHECKPOINT_KEYS = ("state_dict", "model")
 SHOWN = 3  # keys named per problem in an error line
@@ -78,18 +80,18 @@ def load_backbone_weights(net: nn.Module, path: str | os.PathLike, name: str = "
 
 
 def save_state_dict(net: nn.Module, path: str | os.PathLike) -> None:
-    """Write the plain state_dict atomically (temporary file, then rename)."""
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write the plain state_dict atomically."""
+    atomic_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)
 
 
 @torch.no_grad()
 def accuracy(net: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of a plain classifier in eval mode."""
+    """Top-1 accuracy of a plain classifier in eval mode, on the device its weights are on."""
     net.eval()
+    device = next(net.parameters()).device
     correct = total = 0
     for x, y in DataLoader(dataset, batch_size=batch_size):
-        correct += int((net(x).argmax(1) == y).sum())
+        correct += int((net(x.to(device)).argmax(1).cpu() == y).sum())
         total += len(y)
     return correct / max(total, 1)
 
@@ -106,26 +108,39 @@ def pretrain_backbone(
     lr: float = 0.05,
     seed: int = 0,
     progress: bool = True,
+    device: str = TrainConfig.device,
+    precision: str = TrainConfig.precision,
+    num_workers: int = TrainConfig.num_workers,
 ) -> dict[str, Any]:
-    """Train the plain backbone (cross-entropy, SGD + one-cycle) and write its state_dict to `out`."""
-    from edgeexit.train.trainer import seed_everything
+    """Train the plain backbone (cross-entropy, SGD + one-cycle) and write its state_dict to `out`.
+
+    Device, precision and torchrun launches work as in `edgeexit train`; rank 0 writes `out`.
+    """
+    from edgeexit.train.trainer import optimizer_step, seed_everything
 
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
-    seed_everything(seed)
-    splits = load_data(data, data_dir=data_dir, download=download, input_size=input_size)
-    info = splits.info
-    net = build_backbone(backbone, info.num_classes, info.input_shape[0])
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    loader = DataLoader(splits.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
-    for _ in tqdm(range(epochs), desc="pretrain", unit="epoch", disable=not progress):
-        net.train()
-        for x, y in loader:
-            loss = F.cross_entropy(net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    save_state_dict(net, out)
-    return {"val_accuracy": accuracy(net, splits.val), "test_accuracy": accuracy(net, splits.test), "input_shape": info.input_shape}
+    if num_workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {num_workers}")
+    with training_env(device, precision) as env:
+        seed_everything(seed)
+        splits = load_data(data, data_dir=data_dir, download=download, input_size=input_size)
+        info = splits.info
+        net = build_backbone(backbone, info.num_classes, info.input_shape[0]).to(env.device)
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+        loader = env.train_loader(splits.train, batch_size, seed, num_workers)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
+        scaler = env.grad_scaler()
+        wrapped = env.wrap(net)
+        for epoch in tqdm(range(epochs), desc="pretrain", unit="epoch", disable=not (progress and env.is_main)):
+            env.begin_epoch(loader, epoch)
+            wrapped.train()
+            for x, y in loader:
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                with env.autocast():
+                    loss = F.cross_entropy(wrapped(x), y)
+                optimizer_step(loss, optimizer, scaler, scheduler)
+        if env.is_main:
+            save_state_dict(net, out)
+        summary = {"val_accuracy": accuracy(net, splits.val), "test_accuracy": accuracy(net, splits.test)}
+    return {**summary, "input_shape": info.input_shape, "rank": env.rank}

@@ -13,9 +13,11 @@ from tqdm.auto import tqdm
 
 from edgeexit.errors import ConfigError
 from edgeexit.runtime.simulate import CascadeSimulator
+from edgeexit.train.checkpoints import Checkpoint, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint
 from edgeexit.train.config import ModelConfig, TrainConfig
 from edgeexit.train.cuts import CutGraph
 from edgeexit.train.data import DataSplits
+from edgeexit.train.hardware import TrainEnv, get_precision
 from edgeexit.train.losses import TAGGED_LOSSES, exit_tags, get_loss
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import EarlyExitModel
@@ -78,14 +80,19 @@ def choose_cuts(
 
 
 @torch.no_grad()
-def dataset_outputs(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256):
-    """Every exit's outputs, the final logits and the labels over `dataset`, in eval mode and in order."""
+def dataset_outputs(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256, device: torch.device | None = None):
+    """Every exit's outputs, the final logits and the labels over `dataset`, in eval mode and in order.
+
+    Runs in float32, as the exported graphs do, on `device` (default: where the model is);
+    the outputs come back on the CPU.
+    """
     model.eval()
+    device = device or next(model.parameters()).device
     batches, finals, labels = [], [], []
     for x, y in DataLoader(dataset, batch_size=batch_size):
-        exit_outputs, final = model(x)
-        batches.append(exit_outputs)
-        finals.append(final)
+        exit_outputs, final = model(x.to(device))
+        batches.append([tuple(t.float().cpu() for t in outputs) for outputs in exit_outputs])
+        finals.append(final.float().cpu())
         labels.append(y)
     outputs = [tuple(torch.cat([b[k][i] for b in batches]) for i in range(len(batches[0][k]))) for k in range(len(model.exits))]
     return outputs, torch.cat(finals), torch.cat(labels)
@@ -101,14 +108,15 @@ def apply_loss(name: str, exit_outputs, final, labels, costs: Sequence[float], l
 
 
 @torch.no_grad()
-def validate(model: EarlyExitModel, dataset: Dataset, loss_name: str, costs: Sequence[float], lam: float):
+def validate(model: EarlyExitModel, dataset: Dataset, loss_name: str, costs: Sequence[float], lam: float,
+             device: torch.device | None = None):
     """(loss, accuracy, early-exit rate) on `dataset`: the named loss, and the model's exit policy (model.config.policy).
 
     The exit decisions are the runtime's own numpy policies replayed on the PyTorch outputs
     (the calibration simulator), so any policy works and training-time numbers cannot
     disagree with `edgeexit run` about what a policy does.
     """
-    outputs, final, labels = dataset_outputs(model, dataset)
+    outputs, final, labels = dataset_outputs(model, dataset, device=device)
     loss = float(apply_loss(loss_name, outputs, final, labels, costs, lam))
     policy = model.config.policy.build()
     arrays = [{role: t.numpy() for role, t in zip(head.outputs, out)} for head, out in zip(model.exits, outputs)]
@@ -128,45 +136,98 @@ def param_groups(model: EarlyExitModel, config: TrainConfig) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+def sharded_validate(model: EarlyExitModel, dataset: Dataset, loss_name: str, costs: Sequence[float], lam: float,
+                     env: TrainEnv) -> list[float]:
+    """`validate` on this rank's share of `dataset`, averaged over all ranks (the same numbers on every rank)."""
+    shard = env.shard(dataset)
+    values = validate(model, shard, loss_name, costs, lam, device=env.device) if len(shard) else (0.0, 0.0, 0.0)
+    return env.weighted_mean(values, len(shard))
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Backward pass (loss scaled when the scaler is enabled), optimizer and scheduler steps."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
+# TrainConfig fields a resumed run may change: they do not alter what is computed
+RESUME_FREE = ("device", "num_workers", "checkpoint_dir", "resume", "data_dir", "download")
+
+
+def resume_settings(config: TrainConfig, env: TrainEnv) -> dict:
+    """The settings a checkpoint must have been written with for this run to continue it exactly."""
+    settings = {k: v for k, v in vars(config).items() if k not in RESUME_FREE}
+    return {**settings, "world_size": env.world_size}
+
+
 def train_model(
-    model: EarlyExitModel, data: DataSplits, config: TrainConfig, progress: bool = True
+    model: EarlyExitModel, data: DataSplits, config: TrainConfig, progress: bool = True, env: TrainEnv | None = None
 ) -> History:
     """Train the exits (and the backbone unless frozen) jointly with the configured loss.
 
     After each epoch the validation loss is measured; the weights of the main-loss epoch with
     the lowest one are restored at the end (History.best_epoch). Losses in TAGGED_LOSSES get
     per-example exit tags, recomputed at the start of each epoch from the model's outputs.
+    `env` says where (device, precision, rank among torchrun's processes; default: one
+    float32 CPU process). With config.checkpoint_dir every epoch ends in a checkpoint (the
+    best-so-far weights in its `best` slot), and config.resume continues from the one there.
+    The model ends in eval mode on the CPU.
     """
+    env = env or TrainEnv(torch.device("cpu"), get_precision("32"))
     seed_everything(config.seed)
     get_loss(config.loss)  # unknown names fail before any training
     warmup_epochs = config.warmup_epochs if config.warmup_loss else 0
     costs = model.exit_costs()
+    model.to(env.device)
     optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(Indexed(data.train), batch_size=config.batch_size, shuffle=True, generator=generator,
-                        num_workers=config.num_workers)
+    loader = env.train_loader(Indexed(data.train), config.batch_size, config.seed, config.num_workers)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * len(loader)))
+    scaler = env.grad_scaler()
     history = History()
     best_loss, best_state = float("inf"), None
-    bar = tqdm(range(config.epochs), desc="train", unit="epoch", disable=not progress)
+    run = resume_settings(config, env)
+    resumed = None
+    if config.checkpoint_dir and config.resume:
+        resumed = load_checkpoint(config.checkpoint_dir, model.config.to_dict(), run)
+    if resumed is not None:
+        model.load_state_dict(resumed.model)
+        optimizer.load_state_dict(resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+        scaler.load_state_dict(resumed.scaler)
+        history = History(**resumed.history)
+        restore_rng(resumed.rng, env.device, loader.generator)
+        if resumed.best:
+            best_loss, best_state = resumed.best["loss"], resumed.best["model"]
+    start = resumed.epoch if resumed is not None else 0
+    net = env.wrap(model, frozen=("backbone",) if model.config.frozen_backbone else ())
+    show = progress and env.is_main
+    if show and resumed is not None:
+        tqdm.write(f"resuming from {checkpoint_path(config.checkpoint_dir)} after epoch {start}")
+    bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="train", unit="epoch", disable=not show)
     for epoch in bar:
         warming = epoch < warmup_epochs
         loss_name = config.warmup_loss if warming else config.loss
         tags = None
         if loss_name in TAGGED_LOSSES:
-            tags = exit_tags(*dataset_outputs(model, data.train), costs, config.lam)
-        model.train()
-        total, count = 0.0, 0
+            tags = exit_tags(*dataset_outputs(model, data.train, device=env.device), costs, config.lam)
+        env.begin_epoch(loader, epoch)
+        net.train()
+        total, count = torch.zeros((), device=env.device), 0
         for x, y, index in loader:
-            exit_outputs, final = model(x)
-            loss = apply_loss(loss_name, exit_outputs, final, y, costs, config.lam, None if tags is None else tags[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(y)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            batch_tags = None if tags is None else tags[index].to(env.device)
+            with env.autocast():
+                exit_outputs, final = net(x)
+                loss = apply_loss(loss_name, exit_outputs, final, y, costs, config.lam, batch_tags)
+            optimizer_step(loss, optimizer, scaler, scheduler)
+            total += loss.detach().float() * len(y)
             count += len(y)
-        val_loss, accuracy, exit_rate = validate(model, data.val, loss_name, costs, config.lam)
+        total, count = env.sum([float(total), count])
+        val_loss, accuracy, exit_rate = sharded_validate(model, data.val, loss_name, costs, config.lam, env)
         history.loss.append(total / max(count, 1))
         history.val_loss.append(val_loss)
         history.val_accuracy.append(accuracy)
@@ -175,11 +236,18 @@ def train_model(
             best_loss, best_state, history.best_epoch = val_loss, copy.deepcopy(model.state_dict()), epoch
         bar.set_postfix(loss=f"{history.loss[-1]:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{accuracy:.3f}",
                         early=f"{exit_rate:.2f}")
+        if config.checkpoint_dir and env.is_main:
+            best = {} if best_state is None else {"loss": best_loss, "model": best_state}
+            save_checkpoint(config.checkpoint_dir, Checkpoint(
+                model_config=model.config.to_dict(), run=run, epoch=epoch + 1, model=model.state_dict(),
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                rng=capture_rng(env.device, loader.generator), history=vars(history), best=best,
+            ))
     if best_state is not None:
         model.load_state_dict(best_state)
     else:  # warm-up only: the last epoch
         history.best_epoch = config.epochs - 1
-    model.eval()
+    model.eval().cpu()
     return history
 
 

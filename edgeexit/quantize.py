@@ -1,0 +1,137 @@
+"""fp32 bundle -> int8 bundle: onnxruntime static quantization (QDQ, per-channel weights) of every graph.
+
+Calibration follows the chain: stage 0 and full.onnx see the calibration inputs, stage k
+sees the features stage k-1 of the fp32 bundle produces for them, so each stage's
+activation ranges are those it meets in the cascade. The exit thresholds are then chosen
+again on the quantized bundle with the runtime's own calibration (runtime/calibrate.py),
+by default for the relative MACs the fp32 bundle spends at its thresholds on the same
+data, so fp32 and int8 compare at equal cost. Needs the `onnx` package (onnxruntime's
+quantizer imports it) but not torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Iterator
+
+import numpy as np
+
+from edgeexit.runtime.calibrate import Objective, apply_calibration, calibrate
+from edgeexit.runtime.cascade import CascadeRunner, check_batch
+from edgeexit.errors import ConfigError, MissingExtraError
+from edgeexit.runtime.manifest import (
+    FP32,
+    INT8,
+    MANIFEST_NAME,
+    Manifest,
+    load_manifest,
+    save_manifest,
+    sha256_file,
+)
+from edgeexit.staging import staged_bundle
+
+CALIBRATION_BATCH = 64
+SETTINGS = {"format": "QDQ", "activations": "uint8", "weights": "int8", "per_channel": True, "ranges": "minmax"}
+
+
+def _quantization_module() -> ModuleType:
+    """onnxruntime.quantization, or MissingExtraError: it imports the onnx package."""
+    try:
+        return importlib.import_module("onnxruntime.quantization")
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise MissingExtraError(
+            f"quantize needs onnxruntime's quantizer, which needs the onnx package ({missing} is not installed): "
+            f"pip install \"edgeexit[train]\" (or just onnx)"
+        ) from None
+
+
+def chain_inputs(runner: CascadeRunner, x: np.ndarray) -> list[np.ndarray]:
+    """What each stage receives in the fp32 chain for inputs x: x itself, then each early stage's features."""
+    inputs = [x]
+    for index in range(len(runner.sessions) - 1):
+        inputs.append(np.concatenate([runner.run_stage(index, inputs[-1][i : i + runner.chunk_size])[0]
+                                      for i in range(0, len(x), runner.chunk_size)]))
+    return inputs
+
+
+def _batches(name: str, data: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+    for start in range(0, len(data), CALIBRATION_BATCH):
+        yield {name: data[start : start + CALIBRATION_BATCH]}
+
+
+def quantize_graph(source: Path, target: Path, input_name: str, data: np.ndarray) -> None:
+    """Static QDQ quantization of one graph (uint8 activations, per-channel int8 weights), ranges from `data`."""
+    quantization = _quantization_module()
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = _batches(input_name, data)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    quantization.quantize_static(
+        str(source), str(target), Reader(),
+        quant_format=quantization.QuantFormat.QDQ,
+        per_channel=SETTINGS["per_channel"],
+        activation_type=quantization.QuantType.QUInt8,
+        weight_type=quantization.QuantType.QInt8,
+        calibrate_method=quantization.CalibrationMethod.MinMax,
+    )
+
+
+def _parent_record(manifest: Manifest) -> dict:
+    """How the int8 manifest names its fp32 parent: folder name and the sha256 of its manifest.json."""
+    return {"name": manifest.root.resolve().name, "precision": FP32,
+            "manifest_sha256": sha256_file(manifest.root / MANIFEST_NAME)}
+
+
+def quantize_bundle(
+    bundle: str | os.PathLike,
+    out: str | os.PathLike,
+    x: np.ndarray,
+    labels: np.ndarray,
+    objective: Objective | None = None,
+    data: dict | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Manifest:
+    """Write an int8 copy of an fp32 bundle to `out` (atomically) with thresholds re-calibrated; returns its manifest.
+
+    x (float32, normalized, shaped like the bundle's input) calibrates the activation ranges
+    and, with labels, the thresholds; objective defaults to the fp32 bundle's relative MACs on x.
+    """
+    parent = load_manifest(bundle)
+    if parent.precision != FP32:
+        raise ConfigError(f"{bundle} is already an {parent.precision} bundle (quantized from "
+                          f"'{parent.quantization['parent']['name']}'); quantize its fp32 parent instead")
+    x = check_batch(x, parent.input_shape)
+    if len(x) != len(labels):
+        raise ConfigError(f"calibration data has {len(x)} inputs but {len(labels)} labels")
+    _quantization_module()
+    fp32 = CascadeRunner(parent)
+    if objective is None:
+        objective = ("budget", fp32.relative_macs(fp32.predict(x)))
+    progress(f"running the fp32 chain over {len(x)} calibration inputs")
+    inputs = chain_inputs(fp32, x)
+    with staged_bundle(out, progress) as staged:
+        manifest = parent.to_dict()
+        manifest.pop("cascade", None)  # cascade.onnx is not carried over yet: the derived bundle runs as the stage chain
+        graphs = [*zip(manifest["stages"], inputs), (manifest["full"], x)]
+        for entry, stage_input in graphs:
+            progress(f"quantizing {entry['file']}")
+            input_name = entry["inputs"][0]["name"] if "inputs" in entry else manifest["input"]["name"]
+            quantize_graph(parent.path(entry["file"]), staged / entry["file"], input_name, stage_input)
+            entry["sha256"] = sha256_file(staged / entry["file"])
+        manifest["precision"] = INT8
+        manifest["quantization"] = {**SETTINGS, "parent": _parent_record(parent),
+                                    "data": {**(data or {}), "samples": int(len(x))}}
+        manifest["calibration"] = None
+        save_manifest(staged, manifest)
+        progress("re-calibrating the thresholds on the int8 bundle")
+        record = calibrate(CascadeRunner(staged), x, labels, objective, data, progress)
+        manifest = apply_calibration(str(staged), record)
+    return dataclasses.replace(manifest, root=Path(out).resolve())
