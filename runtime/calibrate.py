@@ -26,6 +26,12 @@ Search (direction-agnostic: it never assumes whether a policy exits above or bel
    so they are cached by that prefix and a pass over a late exit reuses the early ones.
 Every evaluated point feeds the Pareto front (accuracy vs relative MACs) stored too.
 
+Before the search, each exit's temperature (logits / T before any softmax) is fitted to the
+calibration data by minimizing the NLL (fit_temperature). With a policy choice ("auto", or
+a name other than the bundle's), the search runs once per candidate policy and the one
+whose chosen point best meets the objective wins; the manifest records policy, thresholds
+and temperatures per exit.
+
 Calibrated numbers are measured on the calibration data itself (in-sample): calibrate on
 `val`, evaluate on `test`.
 """
@@ -46,10 +52,12 @@ from edgeexit.errors import ConfigError
 from edgeexit.registry import Registry
 from edgeexit.runtime.latency import cheapest_latency, predict_latency
 from edgeexit.runtime.manifest import DeviceProfile, Manifest, load_manifest, save_manifest
-from edgeexit.runtime.policies import ExclusionPolicy, Policy
+from edgeexit.runtime.policies import SCORE_POLICIES, ExclusionPolicy, Policy, get_policy, policies_for
 from edgeexit.runtime.simulate import CascadeSimulator, Point, grid_points, pareto_front
 
 GRID_SIZE = 41
+TEMPERATURE_RANGE = (0.05, 20.0)  # searched in log space; beyond it an exit's logits are useless or one-hot
+AUTO = "auto"
 MAX_ROUNDS = 4
 EXHAUSTIVE_POINTS = 70_000  # 41**3 = 68,921: about a second or two of simulation
 Objective = tuple[str, float]  # ("target_drop", points), ("budget", fraction) or ("latency", ms)
@@ -67,7 +75,7 @@ def score_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]], size: i
         if not (np.isfinite(low) and np.isfinite(high)):
             raise ConfigError(f"policy '{policy.name}' needs a calibration grid in calibrate.GRIDS") from None
         return np.linspace(low, high, size)
-    values = np.quantile(scores, np.linspace(0.0, 1.0, size - 2))
+    values = policy.threshold_of(np.quantile(scores, np.linspace(0.0, 1.0, size - 2)))
     ends = [v for v in (low, high) if np.isfinite(v)]
     return np.unique(np.clip(np.concatenate([values, ends]), low, high))
 
@@ -298,6 +306,53 @@ def search_betas(
     }
 
 
+def temperature_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of the labels under softmax(logits / temperature), in float64."""
+    z = logits.astype(np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1))
+    return float((log_norm - z[np.arange(len(labels)), labels]).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, steps: int = 60) -> float:
+    """The temperature minimizing the NLL: golden-section search on log T over TEMPERATURE_RANGE.
+
+    The NLL is convex in 1/T, so it has one minimum along log T and the search finds it; at
+    the ends of the range the answer is that end.
+    """
+    ratio = (math.sqrt(5) - 1) / 2
+    low, high = (math.log(t) for t in TEMPERATURE_RANGE)
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = (temperature_nll(logits, labels, math.exp(v)) for v in (a, b))
+    for _ in range(steps):
+        if fa <= fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = temperature_nll(logits, labels, math.exp(a))
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = temperature_nll(logits, labels, math.exp(b))
+    return math.exp((low + high) / 2)
+
+
+def candidate_policies(runner: CascadeRunner, choice: str | None) -> list[str]:
+    """Policy names to search: the bundle's own (None), one by name, or every score policy its exits can run (auto)."""
+    own = runner.manifest.exits[0].policy.kind
+    if choice is None:
+        return [own]
+    roles = set.intersection(*(set(spec.outputs) for spec in runner.manifest.exits))
+    runnable = policies_for(roles)
+    if choice == AUTO:
+        names = [name for name in SCORE_POLICIES if name in runnable]
+        return names or [own]
+    get_policy(choice)
+    if choice not in runnable:
+        raise ConfigError(f"--policy {choice} needs exit outputs {sorted(set(get_policy(choice).roles) - roles)}; "
+                          f"this bundle's exits can run: {', '.join(runnable)}")
+    return [choice]
+
+
 def calibrate(
     runner: CascadeRunner,
     x: np.ndarray,
@@ -306,9 +361,11 @@ def calibrate(
     data: dict | None = None,
     progress: Callable[[str], None] = lambda message: None,
     latency: LatencyTarget | None = None,
+    policy: str | None = None,
     search_beta: bool = True,
 ) -> dict:
-    """Run the bundle once over (x, labels) and choose thresholds for `objective`; returns the calibration record.
+    """Run the bundle once over (x, labels), fit per-exit temperatures, and choose the policy (None: the
+    bundle's own; a name; or "auto") and thresholds for `objective`; returns the calibration record.
 
     Class-exclusion bundles get the authors' per-exit beta search instead (tolerance =
     the target drop) unless `search_beta` is False (beta given by the user): then the
@@ -321,26 +378,63 @@ def calibrate(
         if latency is None:
             raise ConfigError("a latency budget needs a device profile (--profile NAME)")
         latency.check_budget(value)
-    betas = search_beta and all(isinstance(p, ExclusionPolicy) for p in runner.policies)
+    names = candidate_policies(runner, policy)
+    betas = search_beta and names == [ExclusionPolicy.name] and all(isinstance(p, ExclusionPolicy) for p in runner.policies)
     if betas and kind != "target_drop":
         raise ConfigError("class-exclusion bundles calibrate beta for an accuracy tolerance: use --target-drop "
                           "(or fix beta with --beta to search the thresholds for a budget)")
     started = time.perf_counter()
     progress(f"running {len(runner.sessions)} stages over {len(x)} calibration inputs")
     exit_outputs, final_logits = runner.stage_outputs(x)
+    temperatures = [fit_temperature(o["logits"], labels) if "logits" in o else 1.0 for o in exit_outputs]
+    progress(f"exit temperatures (NLL fit): {', '.join(f'{t:.3g}' for t in temperatures)}")
     costs = runner.manifest.exit_costs()
     if betas:
-        record = search_betas(runner.policies, exit_outputs, final_logits, labels, costs, value, progress)
+        best = ExclusionPolicy.name
+        records = {best: search_betas(runner.policies, exit_outputs, final_logits, labels, costs, value, progress)}
     else:
-        record = choose_thresholds(runner.policies, exit_outputs, final_logits, labels, costs, objective, progress, latency)
+        key = objective_key(objective, float((final_logits.argmax(axis=1) == labels).mean()))
+        records = {}
+        for name in names:
+            policies = [dataclasses.replace(p, temperature=t) if p.name == name else get_policy(name)(
+                get_policy(name).default_threshold, {}, t) for p, t in zip(runner.policies, temperatures)]
+            progress(f"policy {name}:")
+            records[name] = choose_thresholds(policies, exit_outputs, final_logits, labels, costs, objective, progress, latency)
+        best = min(records, key=lambda name: key(point_of(records[name]["chosen"])))
+        if len(records) > 1:
+            progress(f"chose policy {best}")
+    record = records[best]
     record["search"]["seconds"] = round(time.perf_counter() - started, 3)
-    return {"data": {**(data or {}), "samples": int(len(x))}, **record}
+    return {"data": {**(data or {}), "samples": int(len(x))}, "policy": best, "temperatures": temperatures,
+            "candidates": {name: r["chosen"] for name, r in records.items()}, **record}
+
+
+def point_of(chosen: dict) -> Point:
+    """A Point back from its as_dict() form."""
+    return Point(tuple(chosen["thresholds"]), chosen["accuracy"], chosen["relative_macs"], tuple(chosen["exit_counts"]))
 
 
 def apply_calibration(bundle: str, record: dict) -> Manifest:
-    """Write the chosen thresholds (and per-exit betas, if calibrated) into each exit's policy plus the record, atomically."""
-    manifest = load_manifest(bundle, check_hashes=False).with_thresholds(record["chosen"]["thresholds"])
+    """Write the chosen policy, thresholds, temperatures (and per-exit betas, if calibrated) into each exit plus the
+    record, atomically; returns the manifest.
+
+    An exit whose policy kind changes gets the new kind with no arguments. The single-graph engine
+    (cascade.onnx) is kept only when the policies stay and no softmax policy needs a temperature.
+    """
+    manifest = load_manifest(bundle, check_hashes=False)
+    stages = []
+    for stage, kind, threshold, temperature in zip(manifest.stages, record["policies"], record["chosen"]["thresholds"],
+                                                   record["temperatures"]):
+        policy = stage.exit.policy
+        policy = dataclasses.replace(policy, threshold=float(threshold), **({} if policy.kind == kind else {"kind": kind, "args": {}}))
+        stages.append(dataclasses.replace(stage, exit=dataclasses.replace(stage.exit, policy=policy, temperature=float(temperature))))
+    manifest = dataclasses.replace(manifest, stages=(*stages, manifest.stages[-1]), calibration=record)
     if "betas" in record["chosen"]:
-        manifest = manifest.with_policy_args([{"beta": float(b)} for b in record["chosen"]["betas"]])
-    manifest = with_graph_defaults(manifest, "thresholds", [float(t) for t in record["chosen"]["thresholds"]])
-    return save_manifest(bundle, dataclasses.replace(manifest, calibration=record))
+        manifest = with_graph_defaults(manifest.with_policy_args([{"beta": float(b)} for b in record["chosen"]["betas"]]),
+                                       "beta", [float(b) for b in record["chosen"]["betas"]])
+    softmax_scored = any(kind in ("max_softmax", "entropy") for kind in record["policies"])
+    if record["policies"] == [p.kind for p in load_manifest(bundle, check_hashes=False).policies] and not (
+            softmax_scored and any(t != 1.0 for t in record["temperatures"])):
+        return save_manifest(bundle, with_graph_defaults(manifest, "thresholds", [float(t) for t in record["chosen"]["thresholds"]]))
+    # cascade.onnx has the old policies and no temperatures compiled in: drop it, the stage chain runs the new ones
+    return save_manifest(bundle, dataclasses.replace(manifest, cascade=None))

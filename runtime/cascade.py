@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeexit.errors import BundleError, ConfigError, InputError, first_line
-from edgeexit.runtime.manifest import FULL_NAME, Manifest, TensorSpec, check_graph_io, load_manifest
-from edgeexit.runtime.policies import Policy, per_exit_args
+from edgeexit.runtime.manifest import FULL_NAME, Manifest, StageSpec, TensorSpec, check_graph_io, load_manifest
+from edgeexit.runtime.policies import Policy, get_policy, per_exit_args, policies_for
 from edgeexit.runtime.providers import resolve_providers
 
 DEFAULT_CHUNK = 256
@@ -64,6 +64,27 @@ def check_batch(x: object, input_shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def make_policy(stage: StageSpec, num_classes: int, kind: str | None = None, policy_args: dict | None = None) -> Policy:
+    """One early stage's policy: the manifest's, or `kind` instead (its default threshold unless it is the manifest's kind).
+
+    The exit's temperature comes from the manifest either way. A `kind` whose outputs the exit
+    lacks is a ConfigError (the user asked for it); a manifest policy that lacks them is a BundleError.
+    """
+    spec = stage.exit.policy
+    own = kind is None or kind == spec.kind
+    cls = get_policy(spec.kind if own else kind)
+    missing = set(cls.roles) - set(stage.exit.outputs)
+    if missing:
+        if kind is None:
+            raise BundleError(f"policy '{cls.name}' needs exit outputs {sorted(missing)} the bundle lacks")
+        raise ConfigError(f"--policy {cls.name} needs exit outputs {sorted(missing)}; this bundle's exits output "
+                          f"{', '.join(stage.exit.outputs)} (policies it can run: {', '.join(policies_for(stage.exit.outputs))})")
+    policy = cls(spec.threshold if own else cls.default_threshold, {**(spec.args if own else {}), **(policy_args or {})},
+                 stage.exit.temperature)
+    policy.check_outputs(stage, num_classes)
+    return policy
+
+
 class Runner:
     """What every engine shares: the manifest, providers, exit policies and thresholds, full.onnx."""
 
@@ -77,6 +98,7 @@ class Runner:
         thresholds: float | Sequence[float] | None = None,
         policy_args: dict | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        policy: str | None = None,
     ) -> None:
         self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle)
         self.device = device
@@ -85,14 +107,9 @@ class Runner:
         self.providers = resolve_providers(device, cache_dir=self.manifest.root / "cache")
         self._options = session_options(threads)
         self._full: ort.InferenceSession | None = None
-        self.policies: list[Policy] = []
-        for index, stage in enumerate(self.manifest.stages[:-1]):
-            policy = stage.exit.policy.build(per_exit_args(policy_args or {}, index, len(self.manifest.stages) - 1))
-            missing = set(policy.roles) - set(stage.exit.outputs)
-            if missing:
-                raise BundleError(f"policy '{policy.name}' needs exit outputs {sorted(missing)} the bundle lacks")
-            policy.check_outputs(stage, self.manifest.num_classes)
-            self.policies.append(policy)
+        num_exits = len(self.manifest.stages) - 1
+        self.policies = [make_policy(stage, self.manifest.num_classes, policy, per_exit_args(policy_args or {}, index, num_exits))
+                         for index, stage in enumerate(self.manifest.stages[:-1])]
         if thresholds is not None:
             self.set_thresholds(thresholds)
 

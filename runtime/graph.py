@@ -80,6 +80,10 @@ def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", devi
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine '{engine}'; choose from: {', '.join(ENGINES)}")
     manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle)
+    if options.get("policy") is not None:  # cascade.onnx has the manifest's policies compiled in
+        if engine == "graph":
+            raise ConfigError("--policy needs the stage-chain engine (--engine chain or auto): cascade.onnx runs the manifest's policies")
+        engine = "chain"
     if engine == "chain" or (engine == "auto" and manifest.cascade is None):
         return CascadeRunner(manifest, device, **options)
     return GraphRunner(manifest, device, **options)

@@ -282,11 +282,16 @@ class PolicySpec:
 
 @dataclass(frozen=True)
 class ExitSpec:
-    """An early exit: role -> output tensor name (in graph output order), its policy and cut point."""
+    """An early exit: role -> output tensor name (in graph output order), its policy, cut point and temperature.
+
+    `temperature` (> 0, default 1) divides the exit's class logits before a softmax policy uses
+    them; `edgeexit calibrate` fits it on the calibration split.
+    """
 
     outputs: dict[str, str]
     policy: PolicySpec
     cut: str = ""
+    temperature: float = 1.0
 
     @classmethod
     def from_dict(cls, data: Any, where: str, output_names: Sequence[str]) -> "ExitSpec":
@@ -296,10 +301,14 @@ class ExitSpec:
         if not all(isinstance(v, str) for v in roles.values()) or sorted(roles.values()) != sorted(output_names):
             raise _fail(f"{where}.outputs", "must name every output after the features")
         policy = PolicySpec.from_dict(_require(data, "policy", dict, where), f"{where}.policy")
-        return cls(dict(roles), policy, str(data.get("cut", "")))
+        temperature = data.get("temperature", 1.0)
+        if not _is_number(temperature) or temperature <= 0:
+            raise _fail(f"{where}.temperature", "must be a finite number > 0")
+        return cls(dict(roles), policy, str(data.get("cut", "")), float(temperature))
 
     def to_dict(self) -> dict:
-        return {"outputs": dict(self.outputs), "policy": self.policy.to_dict(), "cut": self.cut}
+        return {"outputs": dict(self.outputs), "policy": self.policy.to_dict(), "cut": self.cut,
+                "temperature": self.temperature}
 
 
 @dataclass(frozen=True)

@@ -38,14 +38,28 @@ def check_range(label: str, value: object, bounds: tuple[float, float]) -> float
     return number
 
 
+def check_temperature(value: object) -> float:
+    """A temperature as float, or ConfigError unless it is a finite number > 0."""
+    number = check_range("temperature", value, (0.0, math.inf))
+    if not (0.0 < number < math.inf):
+        raise ConfigError(f"temperature must be a finite number > 0, got {number}")
+    return number
+
+
 @dataclass
 class Policy:
-    """Base policy: `decide` returns (exits, predictions, state) for one exit's outputs."""
+    """Base policy: `decide` returns (exits, predictions, state) for one exit's outputs.
+
+    `temperature` (> 0) divides an exit's class logits before any softmax the policy takes
+    (temperature scaling, fitted per exit by `edgeexit calibrate`); 1 leaves them as trained.
+    """
 
     threshold: float
     args: dict = field(default_factory=dict)
+    temperature: float = 1.0
 
     name: ClassVar[str] = ""
+    default_threshold: ClassVar[float] = 0.5  # used when a bundle is run with a policy other than its own
     roles: ClassVar[tuple[str, ...]] = ("logits",)
     per_class_roles: ClassVar[tuple[str, ...]] = ("logits",)  # outputs that must be [batch, num_classes]
     arg_names: ClassVar[tuple[str, ...]] = ()
@@ -53,7 +67,12 @@ class Policy:
 
     def __post_init__(self) -> None:
         self.threshold = self.check_threshold(self.threshold)
+        self.temperature = check_temperature(self.temperature)
         self.check_args()
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Softmax of the exit's logits at this policy's temperature."""
+        return softmax(logits.astype(np.float64) / self.temperature)
 
     @classmethod
     def check_threshold(cls, value: float) -> float:
@@ -84,12 +103,21 @@ class Policy:
         return None
 
     def scores(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        """The per-input number compared with the threshold."""
+        """The per-input number compared with the threshold (in score space, see `cutoff`)."""
         raise NotImplementedError
+
+    def cutoff(self) -> float:
+        """The threshold mapped into score space (identity unless the score is a transform of it)."""
+        return self.threshold
+
+    @classmethod
+    def threshold_of(cls, scores: np.ndarray) -> np.ndarray:
+        """Inverse of `cutoff`: the thresholds whose cutoffs are these scores (for calibration grids)."""
+        return scores
 
     def decide(self, outputs: dict[str, np.ndarray], state: np.ndarray | None):
         """Which inputs exit here, their predictions, and the state passed on."""
-        exits = self.scores(outputs) >= self.threshold
+        exits = self.scores(outputs) >= self.cutoff()
         return exits, outputs["logits"].argmax(axis=1), state
 
     def final(self, logits: np.ndarray, state: np.ndarray | None) -> np.ndarray:
@@ -97,15 +125,38 @@ class Policy:
         return logits.argmax(axis=1)
 
 
+def logit(p: float) -> float:
+    """log(p / (1 - p)) in float64: -inf at 0, +inf at 1."""
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
+
+
 @dataclass
 class ConfidencePolicy(Policy):
-    """EENets / PTEENet: exit when the learned confidence head says >= T."""
+    """EENets / PTEENet: exit when the learned confidence sigmoid(z) >= T, decided as z >= logit(T).
+
+    The exit outputs the confidence logit z (role "confidence_logit"); T in [0, 1] is mapped to
+    logit(T) in float64 and compared there, which is `sigmoid(z) >= T` in exact arithmetic but
+    never ties two inputs whose float32 sigmoids both round to 1.0 (z = 150 and z = 200 keep
+    their order). `>=` as in the other score policies: T = 0 lets every input exit (z >= -inf),
+    T = 1 none (no finite z reaches +inf; a NaN z never exits either).
+    """
 
     name: ClassVar[str] = "confidence"
-    roles: ClassVar[tuple[str, ...]] = ("logits", "confidence")
+    roles: ClassVar[tuple[str, ...]] = ("logits", "confidence_logit")
 
     def scores(self, outputs):
-        return outputs["confidence"].reshape(-1)
+        return outputs["confidence_logit"].reshape(-1).astype(np.float64)
+
+    def cutoff(self) -> float:
+        return logit(self.threshold)
+
+    @classmethod
+    def threshold_of(cls, scores):
+        return 1.0 / (1.0 + np.exp(-np.asarray(scores, dtype=np.float64)))
 
 
 @dataclass
@@ -113,20 +164,21 @@ class MaxSoftmaxPolicy(Policy):
     """SDN-style baseline: exit when the top softmax probability >= T."""
 
     name: ClassVar[str] = "max_softmax"
+    default_threshold: ClassVar[float] = 0.9
 
     def scores(self, outputs):
-        return softmax(outputs["logits"]).max(axis=1)
+        return self.probabilities(outputs["logits"]).max(axis=1)
 
 
 @dataclass
 class EntropyPolicy(Policy):
-    """BranchyNet: exit when the softmax entropy (nats) <= T."""
+    """BranchyNet: exit when the softmax entropy (nats) <= T (at most log C; 0 = one-hot)."""
 
     name: ClassVar[str] = "entropy"
     threshold_range: ClassVar[tuple[float, float]] = (0.0, math.inf)
 
     def scores(self, outputs):
-        probs = softmax(outputs["logits"])
+        probs = self.probabilities(outputs["logits"])
         return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
 
     def decide(self, outputs, state):
@@ -161,6 +213,7 @@ class ExclusionPolicy(Policy):
     roles: ClassVar[tuple[str, ...]] = ("exclusion_logits",)
     per_class_roles: ClassVar[tuple[str, ...]] = ("exclusion_logits",)
     arg_names: ClassVar[tuple[str, ...]] = ("beta",)
+    default_threshold: ClassVar[float] = 0.0
     beta_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
     # In the authors' tuned range (their searched beta_k run 0.01-0.31 on VGG/AlexNet/ResNet-50).
     default_beta: ClassVar[float] = 0.1
@@ -200,6 +253,14 @@ def per_exit_args(args: dict, index: int, num_exits: int) -> dict:
 POLICIES: Registry[type[Policy]] = Registry("exit policy")
 for _policy in (ConfidencePolicy, MaxSoftmaxPolicy, EntropyPolicy, ExclusionPolicy):
     POLICIES.register(_policy.name, _policy)
+
+
+SCORE_POLICIES = ("confidence", "max_softmax", "entropy")  # what `calibrate --policy auto` chooses among
+
+
+def policies_for(roles) -> list[str]:
+    """Names of the policies whose needed exit outputs are all among `roles`."""
+    return [name for name, cls in POLICIES.items() if set(cls.roles) <= set(roles)]
 
 
 def get_policy(kind: str) -> type[Policy]:

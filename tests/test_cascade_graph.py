@@ -178,7 +178,8 @@ def test_verify_checks_the_cascade(bundle):
 def test_calibrated_thresholds_become_the_graph_defaults(bundle, handmade_bundles):
     from edgeexit.runtime.calibrate import apply_calibration
 
-    apply_calibration(str(bundle), {"chosen": {"thresholds": [0.3, 0.7]}})
+    record = {"chosen": {"thresholds": [0.3, 0.7]}, "policies": ["confidence"] * 2, "temperatures": [1.0, 1.0]}
+    apply_calibration(str(bundle), record)
     manifest = load_manifest(bundle)  # the sha256 of the rewritten cascade.onnx holds
     assert manifest.cascade.default("thresholds") == (0.3, 0.7)
     session = ort.InferenceSession(str(bundle / CASCADE_NAME), providers=["CPUExecutionProvider"])

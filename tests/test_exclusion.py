@@ -159,6 +159,14 @@ def test_run_rejects_beta_for_a_confidence_bundle(tiny_bundle):
     assert code == ConfigError.exit_code and "takes no argument 'beta'" in line
 
 
+@pytest.mark.parametrize("command", [["run"], ["calibrate", "--target-drop", "1"]])
+@pytest.mark.parametrize("policy", ["confidence", "max_softmax", "entropy"])
+def test_policy_needing_outputs_the_bundle_lacks_is_a_one_line_error(exclusion_bundle, command, policy):
+    """Exclusion heads output per-class scores only: no confidence logit, no class logits to softmax."""
+    code, line = cli_error([command[0], str(exclusion_bundle[0]), *command[1:], "--policy", policy])
+    assert code == ConfigError.exit_code and f"--policy {policy} needs exit outputs" in line
+
+
 def test_bundle_with_wrong_exclusion_width_is_refused_at_load(exclusion_bundle, tmp_path):
     import onnx
     from onnx import helper, numpy_helper

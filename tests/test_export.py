@@ -49,7 +49,7 @@ def test_stage_graphs_fuse_segment_and_head_with_symbolic_batch(tiny_bundle):
         names = [o.name for o in graph.graph.output]
         assert names == stage.output_names
     first = manifest.stages[0]
-    assert first.output_names == ["features_0", "exit_0_logits", "exit_0_confidence"]
+    assert first.output_names == ["features_0", "exit_0_logits", "exit_0_confidence_logit"]
     assert manifest.stages[1].inputs[0].name == "features_0"
 
 

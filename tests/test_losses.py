@@ -1,4 +1,4 @@
-"""EENets losses v1/v2: the recursive mixtures on hand-made tensors, and v2's cure for dead exits."""
+"""EENets losses v1/v2/v4: the recursive mixtures and the exit tags on hand-made tensors, and v2's cure for dead exits."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from edgeexit.cli import main
-from edgeexit.train.losses import LOSSES, get_loss
+from edgeexit.train.losses import LOSSES, exit_tags, get_loss
 from edgeexit.errors import ConfigError
 
 # two exits and the final classifier, one input of true class 0, probabilities given as log-logits
@@ -17,9 +17,9 @@ LAM = 0.5
 
 
 def hand_made(h0: float = H0, h1: float = H1) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """Exit outputs (logits, confidence) and final logits whose softmaxes are P0, P1, PF."""
+    """Exit outputs (logits, confidence logit) and final logits whose softmaxes are P0, P1, PF and sigmoids h0, h1."""
     logits = [torch.tensor([p]).log().requires_grad_() for p in (P0, P1, PF)]
-    confidences = [torch.tensor([[h]], requires_grad=True) for h in (h0, h1)]
+    confidences = [torch.tensor([[math.log(h / (1 - h))]], requires_grad=True) for h in (h0, h1)]
     exits = [(logits[0], confidences[0]), (logits[1], confidences[1])]
     return exits, logits[2], torch.tensor([0])
 
@@ -59,14 +59,14 @@ def test_batch_terms_are_means_over_inputs():
 
 
 def test_v1_starves_later_exits_once_the_first_is_sure_and_v2_does_not():
-    """With h_0 = 1 the v1 mixture is exit 0 alone: exit 1 and the final get no gradient (dead)."""
+    """With h_0 ~ 1 the v1 mixture is exit 0 alone: exit 1 and the final get (almost) no gradient (dead)."""
     grads = {}
     for name in ("v1", "v2"):
-        exits, final, target = hand_made(h0=1.0)
+        exits, final, target = hand_made(h0=1 - 1e-12)
         get_loss(name)(exits, final, target, COSTS, LAM).backward()
         grads[name] = [exits[1][0].grad.abs().sum().item(), exits[1][1].grad.abs().sum().item(),
                        final.grad.abs().sum().item()]
-    assert grads["v1"] == [0.0, 0.0, 0.0]
+    assert all(g < 1e-9 for g in grads["v1"])
     assert all(g > 1e-3 for g in grads["v2"])
 
 
@@ -102,3 +102,64 @@ def test_cli_unknown_loss_is_one_line_error_and_writes_nothing(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: unknown loss 'v9'")
     assert all(name in lines[0] for name in ("v1", "v2"))
     assert not out.exists()
+
+
+# v4 on three inputs: A (class 0) is easy at exit 0, B (class 1) only the final gets right, C (class 1) exit 1 does
+V4_PROBS = {  # per input: softmax of exit 0, exit 1, final
+    "A": ([0.9, 0.1], [0.6, 0.4], [0.2, 0.8]),
+    "B": ([0.9, 0.1], [0.6, 0.4], [0.2, 0.8]),
+    "C": ([0.5, 0.5], [0.1, 0.9], [0.2, 0.8]),
+}
+V4_TARGET = [0, 1, 1]
+V4_H = ([0.8, 0.3, 0.5], [0.6, 0.2, 0.7])  # sigmoid of each exit's confidence logit, per input
+
+
+def v4_tensors(h=V4_H):
+    """Exit outputs with confidence logits log(h / (1 - h)), final logits, targets for the three inputs."""
+    columns = list(zip(*V4_PROBS.values()))  # per classifier, the three inputs' probabilities
+    logits = [torch.tensor(col).log().requires_grad_() for col in columns]
+    z = [torch.tensor([[math.log(p / (1 - p))] for p in hs], requires_grad=True) for hs in h]
+    return [(logits[0], z[0]), (logits[1], z[1])], logits[2], torch.tensor(V4_TARGET)
+
+
+def test_v4_exit_tags_are_the_cheapest_good_enough_exit():
+    exits, final, target = v4_tensors()
+    # CE + lambda c: A 0.105+0.1 | 0.511+0.25 | 1.609+0.5 -> 0; B 2.303+0.1 | 0.916+0.25 | 0.223+0.5 -> final;
+    # C 0.693+0.1 | 0.105+0.25 | 0.223+0.5 -> 1
+    assert exit_tags(exits, final, target, COSTS, LAM).tolist() == [0, 2, 1]
+    assert exit_tags(exits, final, target, COSTS, 0.0).tolist() == [0, 2, 1]
+    assert exit_tags(exits, final, target, COSTS, 5.0).tolist() == [0, 0, 0]  # cost dominates: leave at once
+
+
+def test_v4_is_every_classifiers_ce_plus_balanced_bce_toward_the_tags():
+    exits, final, target = v4_tensors()
+    tags = torch.tensor([0, 2, 1])
+    ce = sum(-sum(math.log(probs[k][t]) for probs, t in zip(V4_PROBS.values(), V4_TARGET)) / 3 for k in range(3))
+    # exit 0: one positive (A) of three -> positives weighted 2/3, negatives 1/3; exit 1: one positive (C)
+    bce0 = (2 / 3 * -math.log(0.8) + 1 / 3 * -math.log(1 - 0.3) + 1 / 3 * -math.log(1 - 0.5)) / 3
+    bce1 = (1 / 3 * -math.log(1 - 0.6) + 1 / 3 * -math.log(1 - 0.2) + 2 / 3 * -math.log(0.7)) / 3
+    loss = get_loss("v4")(exits, final, target, COSTS, LAM, tags=tags)
+    assert loss.item() == pytest.approx(ce + bce0 + bce1, rel=1e-6)
+    loss.backward()
+    z0 = exits[0][1].grad[:, 0]
+    assert z0[0] < 0 < z0[1] and z0[2] > 0  # A's confidence pushed up, B's and C's down at exit 0
+
+
+def test_v4_gradients_stay_bounded_on_saturated_confidence_logits():
+    """A logit of 200 toward the wrong tag gets a gradient of its class weight / batch, not NaN or 0."""
+    exits, final, target = v4_tensors(h=([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]))
+    z = torch.tensor([[200.0], [-200.0], [150.0]], requires_grad=True)
+    exits[0] = (exits[0][0], z)
+    loss = get_loss("v4")(exits, final, target, COSTS, LAM, tags=torch.tensor([1, 0, 2]))
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert z.grad[:, 0].tolist() == pytest.approx([1 / 9, -2 / 9, 1 / 9], rel=1e-6)  # (sigmoid(z) - y) w / 3
+
+
+def test_v2_mixture_is_finite_for_saturated_confidence_logits():
+    """The mixtures are formed in log space: logits of +-200 give a finite loss and gradient (no log(0))."""
+    exits, final, target = hand_made()
+    z = torch.tensor([[200.0]], requires_grad=True)
+    loss = get_loss("v2")([(exits[0][0], z), exits[1]], final, target, COSTS, LAM)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(final.grad).all()

@@ -94,10 +94,11 @@ def test_bf16_trains_on_cpu_and_exports_float32(tmp_path):
     from edgeexit.export import export_bundle
     from edgeexit.runtime.verify import verify_bundle
 
-    path = train_small(tmp_path, precision="bf16", epochs=2)
+    path = train_small(tmp_path, precision="bf16", epochs=4)  # warm-up + v4 epochs: 2 are not enough to learn here
     state = weights(path)
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
-    assert read_checkpoint(path)["extra"]["history"]["val_accuracy"][-1] > 0.5  # it learned in bf16
+    history = read_checkpoint(path)["extra"]["history"]
+    assert history["val_accuracy"][history["best_epoch"]] > 0.5  # the kept epoch learned in bf16
     export_bundle(path, tmp_path / "bundle")
     assert not any(check.failed for check in verify_bundle(tmp_path / "bundle"))
 
@@ -125,30 +126,34 @@ def test_cuda_eager_baseline(tiny_model_path):
 
 # --- checkpoint and resume -------------------------------------------------------------------
 
+RESUME_EPOCHS = 3
+
+
 class Stop(Exception):
-    """Injected after the epoch-1 checkpoint: the run dies there."""
+    """Injected after the epoch-2 checkpoint (past the warm-up, so the best slot is filled): the run dies there."""
 
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
-    """(uninterrupted model.pt, resumed model.pt, checkpoint dir): one run stopped after epoch 1, then resumed."""
+    """(uninterrupted model.pt, resumed model.pt, checkpoint dir): one 3-epoch run stopped after epoch 2, then resumed."""
     root = tmp_path_factory.mktemp("resume")
-    full = train_small(root, "full.pt")
+    full = train_small(root, "full.pt", epochs=RESUME_EPOCHS)
     real_save = trainer.save_checkpoint
 
     def save_then_die(directory, checkpoint):
         real_save(directory, checkpoint)
-        if checkpoint.epoch == 1:
+        if checkpoint.epoch == 2:
+            assert checkpoint.best["model"].keys() == checkpoint.model.keys()
             raise Stop
 
     trainer.save_checkpoint = save_then_die
     try:
         with pytest.raises(Stop):
-            train_small(root, "resumed.pt", checkpoint_dir=str(root / "ck"))
+            train_small(root, "resumed.pt", checkpoint_dir=str(root / "ck"), epochs=RESUME_EPOCHS)
     finally:
         trainer.save_checkpoint = real_save
     assert not (root / "resumed.pt").exists()
-    train_small(root, "resumed.pt", checkpoint_dir=str(root / "ck"), resume=True)
+    train_small(root, "resumed.pt", checkpoint_dir=str(root / "ck"), resume=True, epochs=RESUME_EPOCHS)
     return full, root / "resumed.pt", root / "ck"
 
 
@@ -156,7 +161,7 @@ def test_resume_reaches_the_uninterrupted_weights_bitwise(resumed):
     full, again, ck = resumed
     assert_same_weights(full, again)
     assert read_checkpoint(full)["extra"]["history"] == read_checkpoint(again)["extra"]["history"]
-    assert torch.load(ck / CHECKPOINT_FILE, weights_only=True)["epoch"] == SMALL["epochs"]
+    assert torch.load(ck / CHECKPOINT_FILE, weights_only=True)["epoch"] == RESUME_EPOCHS
 
 
 @pytest.mark.parametrize("change, message", [
@@ -169,7 +174,7 @@ def test_resume_refuses_another_model_or_settings(tmp_path, resumed, change, mes
     ck = Path(shutil.copytree(resumed[2], tmp_path / "ck"))
     before = (ck / CHECKPOINT_FILE).read_bytes()
     with pytest.raises(InputError, match=re.escape(message)):
-        train_small(tmp_path, checkpoint_dir=str(ck), resume=True, **change)
+        train_small(tmp_path, checkpoint_dir=str(ck), resume=True, epochs=RESUME_EPOCHS, **change)
     assert (ck / CHECKPOINT_FILE).read_bytes() == before and not (tmp_path / "model.pt").exists()
 
 

@@ -43,13 +43,15 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
 @click.option("--split", default="test", show_default=True, help="Data split to evaluate: train, val, test or all.")
 @click.option("--threshold", default=None, help="Override thresholds: T or T1,T2,...")
 @click.option("--beta", default=None, help=BETA_HELP)
+@click.option("--policy", default=None,
+              help="Run every exit with this policy (confidence, max_softmax, entropy, ...) instead of the manifest's.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--engine", type=click.Choice(["auto", "graph", "chain"]), default="auto", show_default=True,
               help="graph: cascade.onnx, one session run per batch; chain: one session per stage; auto: graph when the bundle has cascade.onnx.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
 def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_path: str | None, split: str, threshold: str | None,
-        beta: str | None, batch_size: int, threads: int | None, engine: str, json_path: str | None) -> None:
+        beta: str | None, policy: str | None, batch_size: int, threads: int | None, engine: str, json_path: str | None) -> None:
     """Run a bundle as an early-exit cascade and report accuracy, MACs, exits and latency.
 
     Example: edgeexit run bundle/ --device cpu --data digits --json report.json
@@ -60,7 +62,7 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     runner = open_runner(bundle, engine, device=device, threads=threads, thresholds=parse_numbers(threshold),
-                         policy_args=beta_args(beta))
+                         policy_args=beta_args(beta), policy=policy)
     x, labels = _load_run_data(runner, data, input_path, split, data_dir)
     report, result = run_report(runner, x, labels, batch_size)
     if labels is None:
@@ -149,16 +151,20 @@ def verify(bundle: str, device: str, samples: int) -> None:
               help="Device profile (see `edgeexit info`) for --latency-budget and for predicted latencies.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
 @click.option("--beta", default=None, help=BETA_HELP + " Fixes beta instead of searching it.")
+@click.option("--policy", default=None,
+              help="Exit policy: auto (the best of confidence, max_softmax, entropy the bundle can run) or a name "
+                   "(default: the bundle's own).")
 def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_drop: float | None, budget: float | None,
               latency_budget: float | None, percentile: str, profile_name: str | None, threads: int | None,
-              beta: str | None) -> None:
-    """Choose per-exit thresholds for an accuracy-drop, MACs-budget or latency-budget target and write them into the manifest.
+              beta: str | None, policy: str | None) -> None:
+    """Choose the exit policy, per-exit thresholds and temperatures for an accuracy-drop, MACs-budget or latency-budget
+    target and write them into the manifest.
 
     Class-exclusion bundles: without --beta, beta_k is searched per exit as the method's
     authors do (greedy, cheapest exit first, the target drop as the accuracy tolerance).
 
     \b
-    Example: edgeexit calibrate bundle/ --data digits --split val --target-drop 1.0
+    Example: edgeexit calibrate bundle/ --data digits --split val --target-drop 1.0 --policy auto
     Latency: edgeexit profile bundle/ --threads 1 --batch-size 1, then
       edgeexit calibrate bundle/ --latency-budget 0.5 --percentile 95 --profile HOST/cpu/t1/b1/chain
     """
@@ -184,16 +190,17 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     if latency_budget is not None:
         latency.check_budget(latency_budget)
     x, labels = _load_run_data(runner, data, None, split, data_dir)
-    record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress, latency,
+    record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress, latency, policy,
                              search_beta=fixed is None)
-    if fixed is not None:
+    if fixed is not None and record["policy"] == "exclusion":
         record["chosen"]["betas"] = [p.args["beta"] for p in runner.policies]
     apply_calibration(bundle, record)
     chosen = record["chosen"]
     status = "met" if chosen["met"] else "NOT met (closest point chosen)"
     click.echo(f"reference accuracy {record['reference_accuracy']:.4f} on {data}/{split}; target {status}")
+    click.echo(f"policy {record['policy']}, temperatures {', '.join(f'{t:.3g}' for t in record['temperatures'])}")
     click.echo(f"operating point: {describe(chosen)}")
-    click.echo(f"wrote thresholds and calibration curve into {bundle}/manifest.json")
+    click.echo(f"wrote policy, thresholds, temperatures and calibration curve into {bundle}/manifest.json")
 
 
 @click.command()

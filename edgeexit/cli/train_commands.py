@@ -45,11 +45,13 @@ def hardware_options(command: Any) -> Any:
 @click.option("--placement-cost", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
               help="What placement targets: cumulative MACs, or prefix latency measured on this machine (onnxruntime CPU, 1 thread, batch 1).")
 @click.option("--exit-at", default=None, help="Explicit cut points, comma separated (overrides --placement).")
-@click.option("--loss", default=None, help="Loss (default: the method's), e.g. v1 or v2.")
+@click.option("--loss", default=None, help="Loss (default: the method's), e.g. v1, v2 or v4 (EENets' exit tags).")
 @click.option("--lambda", "lam", type=float, default=1.0, show_default=True, help="Weight of the cost term.")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help=BATCH_HELP)
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate (cosine schedule).")
+@click.option("--head-lr", type=float, default=None,
+              help="Learning rate of the exit heads (default: the method's; eenet 1e-3, gentler than the backbone's; others: --lr).")
 @click.option("--warmup-epochs", type=int, default=1, show_default=True,
               help="Epochs of the method's warm-up loss (EENets: v0, classifiers only) before the main loss.")
 @click.option("--threshold", type=float, default=None, help="Default exit threshold written into the model.")
@@ -80,7 +82,8 @@ def train(**opts: Any) -> None:
     summary = workflows.train(**{**opts, "beta": parse_numbers(opts["beta"], "--beta")}, progress=True)
     if summary["rank"] == 0:
         click.echo(
-            f"wrote {opts['out']}: cuts {', '.join(summary['cuts'])}; val accuracy {summary['val_accuracy']:.4f}, "
+            f"wrote {opts['out']}: cuts {', '.join(summary['cuts'])}; kept epoch {summary['best_epoch'] + 1} (lowest val loss): "
+            f"val accuracy {summary['val_accuracy']:.4f}, "
             f"early-exit rate {summary['val_exit_rate']:.2f}"
         )
 

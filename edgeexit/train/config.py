@@ -54,6 +54,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
     lr: float = 3e-3
+    head_lr: float | None = None  # exit heads; None: the method's (Method.head_lr), else lr
     weight_decay: float = 5e-4
     loss: str = "v2"
     lam: float = 1.0

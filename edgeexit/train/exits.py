@@ -1,8 +1,8 @@
 """Exit-head registry: name -> module taking a feature map and returning named outputs.
 
 Every exit returns a tuple in the order of its `outputs` attribute (e.g. logits then
-confidence); the exporter writes them as the stage's exit outputs under those roles, and
-the runtime's policies read them by role.
+confidence_logit); the exporter writes them as the stage's exit outputs under those roles,
+and the runtime's policies read them by role.
 """
 from __future__ import annotations
 
@@ -18,24 +18,32 @@ EXITS: Registry[Callable[..., nn.Module]] = Registry("exit type")
 
 
 
+# Starting bias of every confidence branch: sigmoid(-2) = 0.12, so a new head begins by sending
+# inputs on and has to learn which ones may leave, instead of starting at 0.5 and drifting to 1.
+CONFIDENCE_BIAS_INIT = -2.0
+
+
 class ConfidenceExit(nn.Module):
     """EENets exit block: a trunk, then a softmax (classifier) branch and a sigmoid confidence branch.
 
-    Each branch is one linear layer on the trunk's features, as in the paper. The classifier
-    returns logits; the softmax is applied where probabilities are used (loss, runtime).
+    Each branch is one linear layer on the trunk's features, as in the paper. Both return
+    pre-activation values: class logits, and the confidence *logit* z (the confidence is
+    sigmoid(z)). Losses use z through logsigmoid and the runtime compares z with logit(T) in
+    float64, so a float32 sigmoid never rounds confident inputs to a tie at 1.0.
     """
 
-    outputs: tuple[str, ...] = ("logits", "confidence")
+    outputs: tuple[str, ...] = ("logits", "confidence_logit")
 
     def __init__(self, trunk: nn.Module, features: int, num_classes: int) -> None:
         super().__init__()
         self.trunk = trunk
         self.classifier = nn.Linear(features, num_classes)
         self.confidence = nn.Linear(features, 1)
+        nn.init.constant_(self.confidence.bias, CONFIDENCE_BIAS_INIT)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(x)
-        return self.classifier(h), torch.sigmoid(self.confidence(h))
+        return self.classifier(h), self.confidence(h)
 
 
 @EXITS.register("plain")

@@ -3,7 +3,10 @@
 A loss takes the exits' outputs (tuples in each exit's `outputs` order), the final
 logits, the targets, each exit's relative cost (EarlyExitModel.exit_costs: MACs of the
 segments and heads run up to that exit / full backbone MACs, the exporter's numbers; the
-last entry is the final classifier's) and lambda, and returns a scalar.
+last entry is the final classifier's) and lambda, and returns a scalar. Confidence exits
+output the confidence logit z (confidence = sigmoid(z)); losses use it through logsigmoid
+or BCE-with-logits. Losses in TAGGED_LOSSES also take `tags`, the per-example exit tags
+that the trainer recomputes with `exit_tags` once per epoch.
 """
 from __future__ import annotations
 
@@ -16,28 +19,26 @@ from edgeexit.registry import Registry
 
 LossFn = Callable[[Sequence[tuple[torch.Tensor, ...]], torch.Tensor, torch.Tensor, Sequence[float], float], torch.Tensor]
 LOSSES: Registry[LossFn] = Registry("loss")
-EPS = 1e-7
 
 
 
 def _cascade_terms(exit_outputs, final_logits, costs):
-    """EENets' recursive mixtures from the last exit back: (combined probs, combined cost) per exit.
+    """EENets' recursive mixtures from the last exit back: (combined log-probs, combined cost) per exit.
 
-    P_i = h_i * p_i + (1 - h_i) * P_{i+1}, C_i = h_i * c_i + (1 - h_i) * C_{i+1},
-    starting from the final classifier (P_N = softmax(final), C_N = 1).
+    P_i = h_i * p_i + (1 - h_i) * P_{i+1}, C_i = h_i * c_i + (1 - h_i) * C_{i+1}, h_i = sigmoid(z_i),
+    starting from the final classifier (P_N = softmax(final), C_N = 1). The mixtures are formed in
+    log space from the confidence logit z_i (log h = logsigmoid(z), log(1 - h) = logsigmoid(-z)),
+    so neither a confident exit (z >> 0) nor a hesitant one (z << 0) rounds to 0 or 1.
     """
-    probs = F.softmax(final_logits, dim=1)
-    cost = torch.full_like(probs[:, :1], float(costs[-1]))
-    terms = [(probs, cost)]
-    for (logits, confidence), exit_cost in zip(reversed(exit_outputs), reversed(costs[:-1])):
-        probs = confidence * F.softmax(logits, dim=1) + (1 - confidence) * probs
-        cost = confidence * exit_cost + (1 - confidence) * cost
-        terms.append((probs, cost))
+    log_probs = F.log_softmax(final_logits, dim=1)
+    cost = torch.full_like(log_probs[:, :1], float(costs[-1]))
+    terms = [(log_probs, cost)]
+    for (logits, z), exit_cost in zip(reversed(exit_outputs), reversed(costs[:-1])):
+        log_probs = torch.logaddexp(F.logsigmoid(z) + F.log_softmax(logits, dim=1), F.logsigmoid(-z) + log_probs)
+        h = torch.sigmoid(z)
+        cost = h * exit_cost + (1 - h) * cost
+        terms.append((log_probs, cost))
     return terms[::-1]
-
-
-def _nll(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.nll_loss(torch.log(probs.clamp_min(EPS)), target)
 
 
 @LOSSES.register("v0")
@@ -57,8 +58,8 @@ def eenet_v1(exit_outputs, final_logits, target, costs, lam):
     Once an early confidence saturates near 1, every later term is multiplied by ~0: those
     exits (and the final classifier) get no gradient and become dead exits.
     """
-    probs, cost = _cascade_terms(exit_outputs, final_logits, costs)[0]
-    return _nll(probs, target) + lam * cost.mean()
+    log_probs, cost = _cascade_terms(exit_outputs, final_logits, costs)[0]
+    return F.nll_loss(log_probs, target) + lam * cost.mean()
 
 
 @LOSSES.register("v2")
@@ -68,7 +69,44 @@ def eenet_v2(exit_outputs, final_logits, target, costs, lam):
     Each exit's mixture of itself and what follows is trained as if it were the first, so
     later exits and the final classifier keep their own gradient: no dead exits.
     """
-    return sum(_nll(probs, target) + lam * cost.mean() for probs, cost in _cascade_terms(exit_outputs, final_logits, costs))
+    return sum(F.nll_loss(log_probs, target) + lam * cost.mean() for log_probs, cost in _cascade_terms(exit_outputs, final_logits, costs))
+
+
+TAGGED_LOSSES = frozenset({"v4"})  # losses that take per-example exit tags (exit_tags) as `tags`
+
+
+@torch.no_grad()
+def exit_tags(exit_outputs, final_logits, target, costs, lam) -> torch.Tensor:
+    """EENets v4 exit tags: per example, argmin over exits i (final included) of CE_i + lambda * c_i.
+
+    The cheapest exit whose own classifier is good enough for the example; ties go to the
+    earlier exit. Index len(exit_outputs) means the final classifier.
+    """
+    logits = [outputs[0] for outputs in exit_outputs] + [final_logits]
+    scores = torch.stack([F.cross_entropy(l, target, reduction="none") + lam * float(c) for l, c in zip(logits, costs)], dim=1)
+    return scores.argmin(dim=1)
+
+
+@LOSSES.register("v4")
+def eenet_v4(exit_outputs, final_logits, target, costs, lam, tags):
+    """EENets v4 (the authors' code, not the paper): classifiers by their CE, confidences toward exit tags.
+
+    L = sum over i = 0..N of CE(classifier i) + sum over exits i < N of BCE(z_i, 1[tag = i]),
+    the BCE class-balanced per batch (positives weighted by the share of negatives and vice
+    versa) and taken on the confidence logit z_i. `tags` (exit_tags) are recomputed each epoch
+    from the model's outputs, so lambda and the costs enter through the tags; the cost term of
+    the authors' version is constant given the tags and is left out. Unlike the authors' code,
+    which trains only the tagged exit's classifier, every classifier gets its own CE, so an exit
+    few examples are tagged for still learns to classify. The targets are bounded (0 or 1 per
+    example, balanced), so nothing pushes a confidence logit to grow without end.
+    """
+    loss = F.cross_entropy(final_logits, target) + sum(F.cross_entropy(outputs[0], target) for outputs in exit_outputs)
+    for i, (_, z) in enumerate(exit_outputs):
+        positive = (tags == i).to(z.dtype)
+        rate = positive.mean()
+        weight = positive * (1 - rate) + (1 - positive) * rate
+        loss = loss + F.binary_cross_entropy_with_logits(z.reshape(-1), positive, weight=weight)
+    return loss
 
 
 def exclusion_weights(num_exits: int) -> list[float]:

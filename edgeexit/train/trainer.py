@@ -1,6 +1,7 @@
 """Training loop for exit-augmented models, with a progress bar and seeded, repeatable runs."""
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -17,7 +18,7 @@ from edgeexit.train.config import ModelConfig, TrainConfig
 from edgeexit.train.cuts import CutGraph
 from edgeexit.train.data import DataSplits
 from edgeexit.train.hardware import TrainEnv, get_precision
-from edgeexit.train.losses import get_loss
+from edgeexit.train.losses import TAGGED_LOSSES, exit_tags, get_loss
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import EarlyExitModel
 from edgeexit.train.placement import place_exits
@@ -32,11 +33,32 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class History:
-    """Per-epoch training loss and validation metrics."""
+    """Per-epoch training loss and validation metrics, and the epoch whose weights were kept.
+
+    best_epoch (0-based index into the lists) is the epoch with the lowest validation loss
+    among those trained with the main loss (warm-up epochs use another objective, so their
+    losses are not comparable); model.pt holds that epoch's weights, as EENets keeps them.
+    """
 
     loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     val_exit_rate: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+
+
+class Indexed(Dataset):
+    """A dataset whose items also carry their index, so per-example state (exit tags) can follow them."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        x, y = self.dataset[index]
+        return x, y, index
 
 
 def choose_cuts(
@@ -58,40 +80,68 @@ def choose_cuts(
 
 
 @torch.no_grad()
-def evaluate(
-    model: EarlyExitModel, dataset: Dataset, batch_size: int = 256, device: torch.device | None = None
-) -> tuple[float, float]:
-    """(accuracy, early-exit rate) of the model's exit policy (model.config.policy) on `dataset`.
+def dataset_outputs(model: EarlyExitModel, dataset: Dataset, batch_size: int = 256, device: torch.device | None = None):
+    """Every exit's outputs, the final logits and the labels over `dataset`, in eval mode and in order.
 
-    The exit decisions are the runtime's own numpy policies replayed on the PyTorch outputs
-    (the calibration simulator), so any policy works and training-time numbers cannot
-    disagree with `edgeexit run` about what a policy does. Runs in float32, as the exported
-    graphs do, on `device` (default: where the model is).
+    Runs in float32, as the exported graphs do, on `device` (default: where the model is);
+    the outputs come back on the CPU.
     """
     model.eval()
     device = device or next(model.parameters()).device
-    policies = [model.config.exit_policy(k).build() for k in range(len(model.exits))]
     batches, finals, labels = [], [], []
     for x, y in DataLoader(dataset, batch_size=batch_size):
         exit_outputs, final = model(x.to(device))
         batches.append([tuple(t.float().cpu() for t in outputs) for outputs in exit_outputs])
         finals.append(final.float().cpu())
         labels.append(y)
-    outputs = [
-        {role: torch.cat([batch[k][i] for batch in batches]).numpy() for i, role in enumerate(head.outputs)}
-        for k, head in enumerate(model.exits)
-    ]
-    simulator = CascadeSimulator(policies, outputs, torch.cat(finals).numpy(), torch.cat(labels).numpy(), model.exit_costs())
+    outputs = [tuple(torch.cat([b[k][i] for b in batches]) for i in range(len(batches[0][k]))) for k in range(len(model.exits))]
+    return outputs, torch.cat(finals), torch.cat(labels)
+
+
+def apply_loss(name: str, exit_outputs, final, labels, costs: Sequence[float], lam: float, tags=None) -> torch.Tensor:
+    """The named loss; a loss in TAGGED_LOSSES gets `tags`, computed from these outputs when None."""
+    if name not in TAGGED_LOSSES:
+        return get_loss(name)(exit_outputs, final, labels, costs, lam)
+    if tags is None:
+        tags = exit_tags(exit_outputs, final, labels, costs, lam)
+    return get_loss(name)(exit_outputs, final, labels, costs, lam, tags=tags)
+
+
+@torch.no_grad()
+def validate(model: EarlyExitModel, dataset: Dataset, loss_name: str, costs: Sequence[float], lam: float,
+             device: torch.device | None = None):
+    """(loss, accuracy, early-exit rate) on `dataset`: the named loss, and the model's exit policies (per exit).
+
+    The exit decisions are the runtime's own numpy policies replayed on the PyTorch outputs
+    (the calibration simulator), so any policy works and training-time numbers cannot
+    disagree with `edgeexit run` about what a policy does.
+    """
+    outputs, final, labels = dataset_outputs(model, dataset, device=device)
+    loss = float(apply_loss(loss_name, outputs, final, labels, costs, lam))
+    policies = [model.config.exit_policy(k).build() for k in range(len(model.exits))]
+    arrays = [{role: t.numpy() for role, t in zip(head.outputs, out)} for head, out in zip(model.exits, outputs)]
+    simulator = CascadeSimulator(policies, arrays, final.numpy(), labels.numpy(), model.exit_costs())
     point = simulator.evaluate([policy.threshold for policy in policies])
-    return point.accuracy, 1.0 - point.exit_counts[-1] / sum(point.exit_counts)
+    return loss, point.accuracy, 1.0 - point.exit_counts[-1] / sum(point.exit_counts)
 
 
-def sharded_evaluate(model: EarlyExitModel, dataset: Dataset, env: TrainEnv) -> tuple[float, float]:
-    """`evaluate` on this rank's share of `dataset`, averaged over all ranks (the same numbers on every rank)."""
+def param_groups(model: EarlyExitModel, config: TrainConfig) -> list[dict]:
+    """Optimizer groups: the backbone at config.lr, the exit heads at config.head_lr (default: lr); trainable only."""
+    head_ids = {id(p) for p in model.exits.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in head_ids], "lr": config.lr},
+        {"params": [p for p in trainable if id(p) in head_ids], "lr": config.head_lr or config.lr},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def sharded_validate(model: EarlyExitModel, dataset: Dataset, loss_name: str, costs: Sequence[float], lam: float,
+                     env: TrainEnv) -> list[float]:
+    """`validate` on this rank's share of `dataset`, averaged over all ranks (the same numbers on every rank)."""
     shard = env.shard(dataset)
-    values = evaluate(model, shard, device=env.device) if len(shard) else (0.0, 0.0)
-    accuracy, exit_rate = env.weighted_mean(values, len(shard))
-    return accuracy, exit_rate
+    values = validate(model, shard, loss_name, costs, lam, device=env.device) if len(shard) else (0.0, 0.0, 0.0)
+    return env.weighted_mean(values, len(shard))
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -119,22 +169,26 @@ def train_model(
 ) -> History:
     """Train the exits (and the backbone unless frozen) jointly with the configured loss.
 
+    After each epoch the validation loss is measured; the weights of the main-loss epoch with
+    the lowest one are restored at the end (History.best_epoch). Losses in TAGGED_LOSSES get
+    per-example exit tags, recomputed at the start of each epoch from the model's outputs.
     `env` says where (device, precision, rank among torchrun's processes; default: one
-    float32 CPU process). With config.checkpoint_dir every epoch ends in a checkpoint, and
-    config.resume continues from the one there. The model ends in eval mode on the CPU.
+    float32 CPU process). With config.checkpoint_dir every epoch ends in a checkpoint (the
+    best-so-far weights in its `best` slot), and config.resume continues from the one there.
+    The model ends in eval mode on the CPU.
     """
     env = env or TrainEnv(torch.device("cpu"), get_precision("32"))
     seed_everything(config.seed)
-    main_loss = get_loss(config.loss)
-    warmup_loss = get_loss(config.warmup_loss) if config.warmup_loss else None
+    get_loss(config.loss)  # unknown names fail before any training
+    warmup_epochs = config.warmup_epochs if config.warmup_loss else 0
     costs = model.exit_costs()
     model.to(env.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    loader = env.train_loader(data.train, config.batch_size, config.seed, config.num_workers)
+    optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=config.weight_decay)
+    loader = env.train_loader(Indexed(data.train), config.batch_size, config.seed, config.num_workers)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * len(loader)))
     scaler = env.grad_scaler()
     history = History()
+    best_loss, best_state = float("inf"), None
     run = resume_settings(config, env)
     resumed = None
     if config.checkpoint_dir and config.resume:
@@ -146,6 +200,8 @@ def train_model(
         scaler.load_state_dict(resumed.scaler)
         history = History(**resumed.history)
         restore_rng(resumed.rng, env.device, loader.generator)
+        if resumed.best:
+            best_loss, best_state = resumed.best["loss"], resumed.best["model"]
     start = resumed.epoch if resumed is not None else 0
     net = env.wrap(model, frozen=("backbone",) if model.config.frozen_backbone else ())
     show = progress and env.is_main
@@ -153,30 +209,44 @@ def train_model(
         tqdm.write(f"resuming from {checkpoint_path(config.checkpoint_dir)} after epoch {start}")
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="train", unit="epoch", disable=not show)
     for epoch in bar:
-        loss_fn = warmup_loss if warmup_loss is not None and epoch < config.warmup_epochs else main_loss
+        warming = epoch < warmup_epochs
+        loss_name = config.warmup_loss if warming else config.loss
+        tags = None
+        if loss_name in TAGGED_LOSSES:
+            tags = exit_tags(*dataset_outputs(model, data.train, device=env.device), costs, config.lam)
         env.begin_epoch(loader, epoch)
         net.train()
         total, count = torch.zeros((), device=env.device), 0
-        for x, y in loader:
+        for x, y, index in loader:
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            batch_tags = None if tags is None else tags[index].to(env.device)
             with env.autocast():
                 exit_outputs, final = net(x)
-                loss = loss_fn(exit_outputs, final, y, costs, config.lam)
+                loss = apply_loss(loss_name, exit_outputs, final, y, costs, config.lam, batch_tags)
             optimizer_step(loss, optimizer, scaler, scheduler)
             total += loss.detach().float() * len(y)
             count += len(y)
         total, count = env.sum([float(total), count])
-        accuracy, exit_rate = sharded_evaluate(model, data.val, env)
+        val_loss, accuracy, exit_rate = sharded_validate(model, data.val, loss_name, costs, config.lam, env)
         history.loss.append(total / max(count, 1))
+        history.val_loss.append(val_loss)
         history.val_accuracy.append(accuracy)
         history.val_exit_rate.append(exit_rate)
-        bar.set_postfix(loss=f"{history.loss[-1]:.3f}", val_acc=f"{accuracy:.3f}", early=f"{exit_rate:.2f}")
+        if not warming and val_loss < best_loss:
+            best_loss, best_state, history.best_epoch = val_loss, copy.deepcopy(model.state_dict()), epoch
+        bar.set_postfix(loss=f"{history.loss[-1]:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{accuracy:.3f}",
+                        early=f"{exit_rate:.2f}")
         if config.checkpoint_dir and env.is_main:
+            best = {} if best_state is None else {"loss": best_loss, "model": best_state}
             save_checkpoint(config.checkpoint_dir, Checkpoint(
                 model_config=model.config.to_dict(), run=run, epoch=epoch + 1, model=model.state_dict(),
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                rng=capture_rng(env.device, loader.generator), history=vars(history),
+                rng=capture_rng(env.device, loader.generator), history=vars(history), best=best,
             ))
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:  # warm-up only: the last epoch
+        history.best_epoch = config.epochs - 1
     model.eval().cpu()
     return history
 
