@@ -223,7 +223,7 @@ def test_sigkill_after_epoch_one_then_resume_matches(tmp_path):
     done = subprocess.run(_cli("--epochs", "4", "--checkpoint-dir", str(ck), "--resume", "--out", str(tmp_path / "killed.pt")),
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "resuming from" in done.stderr
+    assert "resuming from" in done.stdout + done.stderr  # tqdm.write goes to stdout
     assert_same_weights(tmp_path / "full.pt", tmp_path / "killed.pt")
 
 
