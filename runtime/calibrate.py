@@ -393,7 +393,7 @@ def calibrate(
         best = ExclusionPolicy.name
         records = {best: search_betas(runner.policies, exit_outputs, final_logits, labels, costs, value, progress)}
     else:
-        key = objective_key(objective, float((final_logits.argmax(axis=1) == labels).mean()))
+        key = objective_key(objective, float((final_logits.argmax(axis=1) == labels).mean()), latency)
         records = {}
         for name in names:
             policies = [dataclasses.replace(p, temperature=t) if p.name == name else get_policy(name)(

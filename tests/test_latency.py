@@ -13,7 +13,7 @@ from edgeexit.runtime.calibrate import LatencyTarget, choose_thresholds, shared_
 from edgeexit.errors import BundleError, ConfigError
 from edgeexit.runtime.latency import current_host, mixture_quantile, predict_latency
 from edgeexit.runtime.manifest import DeviceProfile, Timing, load_manifest, read_manifest
-from edgeexit.runtime.policies import ConfidencePolicy
+from edgeexit.runtime.policies import ConfidencePolicy, logit
 
 
 def cli(*args: str):
@@ -109,8 +109,9 @@ def synthetic_cascade(n: int = 400, classes: int = 4, seed: int = 0):
         right = rng.random(n) < quality
         predicted = np.where(right, labels, (labels + 1) % classes)
         logits = np.eye(classes, dtype=np.float32)[predicted] * 3
-        confidence = np.clip(np.where(right, 0.6, 0.3) + rng.normal(0, 0.2, n), 0, 1).astype(np.float32)
-        outputs.append({"logits": logits, "confidence": confidence[:, None]})
+        confidence = np.clip(np.where(right, 0.6, 0.3) + rng.normal(0, 0.2, n), 0.01, 0.99)
+        z = (np.log(confidence) - np.log1p(-confidence)).astype(np.float32)  # exits output the confidence logit
+        outputs.append({"logits": logits, "confidence_logit": z[:, None]})
     final_right = rng.random(n) < 0.95
     final = np.eye(classes, dtype=np.float32)[np.where(final_right, labels, (labels + 2) % classes)]
     return outputs, final, labels
@@ -127,7 +128,7 @@ def test_latency_budget_calibration_matches_brute_force(budget, stat):
         exit_index = np.full(len(labels), 2)
         predictions = final.argmax(axis=1)
         for k in reversed(range(2)):
-            leave = outputs[k]["confidence"][:, 0] >= thresholds[k]
+            leave = outputs[k]["confidence_logit"][:, 0].astype(np.float64) >= logit(thresholds[k])
             exit_index[leave] = k
             predictions = np.where(leave, outputs[k]["logits"].argmax(axis=1), predictions)
         counts = np.bincount(exit_index, minlength=3)
