@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -133,11 +134,16 @@ def test_branches_exit_a_real_share_early(pteenet_bundle, backbone_weights, tmp_
     from edgeexit.runtime.datasets import load_eval_data
     from edgeexit.runtime.manifest import load_manifest
 
-    result = CliRunner().invoke(main, ["run", str(pteenet_bundle), "--data", "digits", "--batch-size", "32",
+    bundle = tmp_path / "bundle"
+    shutil.copytree(pteenet_bundle, bundle)
+    # as a user would: thresholds chosen on the validation split for at most 2 points below the final classifier
+    calibrated = CliRunner().invoke(main, ["calibrate", str(bundle), "--data", "digits", "--split", "val", "--target-drop", "2"])
+    assert calibrated.exit_code == 0, calibrated.output
+    result = CliRunner().invoke(main, ["run", str(bundle), "--data", "digits", "--batch-size", "32",
                                        "--threads", "1", "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
-    x, y = load_eval_data("digits", "test", load_manifest(pteenet_bundle).input_spec)
+    x, y = load_eval_data("digits", "test", load_manifest(bundle).input_spec)
     with torch.no_grad():
         backbone_accuracy = float((_original(backbone_weights)(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
     early = sum(report["exit_counts"][:-1]) / sum(report["exit_counts"])
