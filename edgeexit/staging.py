@@ -1,6 +1,6 @@
 """Atomic bundle folders: build in a hidden temp folder beside the target, then rename into place.
 
-Torch- and onnx-free; shared by export and the bundle transforms (quantize, static-batch).
+Torch- and onnx-free; the one implementation behind export and the bundle transforms (quantize, static-batch).
 """
 from __future__ import annotations
 
@@ -54,11 +54,18 @@ def clean_stale(out: Path) -> list[Path]:
     return removed
 
 
+def check_target(out: Path) -> None:
+    """BundleError unless `out` is absent, an empty folder or an earlier bundle (nothing else is ever overwritten)."""
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"refusing to overwrite {out}: it is a file, not a bundle folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise BundleError(f"refusing to overwrite {out}: it exists and is not an edgeexit bundle")
+
+
 def replace_dir(staged: Path, out: Path) -> None:
     """Move a finished bundle into place; an earlier bundle at `out` survives any failure."""
     if out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
-            raise BundleError(f"refusing to overwrite {out}: it exists and is not an edgeexit bundle")
+        check_target(out)  # again: the target may have changed while the bundle was built
         old = _temp_dir(out, "old")
         os.replace(out, old / out.name)
         try:
@@ -77,8 +84,7 @@ def staged_bundle(out: str | os.PathLike, progress: Callable[[str], None] = lamb
     """Yield an empty temp folder beside `out`; on a clean exit it replaces `out`, on any failure it is removed."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not out.is_dir():
-        raise BundleError(f"refusing to overwrite {out}: it is a file, not a bundle folder")
+    check_target(out)  # before any work: a wrong target fails in a second, not after the export
     for path in clean_stale(out):
         progress(f"removed {path.name}, left by a run that was killed")
     staged = _temp_dir(out, "tmp")

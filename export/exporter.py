@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -19,11 +17,10 @@ from edgeexit.export.cascade_graph import write_cascade
 from edgeexit.export.verify import verify_bundle_against_model, verify_cascade
 from edgeexit.train.macs import count_params
 from edgeexit.train.models import EarlyExitModel, load_model
-from edgeexit.errors import BundleError
+from edgeexit.staging import staged_bundle
 from edgeexit.runtime.manifest import (
     BATCH_DIM,
     FULL_NAME,
-    MANIFEST_NAME,
     ExitSpec,
     FullGraph,
     InputSpec,
@@ -112,70 +109,6 @@ def build_manifest(model: EarlyExitModel, folder: Path, stages: tuple[StageSpec,
     )
 
 
-def _temp_dir(out: Path, kind: str) -> Path:
-    """A fresh hidden folder beside `out`, named with this process id so a later export can tell it is stale."""
-    path = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
-    path.chmod(0o755)
-    return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def clean_stale(out: Path) -> list[Path]:
-    """Remove the temp folders that killed exports left beside `out` (their process is gone), and put
-    back an earlier bundle that a kill between the two renames of _replace_dir left moved aside.
-
-    POSIX only (process liveness via kill(pid, 0)); elsewhere stale folders stay until removed by hand.
-    """
-    if os.name != "posix" or not out.parent.is_dir():
-        return []
-    removed = []
-    for kind in ("old", "tmp"):
-        prefix = f".{out.name}.{kind}-"
-        for path in sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()):
-            pid = path.name[len(prefix) :].split("-")[0]
-            if not pid.isdigit() or _pid_alive(int(pid)):
-                continue
-            if kind == "old" and (path / out.name / MANIFEST_NAME).is_file() and not out.exists():
-                os.replace(path / out.name, out)
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def check_target(out: Path) -> None:
-    """BundleError unless `out` is absent, an empty folder or an earlier bundle (export never overwrites anything else)."""
-    if out.exists() and not out.is_dir():
-        raise BundleError(f"refusing to overwrite {out}: it is a file, not a bundle folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise BundleError(f"refusing to overwrite {out}: it exists and is not an edgeexit bundle")
-
-
-def _replace_dir(staged: Path, out: Path) -> None:
-    """Move a finished bundle into place; an earlier bundle at `out` survives any failure."""
-    if out.exists():
-        check_target(out)  # again: the target may have changed while the graphs were exported
-        old = _temp_dir(out, "old")
-        os.replace(out, old / out.name)
-        try:
-            os.replace(staged, out)
-        except OSError:
-            os.replace(old / out.name, out)
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, out)
-
-
 def export_bundle(
     model_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -189,14 +122,8 @@ def export_bundle(
     Graphs are written into a hidden temp folder beside `out` and renamed into place only after
     verification, so a failed or killed export leaves any earlier bundle at `out` intact.
     """
-    out = Path(out).resolve()
     model = load_model(model_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_target(out)  # before any work: a wrong target fails in a second, not after the export
-    for path in clean_stale(out):
-        progress(f"removed {path.name}, left by an export that was killed")
-    staged = _temp_dir(out, "tmp")
-    try:
+    with staged_bundle(out, progress) as staged:
         stages, full = write_graphs(model, staged, opset, progress)
         manifest = save_manifest(staged, build_manifest(model, staged, stages, full, opset))
         progress("building cascade.onnx")
@@ -207,7 +134,4 @@ def export_bundle(
             verification = verify_bundle_against_model(staged, model)
             progress("verifying cascade.onnx against the stage chain")
             cascade_verification = verify_cascade(staged, model)
-        _replace_dir(staged, out)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
     return {**manifest.to_dict(), "verification": verification, "cascade_verification": cascade_verification}

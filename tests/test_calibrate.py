@@ -17,7 +17,7 @@ from edgeexit.runtime.calibrate import CascadeSimulator, apply_calibration, cali
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.errors import ConfigError
-from edgeexit.runtime.manifest import load_manifest, read_manifest, save_manifest
+from edgeexit.runtime.manifest import load_manifest
 from edgeexit.runtime.policies import POLICIES, get_policy
 
 
