@@ -29,7 +29,9 @@ from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.runtime.manifest import write_json_atomic
 from edgeexit.runtime.report import full_report, run_report
-from edgeexit.train.trainer import build_model, seed_everything, train_model
+from edgeexit.train.assembly import build_model
+from edgeexit.train.hardware import seed_everything
+from edgeexit.train.trainer import train_model
 
 EXIT_TYPES = ("plain", "pool", "bnpool")
 LOSSES = ("v1", "v2")

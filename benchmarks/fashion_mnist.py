@@ -52,7 +52,8 @@ from edgeexit.runtime.datasets import npz_split
 from edgeexit.runtime.manifest import load_manifest, save_manifest, write_json_atomic
 from edgeexit.runtime.policies import get_policy
 from edgeexit.runtime.report import interleaved_timings
-from edgeexit.train.trainer import build_model, train_model
+from edgeexit.train.assembly import build_model
+from edgeexit.train.trainer import train_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "fashion-mnist-60k.npz"

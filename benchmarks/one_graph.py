@@ -34,7 +34,7 @@ from edgeexit.runtime.manifest import load_manifest, save_manifest, write_json_a
 from edgeexit.runtime.report import interleaved_timings
 from edgeexit.train.data import load_data
 from edgeexit.train.models import save_model
-from edgeexit.train.trainer import build_model
+from edgeexit.train.assembly import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CUTS = {"resnet20": "layer1.2,layer2.2", "resnet56": "layer1.8,layer2.8"}

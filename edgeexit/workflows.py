@@ -19,7 +19,8 @@ from edgeexit.train.hardware import training_env
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import save_model
 from edgeexit.train.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
-from edgeexit.train.trainer import build_model, train_model
+from edgeexit.train.assembly import build_model
+from edgeexit.train.trainer import train_model
 
 
 def _split_list(value: str | None) -> list[str] | None:

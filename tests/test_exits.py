@@ -18,7 +18,8 @@ from edgeexit.train.placement import SCHEMES
 from edgeexit.runtime import CascadeRunner, load_manifest
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.errors import ConfigError
-from edgeexit.train.trainer import build_model, train_model
+from edgeexit.train.assembly import build_model
+from edgeexit.train.trainer import train_model
 
 EENET_EXITS = ("plain", "pool", "bnpool")
 FEATURES = (8, 4, 4)

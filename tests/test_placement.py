@@ -9,7 +9,7 @@ from edgeexit.cli import main
 from edgeexit.train.cuts import CutGraph, CutPoint
 from edgeexit.train.placement import SCHEMES, place_exits, scheme_targets
 from edgeexit.errors import ConfigError
-from edgeexit.train.trainer import choose_cuts
+from edgeexit.train.assembly import choose_cuts
 
 PHI = (1 + math.sqrt(5)) / 2
 

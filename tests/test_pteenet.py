@@ -180,7 +180,7 @@ def test_torchvision_backbone_at_224_exports_verified_and_runs(tmp_path, name):
     from edgeexit.train.pretrained import save_state_dict
     from edgeexit.runtime.cascade import CascadeRunner
     from edgeexit.runtime.datasets import load_eval_data
-    from edgeexit.train.trainer import build_model
+    from edgeexit.train.assembly import build_model
 
     save_state_dict(build_backbone(name, 10, 3), tmp_path / "w.pt")
     data = load_data("digits", input_size=224, channels=3)

@@ -9,10 +9,12 @@ model wrapper and cross-rank sums, so it runs the same code in one process or ma
 from __future__ import annotations
 
 import os
+import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -204,3 +206,20 @@ def training_env(device: str = "auto", precision: str = "32") -> Iterator[TrainE
     finally:
         if joined:
             dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so a run is repeatable on the same machine."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Backward pass (loss scaled when the scaler is enabled), optimizer and scheduler steps."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()

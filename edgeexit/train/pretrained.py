@@ -22,7 +22,7 @@ from edgeexit.train.backbones import build_backbone, first_conv_name
 from edgeexit.train.data import load_data
 from edgeexit.errors import ConfigError, InputError, first_line
 from edgeexit.train.config import TrainConfig
-from edgeexit.train.hardware import TrainEnv, training_env
+from edgeexit.train.hardware import TrainEnv, optimizer_step, seed_everything, training_env
 from edgeexit.train.models import atomic_save
 
 CHECKPOINT_KEYS = ("state_dict", "model")
@@ -99,7 +99,6 @@ def accuracy(net: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
 def fit_backbone(net: nn.Module, train: Dataset, env: TrainEnv, epochs: int, batch_size: int = 64, lr: float = 0.05,
                  seed: int = 0, progress: bool = True, num_workers: int = 0) -> nn.Module:
     """Train a plain backbone (already on env.device) in place with cross-entropy, SGD (Nesterov) and a one-cycle schedule."""
-    from edgeexit.train.trainer import optimizer_step
 
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     loader = env.train_loader(train, batch_size, seed, num_workers)
@@ -137,7 +136,6 @@ def pretrain_backbone(
 
     Device, precision and torchrun launches work as in `edgeexit train`; rank 0 writes `out`.
     """
-    from edgeexit.train.trainer import seed_everything
 
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")

@@ -2,33 +2,20 @@
 from __future__ import annotations
 
 import copy
-import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from edgeexit.errors import ConfigError
 from edgeexit.runtime.simulate import CascadeSimulator
 from edgeexit.train.checkpoints import Checkpoint, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint
-from edgeexit.train.config import ModelConfig, TrainConfig
-from edgeexit.train.cuts import CutGraph
+from edgeexit.train.config import TrainConfig
 from edgeexit.train.data import DataSplits
-from edgeexit.train.hardware import TrainEnv, get_precision
+from edgeexit.train.hardware import TrainEnv, get_precision, optimizer_step, seed_everything
 from edgeexit.train.losses import TAGGED_LOSSES, exit_tags, get_loss
-from edgeexit.train.methods import get_method
 from edgeexit.train.models import EarlyExitModel
-from edgeexit.train.placement import place_exits
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch so a run is repeatable on the same machine."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -59,24 +46,6 @@ class Indexed(Dataset):
     def __getitem__(self, index: int):
         x, y = self.dataset[index]
         return x, y, index
-
-
-def choose_cuts(
-    backbone: torch.nn.Module, input_shape: Sequence[int], placement: str, num_exits: int, exit_at: Sequence[str] | None,
-    placement_cost: str = "macs",
-) -> list[str]:
-    """Cut names: explicit `exit_at`, or picked by a placement scheme on the cumulative MACs or measured latency curve."""
-    from edgeexit.train.cut_latency import check_placement_cost, cut_latencies, latency_candidates
-
-    graph = CutGraph(backbone, input_shape)
-    if exit_at:
-        return [graph.resolve(name).name for name in exit_at]
-    candidates = graph.candidates
-    if check_placement_cost(placement_cost) == "latency":
-        was_training = backbone.training  # exporting the prefixes puts the backbone in eval mode
-        candidates = latency_candidates(candidates, *cut_latencies(graph))
-        backbone.train(was_training)
-    return [point.name for point in place_exits(placement, num_exits, candidates)]
 
 
 @torch.no_grad()
@@ -142,16 +111,6 @@ def sharded_validate(model: EarlyExitModel, dataset: Dataset, loss_name: str, co
     shard = env.shard(dataset)
     values = validate(model, shard, loss_name, costs, lam, device=env.device) if len(shard) else (0.0, 0.0, 0.0)
     return env.weighted_mean(values, len(shard))
-
-
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-    """Backward pass (loss scaled when the scaler is enabled), optimizer and scheduler steps."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
 
 
 # TrainConfig fields a resumed run may change: they do not alter what is computed
@@ -249,51 +208,3 @@ def train_model(
         history.best_epoch = config.epochs - 1
     model.eval().cpu()
     return history
-
-
-def build_model(
-    data: DataSplits,
-    backbone: str,
-    exit_type: str,
-    placement: str,
-    num_exits: int,
-    exit_at: Sequence[str] | None = None,
-    method: str = "eenet",
-    threshold: float | None = None,
-    backbone_args: dict | None = None,
-    exit_args: dict | None = None,
-    weights: str | None = None,
-    policy_args: dict | None = None,
-    placement_cost: str = "macs",
-) -> EarlyExitModel:
-    """Construct an untrained exit-augmented model sized for `data`, its backbone loaded from `weights` if given."""
-    from edgeexit.train.backbones import build_backbone
-    from edgeexit.train.pretrained import load_backbone_weights
-
-    spec = get_method(method)
-    info = data.info
-    net = build_backbone(backbone, info.num_classes, info.input_shape[0], **(backbone_args or {}))
-    if weights:
-        load_backbone_weights(net, weights, backbone)
-    cuts = choose_cuts(net, info.input_shape, placement, num_exits, exit_at, placement_cost)
-    config = ModelConfig(
-        backbone=backbone,
-        backbone_args=backbone_args or {},
-        method=method,
-        exit_type=exit_type,
-        exit_args=exit_args or {},
-        cuts=cuts,
-        num_classes=info.num_classes,
-        input_shape=info.input_shape,
-        mean=info.mean,
-        std=info.std,
-        class_names=info.class_names,
-        policy=(spec.policy if threshold is None else spec.policy.with_threshold(threshold)).with_args(policy_args),
-        frozen_backbone=spec.frozen_backbone,
-    )
-    model = EarlyExitModel(config, backbone=net)
-    built = [config.exit_policy(k).build() for k in range(len(cuts))]  # bad args (e.g. --beta on confidence) fail here
-    missing = set(built[0].roles) - set(model.exits[0].outputs)
-    if missing:
-        raise ConfigError(f"exit type '{exit_type}' lacks the outputs {sorted(missing)} that method '{method}' needs")
-    return model
