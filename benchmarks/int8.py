@@ -1,12 +1,13 @@
-"""fp32 vs int8 on digits: accuracy of full.onnx and of the cascade at equal relative MACs, and latency.
+"""fp32 vs int8 on a labeled data set (digits by default): accuracy of full.onnx and of the cascade at equal relative MACs, and latency.
 
-From an exported fp32 bundle: calibrate its thresholds on digits/val (--target-drop), quantize
-it with `edgeexit quantize` (thresholds re-chosen for the fp32 bundle's relative MACs on val),
-then on digits/test: accuracy and relative MACs of both cascades, both full.onnx, and the
+From an exported fp32 bundle: calibrate its thresholds (its own policy) on --data's val split
+(--target-drop), quantize it with `edgeexit quantize` (thresholds re-chosen for the fp32 bundle's
+relative MACs on val), then on the test split: accuracy and relative MACs of both cascades, both full.onnx, and the
 accuracy-vs-MACs curve of each (thresholds chosen on val for a range of MACs budgets). Latency:
 full.onnx and cascade, fp32 and int8, timed interleaved in one run. Writes int8.json + int8.png.
 
     edgeexit demo --out demo/ && python benchmarks/int8.py --bundle demo/bundle --threads 1
+    python benchmarks/int8.py --bundle DIR/bundle --data npz:../shared/data/fashion-mnist-60k.npz   # the Fashion headline
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def evaluate(runner: CascadeRunner, test: tuple) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True, help="an exported fp32 bundle (not modified)")
+    parser.add_argument("--data", default="digits", help="labeled data the bundle was trained on (digits, npz:PATH, folder:PATH)")
     parser.add_argument("--target-drop", type=float, default=0.5, help="fp32 thresholds: accuracy drop on val (points)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -71,13 +73,13 @@ def main() -> None:
         fp32_path, int8_path = work / "fp32", work / "int8"
         shutil.copytree(args.bundle, fp32_path)
         spec = CascadeRunner(fp32_path).manifest.input_spec
-        val, test = load_eval_data("digits", "val", spec), load_eval_data("digits", "test", spec)
-        log("calibrating the fp32 thresholds on digits/val")
+        val, test = load_eval_data(args.data, "val", spec), load_eval_data(args.data, "test", spec)
+        log(f"calibrating the fp32 thresholds on {args.data} val")
         apply_calibration(str(fp32_path), calibrate(CascadeRunner(fp32_path), *val, ("target_drop", args.target_drop)))
         log("quantizing")
-        quantize_bundle(fp32_path, int8_path, *val, data={"name": "digits", "split": "val"}, progress=log)
+        quantize_bundle(fp32_path, int8_path, *val, data={"name": args.data, "split": "val"}, progress=log)
         runners = {name: CascadeRunner(path, threads=args.threads) for name, path in (("fp32", fp32_path), ("int8", int8_path))}
-        report: dict = {"bundle": Path(args.bundle).name, "host": platform.machine(), "processor": platform.processor(),
+        report: dict = {"bundle": Path(args.bundle).name, "data": Path(args.data).name, "host": platform.machine(), "processor": platform.processor(),
                         "threads": args.threads, "batch_size": args.batch_size, "test_samples": int(len(test[1]))}
         for name, runner in runners.items():
             log(f"{name}: accuracy and curve")
@@ -116,7 +118,7 @@ def plot(report: dict, path: Path) -> None:
         left.plot([p["relative_macs"] for p in pts], [100 * p["accuracy"] for p in pts], "o-", color=color, label=f"{name} cascade")
         left.axhline(100 * report[name]["full_accuracy"], color=color, ls="--", lw=1, label=f"{name} full.onnx")
     left.set_xlabel("relative MACs (test)")
-    left.set_ylabel("accuracy % (digits test)")
+    left.set_ylabel(f"accuracy % ({report['data']} test)")
     left.legend(fontsize=8)
     names = list(report["latency_ms"])
     right.bar(names, [report["latency_ms"][n]["p50"] for n in names], color=["tab:blue", "tab:blue", "tab:orange", "tab:orange"])

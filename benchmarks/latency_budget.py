@@ -1,12 +1,11 @@
 """Latency, not MACs: predicted vs measured cascade latency, and latency- vs MACs-calibrated cascades at equal budgets.
 
 Data: Fashion-MNIST from an .npz (x uint8 (N, 28, 28), y, classes), by default the 60,000-image
-copy at ../shared/data/fashion-mnist-60k.npz beside the repository. It is NOT the official
-train/test split: this script makes its own seeded split of the file (--train-size, --val-size,
---test-size images, disjoint, seed 0) and writes it as an image folder, so training and the
-runtime read it through `--data folder:PATH` like any user data. --bundle uses an existing
-Fashion-MNIST bundle instead (e.g. `python benchmarks/fashion_mnist.py --headline --out DIR`
--> DIR/bundle; its input size must match the folder's images, which are resized on load).
+copy at ../shared/data/fashion-mnist-60k.npz beside the repository, read as `--data npz:PATH`
+(edgeexit's fixed seeded 70/15/15 split of the file, NOT the official train/test split; the
+first --val-size / --test-size images of val and test). --bundle uses an existing bundle
+trained on that split (e.g. `python benchmarks/fashion_mnist.py --headline --out DIR` ->
+DIR/bundle); without it, one is trained on the file's whole train split.
 
 (a) Prediction: the bundle is calibrated on val, profiled (`edgeexit profile`) at batch 1 and 64
     with --threads, then the cascade runs over the test split (tiled to --samples inputs); the
@@ -44,26 +43,6 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 DEFAULT_NPZ = ROOT.parent.parent / "shared" / "data" / "fashion-mnist-60k.npz"
 TRAINING = {"method": "eenet", "exit_type": "plain", "num_exits": 2, "placement": "pareto", "loss": "v2"}
-
-
-def write_folder(npz: Path, out: Path, sizes: dict[str, int]) -> str:
-    """A seeded, disjoint train/val/test subset of the .npz as PNGs: out/{split}/{class}/{i}.png; returns the data spec."""
-    from PIL import Image
-
-    if (out / "done").exists():
-        return f"folder:{out}"
-    with np.load(npz, allow_pickle=False) as data:
-        x, y = data["x"], data["y"]
-    order = np.random.default_rng(0).permutation(len(x))
-    start = 0
-    for split, size in sizes.items():
-        for i in order[start : start + size]:
-            folder = out / split / f"{int(y[i]):02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(x[i]).save(folder / f"{i}.png")
-        start += size
-    (out / "done").write_text("ok\n")
-    return f"folder:{out}"
 
 
 def tiled(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="resnet20")
     parser.add_argument("--input-size", type=int, default=28)
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--train-size", type=int, default=6000)
     parser.add_argument("--val-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
@@ -162,15 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.backbone, args.input_size, args.epochs = "resnet8", 16, 2
-        args.train_size, args.val_size, args.test_size, args.samples, args.repeats, args.budgets = 1500, 500, 500, 256, 40, 3
+        args.val_size, args.test_size, args.samples, args.repeats, args.budgets = 500, 500, 256, 40, 3
     if not args.npz.is_file():
         sys.exit(f"error: {args.npz} not found: pass --npz PATH to a Fashion-MNIST .npz (x, y, classes)")
     args.work.mkdir(parents=True, exist_ok=True)
-    sizes = {"train": args.train_size, "val": args.val_size, "test": args.test_size}
-    data = write_folder(args.npz, args.work / f"fashion-{args.train_size}-{args.val_size}-{args.test_size}", sizes)
+    data = f"npz:{args.npz}"
     bundle = args.bundle
     if bundle is None:
-        model = args.work / f"{args.backbone}-{args.input_size}-e{args.epochs}-{args.train_size}.pt"
+        model = args.work / f"{args.backbone}-{args.input_size}-e{args.epochs}.pt"
         bundle = model.with_suffix("")
         if not model.exists():
             stderr_progress(f"training {args.backbone} on {data} for {args.epochs} epochs")
@@ -178,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                             out=str(model), progress=False, **TRAINING)
         export_bundle(model, bundle)
     spec = load_manifest(bundle).input_spec
-    val, test = load_eval_data(data, "val", spec), load_eval_data(data, "test", spec)
+    val = tuple(a[: args.val_size] for a in load_eval_data(data, "val", spec))
+    test = tuple(a[: args.test_size] for a in load_eval_data(data, "test", spec))
     apply_calibration(str(bundle), calibrate(CascadeRunner(bundle, threads=args.threads), *val, ("target_drop", 0.5),
                                              {"name": data, "split": "val"}, stderr_progress))
     prediction = [prediction_check(bundle, data, args.threads, batch, args.samples, args.repeats) for batch in (1, 64)]
@@ -187,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [float(b) for b in np.linspace(low * 1.05, high, args.budgets)]
     rows = [budget_row(bundle, data, args.threads, b, args.stat, val, test) for b in budgets]
     results = {
-        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "data": "fashion-mnist subset as folder (seeded split)"},
+        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "data": "npz: edgeexit's seeded 70/15/15 split, first N of val/test"},
         "bundle_cuts": [s.exit.cut for s in load_manifest(bundle).stages[:-1]],
         "prediction": prediction,
         "budgets": rows,

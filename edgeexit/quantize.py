@@ -34,6 +34,10 @@ from edgeexit.runtime.manifest import (
 from edgeexit.staging import staged_bundle
 
 CALIBRATION_BATCH = 64
+# Activation ranges come from the first RANGE_SAMPLES calibration inputs: onnxruntime's MinMax calibrator keeps
+# every intermediate output of every batch until it reduces them, about 1.6 MB per 28x28 input for resnet20
+# (9,000 Fashion-MNIST inputs would need ~14 GB); thresholds are still chosen on all of them.
+RANGE_SAMPLES = 1024
 SETTINGS = {"format": "QDQ", "activations": "uint8", "weights": "int8", "per_channel": True, "ranges": "minmax"}
 
 
@@ -115,12 +119,13 @@ def quantize_bundle(
     fp32 = CascadeRunner(parent)
     if objective is None:
         objective = ("budget", fp32.relative_macs(fp32.predict(x)))
-    progress(f"running the fp32 chain over {len(x)} calibration inputs")
-    inputs = chain_inputs(fp32, x)
+    ranged = x[:RANGE_SAMPLES]
+    progress(f"running the fp32 chain over {len(ranged)} calibration inputs for the activation ranges")
+    inputs = chain_inputs(fp32, ranged)
     with staged_bundle(out, progress) as staged:
         manifest = parent.to_dict()
-        manifest.pop("cascade", None)  # cascade.onnx is not carried over yet: the derived bundle runs as the stage chain
-        graphs = [*zip(manifest["stages"], inputs), (manifest["full"], x)]
+        manifest.pop("cascade", None)  # rebuilt below from the int8 stages and the re-chosen thresholds
+        graphs = [*zip(manifest["stages"], inputs), (manifest["full"], ranged)]
         for entry, stage_input in graphs:
             progress(f"quantizing {entry['file']}")
             input_name = entry["inputs"][0]["name"] if "inputs" in entry else manifest["input"]["name"]
@@ -128,10 +133,14 @@ def quantize_bundle(
             entry["sha256"] = sha256_file(staged / entry["file"])
         manifest["precision"] = INT8
         manifest["quantization"] = {**SETTINGS, "parent": _parent_record(parent),
-                                    "data": {**(data or {}), "samples": int(len(x))}}
+                                    "data": {**(data or {}), "samples": int(len(x)), "range_samples": int(len(ranged))}}
         manifest["calibration"] = None
         save_manifest(staged, manifest)
         progress("re-calibrating the thresholds on the int8 bundle")
         record = calibrate(CascadeRunner(staged), x, labels, objective, data, progress)
-        manifest = apply_calibration(str(staged), record)
+        apply_calibration(str(staged), record)
+        progress("building cascade.onnx from the int8 stages")
+        from edgeexit.export.cascade_graph import rebuild_cascade  # onnx, checked above
+
+        manifest = rebuild_cascade(staged, x)
     return dataclasses.replace(manifest, root=Path(out).resolve())

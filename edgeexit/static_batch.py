@@ -3,7 +3,8 @@
 NNAPI (Android) and CoreML (iOS) take no node whose input has a symbolic dim: onnxruntime's
 mobile usability checker gives them 0 of a stage's nodes as exported and all of them once
 the batch is fixed. The runtime runs such a bundle in groups of N inputs (the last group
-zero-padded), so the cascade still works on survivors. Needs the `onnx` package, not torch.
+zero-padded), so the cascade still works on survivors; a static batch of 1 also gets the batch-1
+cascade.onnx (an If per exit, fixed shapes). Needs the `onnx` package, not torch.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def static_batch_bundle(
                           f"symbolic-batch original instead")
     with staged_bundle(out, progress) as staged:
         manifest = parent.to_dict()
-        manifest.pop("cascade", None)  # cascade.onnx is not carried over yet: the derived bundle runs as the stage chain
+        manifest.pop("cascade", None)  # rebuilt below: the batch-1 graph for a static batch of 1, none above
         for entry in [*manifest["stages"], manifest["full"]]:
             progress(f"fixing the batch of {entry['file']} to {batch}")
             fix_graph(parent.path(entry["file"]), staged / entry["file"], batch)
@@ -76,6 +77,12 @@ def static_batch_bundle(
         manifest["static_batch"] = batch
         fixed = save_manifest(staged, manifest)
         check_same_outputs(CascadeRunner(parent), CascadeRunner(fixed), batch)
+        if batch == 1:
+            from edgeexit.export.cascade_graph import rebuild_cascade  # onnx, checked by fix_graph
+
+            progress("building the batch-1 cascade.onnx")
+            x = np.random.default_rng(0).standard_normal((32, *parent.input_shape)).astype(np.float32)
+            fixed = rebuild_cascade(staged, x)
     return dataclasses.replace(fixed, root=Path(out).resolve())
 
 

@@ -1,6 +1,7 @@
 """Training-side entry points behind the CLI: train, cuts, demo, and torchvision evaluation data."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,19 @@ from edgeexit.train.models import save_model
 from edgeexit.train.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
 from edgeexit.train.assembly import build_model
 from edgeexit.train.trainer import train_model
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What `train` hands back: the kept epoch's validation figures, and the trained model with its data."""
+
+    rank: int  # this process's rank (0 writes model.pt)
+    cuts: list[str]
+    best_epoch: int  # 0-based index of the kept (lowest validation loss) epoch
+    val_accuracy: float
+    val_exit_rate: float  # share of validation inputs leaving early at the model's default threshold
+    model: Any  # EarlyExitModel, in eval mode on the CPU
+    data: Any  # DataSplits
 
 
 def _split_list(value: str | None) -> list[str] | None:
@@ -59,8 +73,8 @@ def train(
     num_workers: int = TrainConfig.num_workers,
     checkpoint_dir: str | None = TrainConfig.checkpoint_dir,
     resume: bool = TrainConfig.resume,
-) -> dict[str, Any]:
-    """Build, train and save a model; returns a summary (cuts, final validation metrics, rank).
+) -> TrainResult:
+    """Build, train and save a model; returns the kept epoch's validation figures and the model.
 
     `weights` loads the backbone from a local file first (PTEENet post-trains a frozen,
     pre-trained backbone and refuses to start without it); `branch_channels` and
@@ -95,15 +109,7 @@ def train(
             save_model(model, out, extra={"train": vars(config), "history": vars(history), "backbone_weights": weights,
                                           "world_size": env.world_size})
     best = history.best_epoch
-    return {
-        "rank": env.rank,
-        "cuts": model.config.cuts,
-        "best_epoch": best,
-        "val_accuracy": history.val_accuracy[best],
-        "val_exit_rate": history.val_exit_rate[best],
-        "model": model,
-        "data": splits,
-    }
+    return TrainResult(env.rank, model.config.cuts, best, history.val_accuracy[best], history.val_exit_rate[best], model, splits)
 
 
 def eval_arrays(name: str, split: str, input_spec: InputSpec, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:

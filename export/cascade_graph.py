@@ -25,13 +25,29 @@ also inputs): thresholds; beta for class exclusion; temperature for max-softmax 
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeexit.runtime.manifest import BATCH_DIM, CASCADE_NAME, CASCADE_OUTPUTS, CascadeGraph, Manifest, sha256_file
+from edgeexit.runtime.cascade import CascadeRunner
+from edgeexit.runtime.graph import GraphRunner
+from edgeexit.runtime.manifest import (
+    BATCH_DIM,
+    CASCADE_NAME,
+    CASCADE_OUTPUTS,
+    CascadeGraph,
+    Manifest,
+    load_manifest,
+    save_manifest,
+    sha256_file,
+)
+from edgeexit.runtime.verify import check_graph_decisions
+
+CHECK_INPUTS = 128  # inputs on which a rebuilt cascade.onnx must make the chain's decisions (whole batch and one by one)
 
 THRESHOLDS = "thresholds"
 BETA = "beta"
@@ -266,7 +282,7 @@ def build_cascade(manifest: Manifest, compact: bool = True) -> onnx.ModelProto:
     if "exclusion" in kinds:
         defaults[BETA] = np.array([_policy(e).args.get("beta", 0.0) for e in manifest.exits], dtype=np.float64)
     if any(kind in SOFTMAX_POLICIES for kind in kinds):
-        defaults[TEMPERATURE] = np.array([getattr(_policy(e), "temperature", 1.0) for e in manifest.exits], dtype=np.float64)
+        defaults[TEMPERATURE] = np.array([e.temperature for e in manifest.exits], dtype=np.float64)
     for name, value in defaults.items():
         graph.initializers.append(numpy_helper.from_array(value, name))
     nodes += [helper.make_node("Identity", [scores], [OUT_SCORES]), helper.make_node("Identity", [prediction], [OUT_PREDICTION]),
@@ -311,3 +327,23 @@ def write_cascade(manifest: Manifest, compact: bool = True) -> CascadeGraph:
     entry = {"file": CASCADE_NAME, "sha256": sha256_file(path), "inputs": _describe(model.graph.input, defaults),
              "outputs": _describe(model.graph.output, {})}
     return CascadeGraph.from_dict(entry, manifest.input_spec, len(manifest.exits))
+
+
+def rebuild_cascade(bundle: str | os.PathLike, x: np.ndarray) -> Manifest:
+    """Write cascade.onnx for a bundle's current stage graphs and policies (after quantize, static-batch or a
+    calibration that changed the policy), check its decisions against the stage chain on x, and save the manifest.
+
+    A static batch of 1 gets the batch-1 graph (If per exit, fixed shapes); a static batch above 1 gets none
+    (compacting survivors needs a symbolic batch): the bundle runs as the stage chain.
+    """
+    manifest = load_manifest(bundle, check_hashes=False)
+    if manifest.static_batch not in (None, 1):
+        manifest.path(CASCADE_NAME).unlink(missing_ok=True)
+        return save_manifest(bundle, dataclasses.replace(manifest, cascade=None))
+    try:
+        manifest = dataclasses.replace(manifest, cascade=write_cascade(manifest, compact=manifest.static_batch is None))
+        check_graph_decisions(GraphRunner(manifest), CascadeRunner(manifest), {"calibration": x[:CHECK_INPUTS]})
+    except BaseException:
+        manifest.path(CASCADE_NAME).unlink(missing_ok=True)
+        raise
+    return save_manifest(bundle, manifest)

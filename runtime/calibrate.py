@@ -51,7 +51,7 @@ from edgeexit.runtime.graph import with_graph_defaults
 from edgeexit.errors import ConfigError
 from edgeexit.registry import Registry
 from edgeexit.runtime.latency import cheapest_latency, predict_latency
-from edgeexit.runtime.manifest import DeviceProfile, Manifest, load_manifest, save_manifest
+from edgeexit.runtime.manifest import CASCADE_NAME, DeviceProfile, Manifest, load_manifest, save_manifest
 from edgeexit.runtime.policies import SCORE_POLICIES, ExclusionPolicy, Policy, get_policy, policies_for
 from edgeexit.runtime.simulate import CascadeSimulator, Point, grid_points, pareto_front
 
@@ -437,4 +437,7 @@ def apply_calibration(bundle: str, record: dict) -> Manifest:
             softmax_scored and any(t != 1.0 for t in record["temperatures"])):
         return save_manifest(bundle, with_graph_defaults(manifest, "thresholds", [float(t) for t in record["chosen"]["thresholds"]]))
     # cascade.onnx has the old policies and no temperatures compiled in: drop it, the stage chain runs the new ones
-    return save_manifest(bundle, dataclasses.replace(manifest, cascade=None))
+    # (`edgeexit calibrate` rebuilds it when the onnx package is installed)
+    manifest = save_manifest(bundle, dataclasses.replace(manifest, cascade=None))
+    manifest.path(CASCADE_NAME).unlink(missing_ok=True)
+    return manifest

@@ -41,6 +41,8 @@ class GraphRunner(Runner):
                 raise BundleError(f"{CASCADE_NAME}: graph {kind} {got} differ from the manifest's {want}")
         self._input_name = entry.inputs[0].name
         self._vector_inputs = [t.name for t in entry.inputs[1:]]
+        if self.manifest.static_batch is not None:  # a fixed-shape graph (only batch 1 has one) takes that many per run
+            self.chunk_size = self.manifest.static_batch
 
     @property
     def active_providers(self) -> list[str]:

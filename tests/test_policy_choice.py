@@ -11,6 +11,7 @@ from edgeexit.cli import main
 from edgeexit.runtime.calibrate import apply_calibration, calibrate, fit_temperature, temperature_nll
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
+from edgeexit.runtime.graph import GraphRunner
 from edgeexit.errors import BundleError, ConfigError
 from edgeexit.runtime.manifest import load_manifest, read_manifest, save_manifest
 from edgeexit.runtime.policies import softmax
@@ -95,6 +96,19 @@ def test_cli_calibrate_and_run_take_a_policy(bundle_copy, tmp_path):
     assert result.exit_code == 0, result.output
     assert "policy max_softmax" in result.output
     assert load_manifest(bundle_copy).exits[0].policy.kind == "max_softmax"
+    # cascade.onnx compiled in the old policy: calibrate rebuilds it for the new one and its temperatures
+    assert "rebuilt cascade.onnx" in result.output
+    manifest = load_manifest(bundle_copy)
+    assert manifest.cascade.default("temperature") == pytest.approx([e.temperature for e in manifest.exits])
+    x = load_eval_data("digits", "test", manifest.input_spec)[0]
+    seen = set()
+    for threshold in (None, 0.9, 0.99, 0.999):  # the calibrated point, then mixes that keep inputs for later stages
+        graph = GraphRunner(bundle_copy).predict(x, thresholds=threshold)
+        chain = CascadeRunner(bundle_copy).predict(x, thresholds=threshold)
+        np.testing.assert_array_equal(graph.exit_index, chain.exit_index)
+        np.testing.assert_array_equal(graph.predictions, chain.predictions)
+        seen |= set(chain.exit_index.tolist())
+    assert len(seen) > 1
     report = tmp_path / "r.json"
     result = cli.invoke(main, ["run", str(bundle_copy), "--policy", "confidence", "--threshold", "0", "--threads", "1",
                                "--json", str(report)])

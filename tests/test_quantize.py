@@ -57,6 +57,8 @@ def test_int8_thresholds_recalibrated_at_the_fp32_cost(int8_bundle, tiny_bundle,
     fp32 = CascadeRunner(tiny_bundle)
     assert record["objective"] == {"budget": pytest.approx(fp32.relative_macs(fp32.predict(val[0])))}
     assert record["data"] == {"name": "digits", "split": "val", "samples": len(val[1])}
+    ranges = load_manifest(int8_bundle).quantization["data"]
+    assert ranges["samples"] == len(val[1]) and ranges["range_samples"] == min(len(val[1]), quantize.RANGE_SAMPLES)
     int8 = CascadeRunner(int8_bundle)
     assert int8.thresholds == record["chosen"]["thresholds"]
 
@@ -68,6 +70,7 @@ def test_int8_accuracy_close_to_fp32_and_verify_passes(int8_bundle, tiny_bundle,
     assert (int8.predict(x).predictions == y).mean() >= (fp32.predict(x).predictions == y).mean() - 0.02
     checks = verify_bundle(int8_bundle)
     assert not [c for c in checks if c.failed], [c.line() for c in checks]
+    assert any(c.name == "cascade.onnx vs chain decisions" and c.status == "ok" for c in checks)
     assert any("int8 tolerance" in c.detail for c in checks)
 
 

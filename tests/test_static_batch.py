@@ -39,7 +39,9 @@ def coverage(path):
 
 
 def test_mobile_checker_gives_nnapi_and_coreml_every_node_once_the_batch_is_fixed(b1_bundle, tiny_bundle):
-    for entry in load_manifest(b1_bundle).files():
+    manifest = load_manifest(b1_bundle)
+    # cascade.onnx is left out: its If nodes and policy ops (NonZero, ScatterND, ...) are not NNAPI/CoreML ops
+    for entry in (*manifest.stages, manifest.full):
         for ep, (supported, total, partitions) in coverage(b1_bundle / entry.file).items():
             if ep == "coreml_nn" and entry.file in ("stage_2.onnx", "full.onnx"):
                 # the legacy NeuralNetwork format lacks ReduceMean (the classifier's global pooling): one node
@@ -50,11 +52,23 @@ def test_mobile_checker_gives_nnapi_and_coreml_every_node_once_the_batch_is_fixe
             assert supported == 0, (entry.file, ep, "symbolic batch should block the EP")
 
 
+def test_static_batch_1_gets_the_batch_1_cascade_graph(b1_bundle, tiny_bundle, digits_test):
+    from edgeexit.runtime.graph import GraphRunner
+
+    manifest = load_manifest(b1_bundle)
+    assert manifest.cascade.inputs[0].shape[0] == 1 and manifest.cascade.outputs[2].shape == (1,)
+    x = digits_test[0][:40]
+    graph, chain = GraphRunner(b1_bundle).predict(x), CascadeRunner(tiny_bundle).predict(x)
+    np.testing.assert_array_equal(graph.exit_index, chain.exit_index)
+    np.testing.assert_array_equal(graph.predictions, chain.predictions)
+
+
 def test_static_manifest_and_padded_runs_match_the_original(tiny_bundle, tmp_path, digits_test):
     out = tmp_path / "b2"
     static_batch.static_batch_bundle(tiny_bundle, out, 2)
     manifest = load_manifest(out)
     assert manifest.static_batch == 2 and manifest.input_spec.shape[0] == 2
+    assert manifest.cascade is None and not (out / "cascade.onnx").exists()  # compaction needs a symbolic batch
     assert all(t.shape[0] == 2 for s in manifest.stages for t in (*s.inputs, *s.outputs))
     x = digits_test[0][:7]  # odd count: the last group of every stage run is padded
     original, fixed = CascadeRunner(tiny_bundle), CascadeRunner(out)

@@ -194,13 +194,27 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
                              search_beta=fixed is None)
     if fixed is not None and record["policy"] == "exclusion":
         record["chosen"]["betas"] = [p.args["beta"] for p in runner.policies]
-    apply_calibration(bundle, record)
+    had_graph = runner.manifest.cascade is not None
+    manifest = apply_calibration(bundle, record)
     chosen = record["chosen"]
     status = "met" if chosen["met"] else "NOT met (closest point chosen)"
     click.echo(f"reference accuracy {record['reference_accuracy']:.4f} on {data}/{split}; target {status}")
     click.echo(f"policy {record['policy']}, temperatures {', '.join(f'{t:.3g}' for t in record['temperatures'])}")
     click.echo(f"operating point: {describe(chosen)}")
     click.echo(f"wrote policy, thresholds, temperatures and calibration curve into {bundle}/manifest.json")
+    if had_graph and manifest.cascade is None:
+        click.echo(_rebuild_graph(bundle, x))
+
+
+def _rebuild_graph(bundle: str, x: Any) -> str:
+    """cascade.onnx after a calibration changed what it compiles in (policy, temperatures): rebuilt when onnx is installed."""
+    try:
+        from edgeexit.export.cascade_graph import rebuild_cascade
+    except ImportError:
+        return ("removed cascade.onnx (it compiles in the old policy): the stage chain runs meanwhile; install the onnx "
+                "package and calibrate again to rebuild it")
+    rebuild_cascade(bundle, x)
+    return "rebuilt cascade.onnx for the new policy and temperatures (its decisions match the stage chain's)"
 
 
 @click.command()

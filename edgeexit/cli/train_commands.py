@@ -79,13 +79,10 @@ def train(**opts: Any) -> None:
     """
     with training_extra():
         from edgeexit import workflows
-    summary = workflows.train(**{**opts, "beta": parse_numbers(opts["beta"], "--beta")}, progress=True)
-    if summary["rank"] == 0:
-        click.echo(
-            f"wrote {opts['out']}: cuts {', '.join(summary['cuts'])}; kept epoch {summary['best_epoch'] + 1} (lowest val loss): "
-            f"val accuracy {summary['val_accuracy']:.4f}, "
-            f"early-exit rate {summary['val_exit_rate']:.2f}"
-        )
+    result = workflows.train(**{**opts, "beta": parse_numbers(opts["beta"], "--beta")}, progress=True)
+    if result.rank == 0:
+        click.echo(f"wrote {opts['out']}: cuts {', '.join(result.cuts)}; kept epoch {result.best_epoch + 1} (lowest val loss): "
+                   f"val accuracy {result.val_accuracy:.4f}, early-exit rate {result.val_exit_rate:.2f}")
 
 
 
