@@ -5,8 +5,9 @@ user-mode: `debootstrap --foreign --arch arm64` plus qemu-user-static registered
 binfmt_misc, then the second debootstrap stage inside it; onnxruntime/numpy aarch64 wheels
 come from `pip download --platform manylinux2014_aarch64 --only-binary=:all:` and the
 runtime-only edgeexit wheel is built from this checkout (no torch, no onnx on the arm side).
-Each bundle runs on both sides (threads 1, batch 1 and 256) on the digits test split plus
-random inputs; the comparison goes to benchmarks/results/aarch64_parity.json.
+Each bundle runs on both sides (threads 1, batch 1 and 256; the stage chain, and cascade.onnx
+when the bundle has one) on the digits test split plus random inputs; the comparison goes to
+benchmarks/results/aarch64_parity.json.
 
 Goals: fp32: every decision (prediction, exit index) equal. int8: every differing decision
 explained: at the first exit where the two machines decide differently, the two scores lie
@@ -102,14 +103,17 @@ def dump(bundle: str, inputs: str, out: str) -> None:
     import onnxruntime
 
     from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.graph import GraphRunner
 
     runner = CascadeRunner(bundle, threads=1)
+    engines = {"chain": runner, **({"graph": GraphRunner(bundle, threads=1)} if runner.manifest.cascade else {})}
     x = np.load(inputs)
     arrays: dict[str, np.ndarray] = {}
-    for batch in BATCH_SIZES:
-        results = [runner.predict(x[i : i + batch]) for i in range(0, len(x), batch)]
-        arrays[f"pred_b{batch}"] = np.concatenate([r.predictions for r in results])
-        arrays[f"exit_b{batch}"] = np.concatenate([r.exit_index for r in results])
+    for engine, run in engines.items():
+        for batch in BATCH_SIZES:
+            results = [run.predict(x[i : i + batch]) for i in range(0, len(x), batch)]
+            arrays[f"{engine}_pred_b{batch}"] = np.concatenate([r.predictions for r in results])
+            arrays[f"{engine}_exit_b{batch}"] = np.concatenate([r.exit_index for r in results])
     exit_outputs, final = runner.stage_outputs(x)
     arrays["final_logits"] = final
     arrays["full_logits"] = runner.predict_full(x)
@@ -128,11 +132,13 @@ def dump(bundle: str, inputs: str, out: str) -> None:
 
 # ---- comparison --------------------------------------------------------------------------------
 
-def explain(a: dict, b: dict, batch: int, i: int) -> dict:
-    """Why input i's decision differs: the first exit where the two sides part, its scores and threshold."""
-    k = int(min(a[f"exit_b{batch}"][i], b[f"exit_b{batch}"][i]))
-    entry = {"input": i, "exit_x86": int(a[f"exit_b{batch}"][i]), "exit_aarch64": int(b[f"exit_b{batch}"][i]),
-             "pred_x86": int(a[f"pred_b{batch}"][i]), "pred_aarch64": int(b[f"pred_b{batch}"][i]), "exit": k}
+def explain(a: dict, b: dict, run: str, i: int) -> dict:
+    """Why input i's decision differs in `run` (ENGINE_bBATCH): the first exit where the sides part, its scores and threshold."""
+    engine, batch = run.split("_b")
+    exits_a, exits_b = a[f"{engine}_exit_b{batch}"], b[f"{engine}_exit_b{batch}"]
+    k = int(min(exits_a[i], exits_b[i]))
+    entry = {"input": i, "exit_x86": int(exits_a[i]), "exit_aarch64": int(exits_b[i]),
+             "pred_x86": int(a[f"{engine}_pred_b{batch}"][i]), "pred_aarch64": int(b[f"{engine}_pred_b{batch}"][i]), "exit": k}
     if k < len(a["thresholds"]) and f"score{k}" in a:
         sa, sb, t = float(a[f"score{k}"][i]), float(b[f"score{k}"][i]), float(a["thresholds"][k])
         entry.update(score_x86=sa, score_aarch64=sb, threshold=t,
@@ -144,20 +150,21 @@ def explain(a: dict, b: dict, batch: int, i: int) -> dict:
 
 
 def compare(a: dict, b: dict) -> dict:
-    """Decision agreement per batch size and the largest output differences."""
-    report: dict = {"batch_sizes": {}, "max_abs_diff": {}}
-    for batch in BATCH_SIZES:
-        pred = a[f"pred_b{batch}"] == b[f"pred_b{batch}"]
-        ex = a[f"exit_b{batch}"] == b[f"exit_b{batch}"]
+    """Decision agreement per engine (chain; graph: cascade.onnx) and batch size, and the largest output differences."""
+    report: dict = {"runs": {}, "max_abs_diff": {}}
+    for run in sorted(key.replace("_pred", "") for key in a if "_pred_b" in key):
+        engine, batch = run.split("_b")
+        pred = a[f"{engine}_pred_b{batch}"] == b[f"{engine}_pred_b{batch}"]
+        ex = a[f"{engine}_exit_b{batch}"] == b[f"{engine}_exit_b{batch}"]
         differing = np.flatnonzero(~(pred & ex))
-        report["batch_sizes"][str(batch)] = {
+        report["runs"][run] = {
             "inputs": int(len(pred)), "equal_predictions": float(pred.mean()), "equal_exit_index": float(ex.mean()),
-            "differing": [explain(a, b, batch, int(i)) for i in differing],
+            "differing": [explain(a, b, run, int(i)) for i in differing],
         }
     for key in a:
         if key.startswith(("exit", "final", "full", "score")) and a[key].dtype.kind == "f":
             report["max_abs_diff"][key] = float(np.abs(a[key] - b[key]).max())
-    differing = [d for s in report["batch_sizes"].values() for d in s["differing"]]
+    differing = [d for s in report["runs"].values() for d in s["differing"]]
     report["all_decisions_equal"] = not differing
     report["all_differences_explained"] = all(d["explained"] for d in differing)
     return report
@@ -222,8 +229,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     for name, entry in results["bundles"].items():
         for cpu, rep in entry["aarch64"].items():
-            sizes = ", ".join(f"batch {b}: {s['equal_predictions']:.4f}/{s['equal_exit_index']:.4f}"
-                              for b, s in rep["batch_sizes"].items())
+            sizes = ", ".join(f"{run}: {s['equal_predictions']:.4f}/{s['equal_exit_index']:.4f}" for run, s in rep["runs"].items())
             worst = max(rep["max_abs_diff"].values())
             print(f"{name} ({entry['precision']}) on {cpu}: equal predictions/exits {sizes}; max abs diff {worst:.1e}; "
                   f"all equal {rep['all_decisions_equal']}, differences explained {rep['all_differences_explained']}")
