@@ -40,6 +40,7 @@ from edgeexit.train.backbones import build_backbone
 from edgeexit.train.config import TrainConfig
 from edgeexit.train.data import DataSplits, load_data
 from edgeexit.export import export_bundle
+from edgeexit.export.cascade_graph import rebuild_cascade
 from edgeexit.train.losses import LOSSES
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import save_model
@@ -436,7 +437,8 @@ def run_headline(args: argparse.Namespace) -> None:
     val = runner.manifest.input_spec.normalize(sets["val"].raw)
     record = calibrate(runner, val, sets["val"].labels, ("target_drop", HEADLINE["val_drop"]),
                        data={"name": f"npz:{args.data.name}", "split": "val"}, progress=progress, policy="auto")
-    apply_calibration(str(final), record)
+    if apply_calibration(str(final), record).cascade is None:  # the policy changed: cascade.onnx compiles it in
+        rebuild_cascade(final, val)
     runner = CascadeRunner(final, threads=args.threads)
     summary = {"model": HEADLINE, "policy": record["policy"], "thresholds": runner.thresholds,
                "temperatures": record["temperatures"], "training_and_calibration_seconds": round(time.perf_counter() - started)}

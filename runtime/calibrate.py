@@ -419,9 +419,11 @@ def apply_calibration(bundle: str, record: dict) -> Manifest:
     record, atomically; returns the manifest.
 
     An exit whose policy kind changes gets the new kind with no arguments. The single-graph engine
-    (cascade.onnx) is kept only when the policies stay and no softmax policy needs a temperature.
+    (cascade.onnx) is kept, its default thresholds and temperatures rewritten, when the policies stay
+    (and a softmax policy's temperatures have a graph input to go to); otherwise it is removed.
     """
     manifest = load_manifest(bundle, check_hashes=False)
+    kinds_before = [p.kind for p in manifest.policies]
     stages = []
     for stage, kind, threshold, temperature in zip(manifest.stages, record["policies"], record["chosen"]["thresholds"],
                                                    record["temperatures"]):
@@ -432,12 +434,16 @@ def apply_calibration(bundle: str, record: dict) -> Manifest:
     if "betas" in record["chosen"]:
         manifest = with_graph_defaults(manifest.with_policy_args([{"beta": float(b)} for b in record["chosen"]["betas"]]),
                                        "beta", [float(b) for b in record["chosen"]["betas"]])
+    temperatures = [float(t) for t in record["temperatures"]]
     softmax_scored = any(kind in ("max_softmax", "entropy") for kind in record["policies"])
-    if record["policies"] == [p.kind for p in load_manifest(bundle, check_hashes=False).policies] and not (
-            softmax_scored and any(t != 1.0 for t in record["temperatures"])):
-        return save_manifest(bundle, with_graph_defaults(manifest, "thresholds", [float(t) for t in record["chosen"]["thresholds"]]))
-    # cascade.onnx has the old policies and no temperatures compiled in: drop it, the stage chain runs the new ones
-    # (`edgeexit calibrate` rebuilds it when the onnx package is installed)
+    graph = manifest.cascade
+    same_kinds = record["policies"] == kinds_before
+    graph_takes_temperature = graph is not None and graph.default("temperature") is not None
+    if same_kinds and (graph_takes_temperature or not (softmax_scored and any(t != 1.0 for t in temperatures))):
+        manifest = with_graph_defaults(manifest, "thresholds", [float(t) for t in record["chosen"]["thresholds"]])
+        return save_manifest(bundle, with_graph_defaults(manifest, "temperature", temperatures))
+    # cascade.onnx has the old policies (or no temperature input) compiled in: drop it, the stage chain runs the new
+    # ones (`edgeexit calibrate` rebuilds it when the onnx package is installed)
     manifest = save_manifest(bundle, dataclasses.replace(manifest, cascade=None))
     manifest.path(CASCADE_NAME).unlink(missing_ok=True)
     return manifest

@@ -11,10 +11,9 @@ import numpy as np
 
 from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner, check_batch
 from edgeexit.errors import BundleError, ConfigError, first_line
-from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, Manifest, load_manifest, sha256_file
+from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, ENGINES, Manifest, load_manifest, sha256_file
 from edgeexit.runtime.policies import Policy
 
-ENGINES = ("auto", "graph", "chain")
 ONNX_DTYPES = {"float32": "tensor(float)", "float64": "tensor(double)", "int64": "tensor(int64)"}
 
 

@@ -28,9 +28,6 @@ from edgeexit.errors import ConfigError
 from edgeexit.runtime.manifest import DeviceProfile, Manifest, Timing, profile_key
 
 STATS = ("mean", "p50", "p95")
-ENGINE = "chain"
-
-
 def current_host() -> str:
     """The name profiles measured here are stored under."""
     return platform.node() or platform.machine() or "host"
@@ -47,10 +44,10 @@ def find_profile(manifest: Manifest, name: str) -> DeviceProfile:
     raise ConfigError(f"bundle {manifest.root} has no profile '{name}'; it has profiles for: {', '.join(profiles)}")
 
 
-def matching_profile(manifest: Manifest, device: str, threads: int | None, batch_size: int) -> DeviceProfile | None:
-    """The profile measured on this host for this device, thread count and batch size, if any."""
-    key = profile_key(current_host(), device, threads or 0, batch_size, ENGINE)
-    return manifest.profiles.get(key)
+def matching_profile(manifest: Manifest, device: str, threads: int | None, batch_size: int,
+                     engine: str) -> DeviceProfile | None:
+    """The profile measured on this host for this device, thread count, batch size and engine, if any."""
+    return manifest.profiles.get(profile_key(current_host(), device, threads or 0, batch_size, engine))
 
 
 def exit_fractions(exit_counts: Sequence[int]) -> np.ndarray:

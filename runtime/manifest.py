@@ -540,6 +540,9 @@ class Timing:
         return cls(*(float(v) for v in values))
 
 
+ENGINES = ("auto", "graph", "chain")  # how a bundle runs: cascade.onnx, one session per stage, or graph when present
+
+
 def profile_key(host: str, device: str, threads: int, batch_size: int, engine: str) -> str:
     """The name a device profile is stored and selected under: HOST/DEVICE/tTHREADS/bBATCH/ENGINE."""
     return f"{host}/{device}/t{threads}/b{batch_size}/{engine}"

@@ -64,6 +64,9 @@ class Policy:
     per_class_roles: ClassVar[tuple[str, ...]] = ("logits",)  # outputs that must be [batch, num_classes]
     arg_names: ClassVar[tuple[str, ...]] = ()
     threshold_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    # thresholds that send every input out / keep every input (profiling cascade.onnx, whose exits are forced
+    # through its thresholds input); None: the policy has no such pair (stateful class exclusion)
+    forcing: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         self.threshold = self.check_threshold(self.threshold)
@@ -176,6 +179,7 @@ class EntropyPolicy(Policy):
 
     name: ClassVar[str] = "entropy"
     threshold_range: ClassVar[tuple[float, float]] = (0.0, math.inf)
+    forcing: ClassVar[tuple[float, float] | None] = (1e9, 0.0)  # entropy is at most log C; 0 only for one-hot
 
     def scores(self, outputs):
         probs = self.probabilities(outputs["logits"])
@@ -214,6 +218,7 @@ class ExclusionPolicy(Policy):
     per_class_roles: ClassVar[tuple[str, ...]] = ("exclusion_logits",)
     arg_names: ClassVar[tuple[str, ...]] = ("beta",)
     default_threshold: ClassVar[float] = 0.0
+    forcing: ClassVar[tuple[float, float] | None] = None
     beta_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
     # In the authors' tuned range (their searched beta_k run 0.01-0.31 on VGG/AlexNet/ResNet-50).
     default_beta: ClassVar[float] = 0.1

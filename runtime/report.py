@@ -94,7 +94,7 @@ def cascade_entry(runner: Runner, parts: Sequence[CascadeResult], seconds: Seque
     entry carries the latency it predicts for this run's exit histogram beside the measured one
     (`predicted_latency_ms` / `measured_latency_ms`: mean ms per input)."""
     result = merge_results(parts)
-    profile = matching_profile(runner.manifest, runner.device, runner.threads, len(parts[0].predictions))
+    profile = matching_profile(runner.manifest, runner.device, runner.threads, len(parts[0].predictions), runner.engine)
     expected = None if profile is None else latency_prediction(profile, result.exit_counts())
     deepest = np.array([p.exit_index.max() for p in parts])
     per_exit = {}

@@ -35,12 +35,13 @@ def synthetic_profile(exit_ms, batch_size: int = 1, at_one_ms=None) -> DevicePro
 
 @pytest.fixture(scope="module")
 def profiled_bundle(tmp_path_factory, tiny_bundle):
-    """The tiny bundle with two profiles measured here: batch 1 and batch 4, one thread."""
+    """The tiny bundle with three profiles measured here, one thread: the stage chain at batch 1 and 4, and
+    cascade.onnx (the engine `run` picks by default) at batch 1."""
     import shutil
 
     bundle = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("profiled") / "bundle")
-    for batch in (1, 4):
-        result = cli("profile", bundle, "--threads", 1, "--batch-size", batch, "--repeats", 20)
+    for engine, batch in (("chain", 1), ("chain", 4), ("auto", 1)):
+        result = cli("profile", bundle, "--engine", engine, "--threads", 1, "--batch-size", batch, "--repeats", 20)
         assert result.exit_code == 0, result.output
     return bundle
 
@@ -49,13 +50,18 @@ def test_profiles_coexist_with_positive_increasing_costs(profiled_bundle):
     manifest = load_manifest(profiled_bundle)
     profiles = manifest.profiles
     host = current_host()
-    assert set(profiles) == {f"{host}/cpu/t1/b1/chain", f"{host}/cpu/t1/b4/chain"}
+    assert set(profiles) == {f"{host}/cpu/t1/b1/chain", f"{host}/cpu/t1/b4/chain", f"{host}/cpu/t1/b1/graph"}
     raw = read_manifest(profiled_bundle)["profiles"][f"{host}/cpu/t1/b1/chain"]
     assert set(raw["full"]) >= {"p50", "p95"} and raw["full"]["p50"] > 0
     for profile in profiles.values():
         assert len(profile.stages) == len(profile.exits) == len(manifest.stages)
-        for t in (*profile.stages, *profile.exits, profile.full):
+        for t in (*profile.exits, profile.full, *(profile.stages if profile.engine == "chain" else ())):
             assert 0 < t.min <= t.p50 <= t.p95 <= t.p99 and t.mean > 0
+        # cascade.onnx is one session run: its stages are the steps between the cumulative exit costs
+        if profile.engine == "graph":
+            assert profile.stages[0] == profile.exits[0]
+            assert sum(t.mean for t in profile.stages) == pytest.approx(profile.exits[-1].mean) or any(
+                later.mean < earlier.mean for earlier, later in zip(profile.exits, profile.exits[1:]))
         # leaving later runs more stages: the cumulative cost rises exit by exit
         medians = [t.p50 for t in profile.exits]
         assert medians == sorted(medians) and medians[-1] > medians[0]
@@ -65,17 +71,18 @@ def test_profiles_coexist_with_positive_increasing_costs(profiled_bundle):
 def test_profile_survives_calibration_and_info_lists_it(profiled_bundle):
     result = cli("calibrate", profiled_bundle, "--target-drop", 1)
     assert result.exit_code == 0, result.output
-    assert len(load_manifest(profiled_bundle).profiles) == 2
+    assert len(load_manifest(profiled_bundle).profiles) == 3
     info = cli("info", profiled_bundle)
     assert f"profile {current_host()}/cpu/t1/b1/chain" in info.output
 
 
 def test_run_reports_expected_latency_only_with_a_matching_profile(profiled_bundle, tmp_path):
-    with_profile = tmp_path / "b1.json"
-    assert cli("run", profiled_bundle, "--threads", 1, "--json", with_profile).exit_code == 0
-    report = json.loads(with_profile.read_text())
-    assert report["predicted_latency_ms"] > 0 and report["measured_latency_ms"] > 0
-    assert report["expected_latency"]["profile"] == f"{current_host()}/cpu/t1/b1/chain"
+    for engine in ("graph", "chain"):  # each engine's report reads its own profile
+        with_profile = tmp_path / f"b1-{engine}.json"
+        assert cli("run", profiled_bundle, "--threads", 1, "--engine", engine, "--json", with_profile).exit_code == 0
+        report = json.loads(with_profile.read_text())
+        assert report["predicted_latency_ms"] > 0 and report["measured_latency_ms"] > 0
+        assert report["expected_latency"]["profile"] == f"{current_host()}/cpu/t1/b1/{engine}"
     without = tmp_path / "t2.json"
     assert cli("run", profiled_bundle, "--threads", 2, "--json", without).exit_code == 0
     assert json.loads(without.read_text())["predicted_latency_ms"] is None
@@ -166,7 +173,7 @@ def test_latency_budget_errors_via_cli(profiled_bundle):
     least = load_manifest(profiled_bundle).profiles[name].exits[0].p95
     cases = [
         (["--latency-budget", least / 10, "--percentile", 95, "--profile", name], f"minimum budget is {least:.4g} ms"),
-        (["--latency-budget", 5, "--profile", "pi/cpu/t4/b1/chain"], f"has profiles for: {name}"),
+        (["--latency-budget", 5, "--profile", "pi/cpu/t4/b1/chain"], f"has profiles for: {name}, "),
         (["--latency-budget", 0, "--profile", name], "must be a positive number of milliseconds, got 0.0"),
         (["--latency-budget", -2, "--profile", name], "must be a positive number of milliseconds, got -2.0"),
         (["--latency-budget", 5], "--latency-budget needs --profile NAME"),

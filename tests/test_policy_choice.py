@@ -109,6 +109,12 @@ def test_cli_calibrate_and_run_take_a_policy(bundle_copy, tmp_path):
         np.testing.assert_array_equal(graph.predictions, chain.predictions)
         seen |= set(chain.exit_index.tolist())
     assert len(seen) > 1
+    # calibrating again with the same policy keeps the graph: thresholds and temperatures go to its input defaults
+    again = cli.invoke(main, ["calibrate", str(bundle_copy), "--target-drop", "0.5", "--split", "test"])
+    assert again.exit_code == 0 and "cascade.onnx" not in again.output, again.output
+    manifest = load_manifest(bundle_copy)
+    assert manifest.cascade.default("temperature") == pytest.approx([e.temperature for e in manifest.exits])
+    assert manifest.cascade.default("thresholds") == pytest.approx([e.policy.threshold for e in manifest.exits])
     report = tmp_path / "r.json"
     result = cli.invoke(main, ["run", str(bundle_copy), "--policy", "confidence", "--threshold", "0", "--threads", "1",
                                "--json", str(report)])

@@ -13,7 +13,7 @@ from edgeexit.cli.common import (
 )
 from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
 from edgeexit.runtime.datasets import DATASETS
-from edgeexit.runtime.manifest import write_json_atomic
+from edgeexit.runtime.manifest import ENGINES, write_json_atomic
 
 
 def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str,
@@ -47,7 +47,7 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
               help="Run every exit with this policy (confidence, max_softmax, entropy, ...) instead of the manifest's.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
-@click.option("--engine", type=click.Choice(["auto", "graph", "chain"]), default="auto", show_default=True,
+@click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="graph: cascade.onnx, one session run per batch; chain: one session per stage; auto: graph when the bundle has cascade.onnx.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
 def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_path: str | None, split: str, threshold: str | None,
@@ -185,7 +185,8 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     elif latency_budget is not None:
         raise ConfigError("--latency-budget needs --profile NAME (measure one with `edgeexit profile`)")
     else:
-        profile = matching_profile(runner.manifest, runner.device, threads, 1)
+        # the profile of the engine `run` picks by default (auto: cascade.onnx when the bundle has it)
+        profile = matching_profile(runner.manifest, runner.device, threads, 1, "graph" if runner.manifest.cascade else "chain")
     latency = None if profile is None else LatencyTarget(profile, f"p{percentile}")
     if latency_budget is not None:
         latency.check_budget(latency_budget)
@@ -270,7 +271,9 @@ def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str,
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores, stored as t0).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Inputs per call.")
 @click.option("--repeats", type=int, default=100, show_default=True, help="Timed calls per stage and exit (after warm-up).")
-def profile(bundle: str, device: str, threads: int | None, batch_size: int, repeats: int) -> None:
+@click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
+              help="Engine to profile: graph (cascade.onnx), chain (one session per stage), auto: the one `run` picks.")
+def profile(bundle: str, device: str, threads: int | None, batch_size: int, repeats: int, engine: str) -> None:
     """Measure each stage's and exit's latency and full.onnx on this machine; store a device profile in the manifest.
 
     Profiles are keyed HOST/DEVICE/tTHREADS/bBATCH/ENGINE; several live side by side (one bundle,
@@ -280,11 +283,11 @@ def profile(bundle: str, device: str, threads: int | None, batch_size: int, repe
     Example: edgeexit profile bundle/ --device cpu --threads 1 --batch-size 1
     """
     from edgeexit.runtime.calibrate import stderr_progress
-    from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.graph import open_runner
     from edgeexit.runtime.latency import describe_profile
     from edgeexit.runtime.profile import measure_profile, save_profile
 
-    runner = CascadeRunner(bundle, device=device, threads=threads)
+    runner = open_runner(bundle, engine, device=device, threads=threads)
     measured = measure_profile(runner, batch_size, repeats, stderr_progress)
     save_profile(bundle, measured)
     for line in describe_profile(measured):
