@@ -23,6 +23,7 @@ DIR/bundle); without it, one is trained on the file's whole train split.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -34,7 +35,8 @@ from edgeexit.export import export_bundle
 from edgeexit.runtime.calibrate import LatencyTarget, apply_calibration, calibrate, stderr_progress
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
-from edgeexit.runtime.latency import predict_latency
+from edgeexit.runtime.graph import open_runner
+from edgeexit.runtime.latency import matching_profile, predict_latency
 from edgeexit.runtime.manifest import load_manifest, write_json_atomic
 from edgeexit.runtime.profile import measure_profile, save_profile
 from edgeexit.runtime.report import run_report
@@ -51,33 +53,35 @@ def tiled(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate([x] * reps)[:n], np.concatenate([y] * reps)[:n]
 
 
-def prediction_check(bundle: Path, data: str, threads: int, batch: int, samples: int, repeats: int) -> dict:
-    """Profile at `batch`, run the calibrated cascade on test, compare predicted and measured mean ms per input."""
-    runner = CascadeRunner(bundle, threads=threads)
-    profile = measure_profile(runner, batch, repeats, stderr_progress)
+def prediction_check(bundle: Path, data: str, threads: int, batch: int, samples: int, repeats: int, engine: str) -> dict:
+    """Profile `engine` at `batch`, run the calibrated cascade on test, compare predicted and measured mean ms per input."""
+    profile = measure_profile(open_runner(bundle, engine, threads=threads), batch, repeats, stderr_progress)
     save_profile(str(bundle), profile)
-    runner = CascadeRunner(bundle, threads=threads)
+    runner = open_runner(bundle, engine, threads=threads)
     x, y = tiled(*load_eval_data(data, "test", runner.manifest.input_spec), samples)
     report, _ = run_report(runner, x, y, batch)
     predicted, measured = report["predicted_latency_ms"], report["measured_latency_ms"]
-    stderr_progress(f"batch {batch}: predicted {predicted:.4f} ms/input, measured {measured:.4f} ({predicted / measured - 1:+.1%})")
-    return {"batch_size": batch, "threads": threads, "profile": profile.key, "exit_counts": report["exit_counts"],
-            "predicted_ms_per_input": predicted, "measured_ms_per_input": measured,
+    stderr_progress(f"{engine} batch {batch}: predicted {predicted:.4f} ms/input, measured {measured:.4f} "
+                    f"({predicted / measured - 1:+.1%})")
+    return {"engine": engine, "batch_size": batch, "threads": threads, "profile": profile.key,
+            "exit_counts": report["exit_counts"], "predicted_ms_per_input": predicted, "measured_ms_per_input": measured,
             "relative_error": predicted / measured - 1, "within_10pct": abs(predicted / measured - 1) <= 0.10,
             "full_onnx_p50_ms": profile.full.p50}
 
 
-def budget_row(bundle: Path, data: str, threads: int, budget: float, stat: str, val: tuple, test: tuple) -> dict:
-    """Calibrate by latency and by the MACs proxy at one budget; measure both on test (batch 1)."""
-    runner = CascadeRunner(bundle, threads=threads)
-    profile = [p for p in runner.manifest.profiles.values() if p.batch_size == 1 and p.threads == (threads or 0)][0]
+def budget_row(bundle: Path, data: str, threads: int, budget: float, stat: str, val: tuple, test: tuple, engine: str) -> dict:
+    """Calibrate by latency and by the MACs proxy at one budget (as `edgeexit calibrate` writes it into the bundle);
+    run both with `engine` on test (batch 1)."""
+    manifest = load_manifest(bundle)
+    profile = matching_profile(manifest, "cpu", threads, 1, engine)
     target = LatencyTarget(profile, stat)
     macs_fraction = min(1.0, budget / profile.full.stat(stat))
     row = {"budget_ms": budget, "macs_budget": macs_fraction}
     for label, objective in (("latency", ("latency", budget)), ("macs", ("budget", macs_fraction))):
-        record = calibrate(runner, *val, objective, {"name": data, "split": "val"}, latency=target)
-        runner.set_thresholds(record["chosen"]["thresholds"])
-        report, _ = run_report(runner, *test, 1)
+        record = calibrate(CascadeRunner(bundle, threads=threads), *val, objective, {"name": data, "split": "val"},
+                           latency=target)
+        apply_calibration(str(bundle), record)
+        report, _ = run_report(open_runner(bundle, engine, threads=threads), *test, 1)
         p = report["latency_ms"][stat] if stat != "mean" else report["latency_ms"]["mean"]
         row[label] = {
             "thresholds": record["chosen"]["thresholds"], "val_accuracy": record["chosen"]["accuracy"],
@@ -102,7 +106,7 @@ def plot(results: dict, path: Path) -> None:
     pos = np.arange(len(checks))
     left.bar(pos - 0.2, [c["predicted_ms_per_input"] for c in checks], 0.4, label="predicted (profile)")
     left.bar(pos + 0.2, [c["measured_ms_per_input"] for c in checks], 0.4, label="measured")
-    left.set_xticks(pos, [f"batch {c['batch_size']}\n{c['relative_error']:+.1%}" for c in checks])
+    left.set_xticks(pos, [f"{c['engine']} b{c['batch_size']}\n{c['relative_error']:+.1%}" for c in checks])
     left.set_ylabel("mean ms per input")
     left.legend()
     rows = results["budgets"]
@@ -146,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     data = f"npz:{args.npz}"
     bundle = args.bundle
-    if bundle is None:
+    if bundle is not None:  # calibrated and profiled below: work on a copy
+        bundle = args.work / "bundle"
+        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.copytree(args.bundle, bundle)
+    else:
         model = args.work / f"{args.backbone}-{args.input_size}-e{args.epochs}.pt"
         bundle = model.with_suffix("")
         if not model.exists():
@@ -159,14 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     test = tuple(a[: args.test_size] for a in load_eval_data(data, "test", spec))
     apply_calibration(str(bundle), calibrate(CascadeRunner(bundle, threads=args.threads), *val, ("target_drop", 0.5),
                                              {"name": data, "split": "val"}, stderr_progress))
-    prediction = [prediction_check(bundle, data, args.threads, batch, args.samples, args.repeats) for batch in (1, 64)]
-    profile = [p for p in load_manifest(bundle).profiles.values() if p.batch_size == 1][0]
+    engines = ["graph", "chain"] if load_manifest(bundle).cascade else ["chain"]
+    prediction = [prediction_check(bundle, data, args.threads, batch, args.samples, args.repeats, engine)
+                  for engine in engines for batch in (1, 64)]
+    engine = engines[0]  # the engine `edgeexit run` picks
+    profile = matching_profile(load_manifest(bundle), "cpu", args.threads, 1, engine)
     low, high = profile.exits[0].stat(args.stat), profile.exits[-1].stat(args.stat)
     budgets = [float(b) for b in np.linspace(low * 1.05, high, args.budgets)]
-    rows = [budget_row(bundle, data, args.threads, b, args.stat, val, test) for b in budgets]
+    rows = [budget_row(bundle, data, args.threads, b, args.stat, val, test, engine) for b in budgets]
     results = {
         "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "data": "npz: edgeexit's seeded 70/15/15 split, first N of val/test"},
         "bundle_cuts": [s.exit.cut for s in load_manifest(bundle).stages[:-1]],
+        "budget_engine": engine,
         "prediction": prediction,
         "budgets": rows,
         "latency_at_least_as_accurate": sum(r["latency"]["test_accuracy"] >= r["macs"]["test_accuracy"] for r in rows),
@@ -177,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "latency_budget_quick" if args.quick else "latency_budget"
     write_json_atomic(args.out / f"{stem}.json", results)
     plot(results, args.out / f"{stem}.png")
-    print("prediction: " + ", ".join(f"batch {c['batch_size']} {c['relative_error']:+.1%}" for c in prediction))
+    print("prediction: " + ", ".join(f"{c['engine']} batch {c['batch_size']} {c['relative_error']:+.1%}" for c in prediction))
     print(f"{'budget ms':>10}{'MACs frac':>10}{'acc lat':>9}{'acc MACs':>9}{'ms lat':>8}{'ms MACs':>8}")
     for r in rows:
         print(f"{r['budget_ms']:>10.3f}{r['macs_budget']:>10.3f}{r['latency']['test_accuracy']:>9.4f}"
