@@ -163,3 +163,18 @@ def test_v2_mixture_is_finite_for_saturated_confidence_logits():
     loss = get_loss("v2")([(exits[0][0], z), exits[1]], final, target, COSTS, LAM)
     loss.backward()
     assert math.isfinite(loss.item()) and torch.isfinite(final.grad).all()
+
+
+def test_default_eenet_loss_trains_an_exit_its_confidence_has_given_up():
+    """An exit with h ~ 0 (z = -12): under v2 its classifier learns only through h and is dead; the default
+    (v4) still gives it its own CE gradient, so a weak early exit keeps learning."""
+    from edgeexit.train.methods import get_method
+
+    grads = {}
+    for name in ("v2", get_method("eenet").loss):
+        exits, final, target = hand_made(h0=1 / (1 + math.exp(12)))
+        extra = {"tags": torch.tensor([2])} if name == "v4" else {}
+        get_loss(name)(exits, final, target, COSTS, LAM, **extra).backward()
+        grads[name] = exits[0][0].grad.abs().sum().item()
+    assert get_method("eenet").loss == "v4"
+    assert grads["v2"] < 1e-4 < 0.1 < grads["v4"]
