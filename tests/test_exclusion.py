@@ -258,3 +258,12 @@ def test_per_exit_beta_survives_reload_run_override_and_calibrate(exclusion_bund
     fixed = CliRunner().invoke(main, ["calibrate", str(bundle), "--beta", "0.25,0.35", "--budget", "0.9"])
     assert fixed.exit_code == 0, fixed.output
     assert [p.args["beta"] for p in CascadeRunner(bundle).policies] == [0.25, 0.35]
+
+
+def test_profiling_the_graph_of_an_exclusion_bundle_points_to_the_chain(exclusion_bundle, tmp_path):
+    bundle = shutil.copytree(exclusion_bundle[0], tmp_path / "bundle")
+    result = CliRunner().invoke(main, ["profile", str(bundle), "--engine", "graph", "--threads", "1", "--repeats", "4"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "cannot be profiled with the exclusion policy" in result.output and "--engine chain" in result.output
+    chain = CliRunner().invoke(main, ["profile", str(bundle), "--engine", "chain", "--threads", "1", "--repeats", "4"])
+    assert chain.exit_code == 0, chain.output
