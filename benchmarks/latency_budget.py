@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [float(b) for b in np.linspace(low * 1.05, high, args.budgets)]
     rows = [budget_row(bundle, data, args.threads, b, args.stat, val, test, engine) for b in budgets]
     results = {
-        "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "data": "npz: edgeexit's seeded 70/15/15 split, first N of val/test"},
+        "settings": {**{k: v.name if isinstance(v, Path) else v for k, v in vars(args).items()}, "data": "npz: edgeexit's seeded 70/15/15 split, first N of val/test"},
         "bundle_cuts": [s.exit.cut for s in load_manifest(bundle).stages[:-1]],
         "budget_engine": engine,
         "prediction": prediction,
