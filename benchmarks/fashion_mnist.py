@@ -206,6 +206,13 @@ def oracle_cost_at(outputs: list, final: np.ndarray, labels: np.ndarray, costs: 
     return float((base.sum() + upgrades[:need].sum()) / len(labels))
 
 
+def on_cascade(runner: CascadeRunner, x: np.ndarray, labels: np.ndarray) -> tuple:
+    """The runtime's result on (x, labels) and its figures: accuracy, relative MACs, exit histogram."""
+    out = runner.predict(x)
+    return out, {"accuracy": float((out.predictions == labels).mean()), "relative_macs": float(runner.relative_macs(out)),
+                 "exit_counts": out.exit_counts()}
+
+
 class Evaluated:
     """A bundle's stored exit outputs on val, test and shifted test, for simulated and runtime evaluation."""
 
@@ -248,11 +255,8 @@ class Evaluated:
         runner.policies = [dataclasses.replace(p, threshold=t) for p, t in zip(point["policies"], point["val"]["thresholds"])]
         result: dict = {}
         for name in ("test", "shifted"):
-            out = runner.predict(self.x[name])
-            counts = np.bincount(out.exit_index, minlength=runner.num_exits + 1)
-            result[name] = {"accuracy": float((out.predictions == self.y[name]).mean()),
-                            "relative_macs": float(runner.relative_macs(out)), "exit_counts": counts.tolist(),
-                            "mean_exit_depth": float(np.asarray(self.costs)[out.exit_index].mean()),
+            out, figures = on_cascade(runner, self.x[name], self.y[name])
+            result[name] = {**figures, "mean_exit_depth": float(np.asarray(self.costs)[out.exit_index].mean()),
                             "full_onnx_accuracy": self.full_accuracy(name)}
         if latency:
             timed = interleaved_timings({"cascade": runner.predict, "full_onnx": runner.predict_full}, self.x["test"], 1)
@@ -446,14 +450,11 @@ def run_headline(args: argparse.Namespace) -> None:
     costs = runner.manifest.exit_costs()
     for name in ("test", "shifted"):
         x, labels = runner.manifest.input_spec.normalize(sets[name].raw), sets[name].labels
-        out = runner.predict(x)
-        accuracy = float((out.predictions == labels).mean())
-        summary[name] = {"accuracy": accuracy, "full_onnx_accuracy": float((runner.predict_full(x).argmax(1) == labels).mean()),
-                         "relative_macs": float(runner.relative_macs(out)),
-                         "exit_counts": np.bincount(out.exit_index, minlength=runner.num_exits + 1).tolist()}
+        _, figures = on_cascade(runner, x, labels)
+        summary[name] = {**figures, "full_onnx_accuracy": float((runner.predict_full(x).argmax(1) == labels).mean())}
         outputs, final_logits = runner.stage_outputs(x)
         summary[name]["oracle"] = oracle(outputs, final_logits, labels, costs)
-        oracle_cost = oracle_cost_at(outputs, final_logits, labels, costs, accuracy)
+        oracle_cost = oracle_cost_at(outputs, final_logits, labels, costs, figures["accuracy"])
         summary[name]["cost_over_oracle"] = None if not oracle_cost else summary[name]["relative_macs"] / oracle_cost
     if args.latency:  # batch 1, one onnxruntime thread: the edge case, and the least noisy on 2 cores
         timer = CascadeRunner(final, threads=1)

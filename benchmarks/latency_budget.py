@@ -35,7 +35,7 @@ from edgeexit.export import export_bundle
 from edgeexit.runtime.calibrate import LatencyTarget, apply_calibration, calibrate, stderr_progress
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
-from edgeexit.runtime.graph import open_runner
+from edgeexit.runtime.graph import auto_engine, open_runner
 from edgeexit.runtime.latency import matching_profile, predict_latency
 from edgeexit.runtime.manifest import load_manifest, write_json_atomic
 from edgeexit.runtime.profile import measure_profile, save_profile
@@ -167,10 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     test = tuple(a[: args.test_size] for a in load_eval_data(data, "test", spec))
     apply_calibration(str(bundle), calibrate(CascadeRunner(bundle, threads=args.threads), *val, ("target_drop", 0.5),
                                              {"name": data, "split": "val"}, stderr_progress))
-    engines = ["graph", "chain"] if load_manifest(bundle).cascade else ["chain"]
-    prediction = [prediction_check(bundle, data, args.threads, batch, args.samples, args.repeats, engine)
-                  for engine in engines for batch in (1, 64)]
-    engine = engines[0]  # the engine `edgeexit run` picks
+    engine = auto_engine(load_manifest(bundle))  # the one `edgeexit run` picks; the chain is checked as well
+    prediction = [prediction_check(bundle, data, args.threads, batch, args.samples, args.repeats, name)
+                  for name in dict.fromkeys([engine, "chain"]) for batch in (1, 64)]
     profile = matching_profile(load_manifest(bundle), "cpu", args.threads, 1, engine)
     low, high = profile.exits[0].stat(args.stat), profile.exits[-1].stat(args.stat)
     budgets = [float(b) for b in np.linspace(low * 1.05, high, args.budgets)]

@@ -76,6 +76,11 @@ class GraphRunner(Runner):
         return CascadeResult(np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]), self.num_stages)
 
 
+def auto_engine(manifest: Manifest) -> str:
+    """The engine `--engine auto` picks for a bundle: graph when it has cascade.onnx, else chain."""
+    return "chain" if manifest.cascade is None else "graph"
+
+
 def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", device: str = "cpu", **options) -> Runner:
     """A runner for `engine`: graph (cascade.onnx), chain (one session per stage), or auto (graph when the bundle has it)."""
     if engine not in ENGINES:
@@ -85,7 +90,7 @@ def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", devi
         if engine == "graph":
             raise ConfigError("--policy needs the stage-chain engine (--engine chain or auto): cascade.onnx runs the manifest's policies")
         engine = "chain"
-    if engine == "chain" or (engine == "auto" and manifest.cascade is None):
+    if (auto_engine(manifest) if engine == "auto" else engine) == "chain":
         return CascadeRunner(manifest, device, **options)
     return GraphRunner(manifest, device, **options)
 

@@ -28,6 +28,8 @@ from edgeexit.errors import ConfigError
 from edgeexit.runtime.manifest import DeviceProfile, Manifest, Timing, profile_key
 
 STATS = ("mean", "p50", "p95")
+
+
 def current_host() -> str:
     """The name profiles measured here are stored under."""
     return platform.node() or platform.machine() or "host"

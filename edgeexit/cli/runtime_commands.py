@@ -171,6 +171,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     from edgeexit.runtime.calibrate import (LatencyTarget, apply_calibration, calibrate as run_calibration, check_objective,
                                             describe, stderr_progress)
     from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.graph import auto_engine
     from edgeexit.runtime.latency import find_profile, matching_profile
 
     given = [(kind, value) for kind, value in (("target_drop", target_drop), ("budget", budget), ("latency", latency_budget))
@@ -185,8 +186,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     elif latency_budget is not None:
         raise ConfigError("--latency-budget needs --profile NAME (measure one with `edgeexit profile`)")
     else:
-        # the profile of the engine `run` picks by default (auto: cascade.onnx when the bundle has it)
-        profile = matching_profile(runner.manifest, runner.device, threads, 1, "graph" if runner.manifest.cascade else "chain")
+        profile = matching_profile(runner.manifest, runner.device, threads, 1, auto_engine(runner.manifest))  # as `run` picks
     latency = None if profile is None else LatencyTarget(profile, f"p{percentile}")
     if latency_budget is not None:
         latency.check_budget(latency_budget)
