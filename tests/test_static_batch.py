@@ -42,11 +42,8 @@ def test_mobile_checker_gives_nnapi_and_coreml_every_node_once_the_batch_is_fixe
     manifest = load_manifest(b1_bundle)
     # cascade.onnx is left out: its If nodes and policy ops (NonZero, ScatterND, ...) are not NNAPI/CoreML ops
     for entry in (*manifest.stages, manifest.full):
+        # the pooling is GlobalAveragePool (export rewrites ReduceMean, which CoreML's NeuralNetwork format lacks)
         for ep, (supported, total, partitions) in coverage(b1_bundle / entry.file).items():
-            if ep == "coreml_nn" and entry.file in ("stage_2.onnx", "full.onnx"):
-                # the legacy NeuralNetwork format lacks ReduceMean (the classifier's global pooling): one node
-                assert supported == total - 1, (entry.file, ep, supported, total)
-                continue
             assert total > 0 and supported == total and partitions == 1, (entry.file, ep, supported, total)
         for ep, (supported, total, _) in coverage(tiny_bundle / entry.file).items():
             assert supported == 0, (entry.file, ep, "symbolic batch should block the EP")
