@@ -64,8 +64,8 @@ def prepare(backbone: str, work: Path, input_size: int, exit_type: str) -> tuple
 
 
 def prefix_graph(bundle: Path, cut: int) -> Path:
-    """The backbone up to exit `cut` as one graph (stage segments 0..cut, no heads, no decisions): what that exit
-    would cost if heads, decisions and stage boundaries were free. Written beside the bundle."""
+    """The backbone up to exit `cut` as one graph (stage segments 0..cut, no heads, no decisions; globally pooled):
+    what that exit would cost if heads, decisions and stage boundaries were free. Written beside the bundle."""
     manifest = load_manifest(bundle, check_hashes=False)
     model = None
     for k in range(cut + 1):
@@ -73,6 +73,12 @@ def prefix_graph(bundle: Path, cut: int) -> Path:
         segment = onnx.utils.Extractor(stage).extract_model([stage.graph.input[0].name], [stage.graph.output[0].name])
         segment = onnx.compose.add_prefix(segment, f"s{k}/")
         model = segment if model is None else onnx.compose.merge_models(model, segment, io_map=[(model.graph.output[0].name, segment.graph.input[0].name)])
+    # pooled to one vector per input, so that returning the features costs what returning an exit's results does
+    features = model.graph.output[0]
+    pooled = onnx.helper.make_node("GlobalAveragePool", [features.name], ["pooled"])
+    model.graph.node.append(pooled)
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info("pooled", onnx.TensorProto.FLOAT, None))
     path = bundle.parent / f"{bundle.name}_prefix{cut}.onnx"
     onnx.save(model, str(path))
     return path

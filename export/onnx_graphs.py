@@ -59,7 +59,7 @@ def pool_globally(model: onnx.ModelProto) -> int:
     """
     constants = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
     inferred = onnx.shape_inference.infer_shapes(model)
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.graph.value_info, *inferred.graph.input]
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
              if v.type.tensor_type.HasField("shape")}
     count = 0
     for node in model.graph.node:

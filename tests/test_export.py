@@ -156,3 +156,59 @@ def test_verify_catches_a_stage_changed_beyond_tolerance_with_a_fixed_hash(bundl
     assert "ok   sha256 stage_2.onnx" in result.output
     status = "FAIL" if code else "ok  "
     assert f"{status} chain vs full.onnx" in result.output
+
+
+def run_onnx(model, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def test_rewrites_for_onnxruntime_keep_values_and_leave_other_ops_alone():
+    """GlobalAveragePool for a spatial mean, W x^T for a wide one-row Gemm; a channel mean and a narrow Gemm stay."""
+    from onnx import TensorProto, helper
+
+    from edgeexit.export.onnx_graphs import BY_ROWS_MIN_INPUTS, one_output_gemms_by_rows, pool_globally
+
+    rng = np.random.default_rng(0)
+    wide, narrow = BY_ROWS_MIN_INPUTS, 8
+    inits = [numpy_helper.from_array(v, n) for n, v in {
+        "hw": np.array([2, 3], np.int64), "c": np.array([1], np.int64), "flat": np.array([2, -1], np.int64),
+        "w_wide": rng.standard_normal((1, wide)).astype(np.float32), "w_narrow": rng.standard_normal((1, narrow)).astype(np.float32),
+        "b": np.array([0.5], np.float32)}.items()]
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "hw"], ["spatial"], keepdims=1),
+        helper.make_node("ReduceMean", ["x", "c"], ["channels"], keepdims=1),
+        helper.make_node("Reshape", ["x", "flat"], ["rows"]),
+        helper.make_node("Gemm", ["rows", "w_wide", "b"], ["wide_out"], transB=1),
+        helper.make_node("Reshape", ["spatial", "flat"], ["pooled"]),
+        helper.make_node("Gemm", ["pooled", "w_narrow", "b"], ["narrow_out"], transB=1),
+    ]
+    shapes = {"spatial": [2, narrow, 1, 1], "channels": [2, 1, 8, 16], "wide_out": [2, 1], "narrow_out": [2, 1]}
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in shapes.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, narrow, 8, 16])], outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((2, narrow, 8, 16)).astype(np.float32)
+    before = run_onnx(model, x)
+
+    assert pool_globally(model) == 1 and one_output_gemms_by_rows(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GlobalAveragePool") == 1 and ops.count("ReduceMean") == 1 and ops.count("Transpose") == 1
+    assert "hw" not in {i.name for i in model.graph.initializer}  # the axes nobody reads any more
+    onnx.checker.check_model(model, full_check=True)
+    for a, b in zip(run_onnx(model, x), before):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_graphs_carry_the_rewrites(tiny_bundle):
+    manifest = load_manifest(tiny_bundle)
+    graphs = {entry.file: onnx.load(str(tiny_bundle / entry.file)).graph for entry in (*manifest.stages, manifest.full)}
+    for name, graph in graphs.items():
+        ops = [n.op_type for n in graph.node]
+        assert "ReduceMean" not in ops, name
+    assert "GlobalAveragePool" in [n.op_type for n in graphs["full.onnx"].node]
+    first = graphs[manifest.stages[0].file]
+    producer = {out: node for node in first.node for out in node.output}
+    confidence = producer["exit_0_confidence_logit"]  # plain head over a 16x16x16 map: wide enough to run by rows
+    assert confidence.op_type == "Transpose" and producer[confidence.input[0]].op_type == "Gemm"
