@@ -59,12 +59,15 @@ class GraphRunner(Runner):
 
     def run_graph(self, x: np.ndarray, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         """One session run: (scores, prediction, exit_index) for a checked batch; `feeds` overrides inputs."""
-        inputs = {self._input_name: x, **self.feeds(), **(feeds or {})}
+        inputs = {**self.feeds(), **(feeds or {})}
         for name in self._vector_inputs:
             if np.shape(inputs[name]) != (self.num_exits,):
                 raise ConfigError(f"{CASCADE_NAME} input '{name}' takes {self.num_exits} values (one per exit), got shape {np.shape(inputs[name])}")
+        return self._run_cascade(list(CASCADE_OUTPUTS), x, inputs)
+
+    def _run_cascade(self, outputs: list[str], x: np.ndarray, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            return self.session.run(list(CASCADE_OUTPUTS), inputs)
+            return self.session.run(outputs, {self._input_name: x, **feeds})
         except Exception as exc:  # inputs are checked: a failing run is a broken graph (onnxruntime's own error types)
             raise BundleError(f"{CASCADE_NAME} failed to run: {first_line(exc)}") from None
 
@@ -72,8 +75,11 @@ class GraphRunner(Runner):
         """Predict a batch in one session run per chunk; `thresholds` apply to this call only."""
         x = check_batch(x, self.manifest.input_shape)
         feeds = self.feeds(None if thresholds is None else self.policies_at(thresholds))
-        parts = [self.run_graph(x[i : i + self.chunk_size], feeds) for i in range(0, len(x), self.chunk_size)]
-        return CascadeResult(np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]), self.num_stages)
+        wanted = list(CASCADE_OUTPUTS[1:])  # prediction, exit_index: the scores stay in the session
+        parts = [self._run_cascade(wanted, x[i : i + self.chunk_size], feeds) for i in range(0, len(x), self.chunk_size)]
+        if len(parts) == 1:
+            return CascadeResult(*parts[0], self.num_stages)
+        return CascadeResult(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), self.num_stages)
 
 
 def auto_engine(manifest: Manifest) -> str:
