@@ -22,7 +22,9 @@ through its then-branch, which alone computes what only a leaving input needs (w
 policy: the exit's class head, the ArgMax, the exit index), and goes on through its else-branch. Per-exit
 scalars (thresholds and their logits, temperatures, beta) are computed once, in a prelude at the top.
 At batch 1 every small op on the path costs about a microsecond: on resnet56 (pool exits at 0.34 and
-0.67 of the MACs, 1 thread) these took the no-exit graph from 1.037 to 1.021 of full.onnx.
+0.67 of the MACs, 1 thread) these took the no-exit graph from 1.037 to 1.021 of full.onnx in one run.
+benchmarks/one_graph.py puts it at 1.030, of which 1.014 is the stage boundaries alone (each If
+input leaves onnxruntime's blocked NCHWc layout and re-enters it inside the branch).
 
 The policies mirror edgeexit.runtime.policies decision for decision: the same comparisons in the
 same precision (float64 for the confidence logit, max-softmax, entropy and the sigmoid of the
@@ -139,7 +141,7 @@ def _exit_scalar(graph: _Graph, vector: str, index: int, dtype: int | None = Non
     """Element `index` (shape [1]) of a per-exit graph input, optionally transformed and cast.
 
     The whole vector is transformed and split once per call in the top-level prelude, so a stage's path
-    holds no scalar arithmetic (each small op costs about as much as a reorder of the features at batch 1)."""
+    holds no scalar arithmetic (see the module docstring for what small ops cost at batch 1)."""
     key = (vector, dtype, transform)
     if key not in graph._scalars:
         value = vector if transform is None else transform(graph, graph.prelude, vector)
@@ -155,7 +157,8 @@ def _exit_scalar(graph: _Graph, vector: str, index: int, dtype: int | None = Non
 
 
 def _logit(graph: _Graph, nodes: list, t: str) -> str:
-    """log(t) - log(1 - t) in float64 (-inf at 0, +inf at 1), as the Python confidence policy takes it."""
+    """log(t) - log(1 - t) in float64 (-inf at 0, +inf at 1). The Python policy takes log1p(-t), which can
+    differ in the last bit; a float32 confidence logit would have to fall between the two to decide otherwise."""
     one_minus = graph.node(nodes, "Sub", [graph.const("one", np.array(1.0)), t], "one_minus_t")
     return graph.node(nodes, "Sub", [graph.node(nodes, "Log", [t], "log_t"), graph.node(nodes, "Log", [one_minus], "log_1mt")], "logit_t")
 
