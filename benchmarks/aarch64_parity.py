@@ -14,7 +14,7 @@ explained: at the first exit where the two machines decide differently, the two 
 on either side of the threshold and differ by at most ROUNDING (two uint8 steps of a [0, 1]
 score). qemu timings mean nothing; only parity is measured.
 
-    sudo python benchmarks/aarch64_parity.py --bundle fp32=demo/bundle --bundle int8=demo/bundle-int8
+    sudo python benchmarks/aarch64_parity.py --bundle fp32=demo/bundle --bundle int8=demo/bundle-int8 --bundle fp32-batch1=demo/bundle-b1
 """
 from __future__ import annotations
 
