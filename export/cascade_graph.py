@@ -21,10 +21,13 @@ The batch-1 graph (compact=False; what `static-batch --batch 1` writes) is leane
 through its then-branch, which alone computes what only a leaving input needs (with a confidence
 policy: the exit's class head, the ArgMax, the exit index), and goes on through its else-branch. Per-exit
 scalars (thresholds and their logits, temperatures, beta) are computed once, in a prelude at the top.
-At batch 1 every small op on the path costs about a microsecond: on resnet56 (pool exits at 0.34 and
-0.67 of the MACs, 1 thread) these took the no-exit graph from 1.037 to 1.021 of full.onnx in one run.
-benchmarks/one_graph.py puts it at 1.030, of which 1.014 is the stage boundaries alone (each If
-input leaves onnxruntime's blocked NCHWc layout and re-enters it inside the branch).
+At batch 1 every small op on the path costs about a microsecond. benchmarks/one_graph.py, 1 thread,
+no exit, this layout against the previous one (an If on Not(exits), every exit output computed
+eagerly, scalars per level): resnet56 with plain exits 1.030 vs 1.118 of full.onnx, resnet20 plain
+1.083 vs 1.418 (the class head over the whole feature map now runs only on leaving), resnet20 pool
+1.054-1.081 vs 1.105, resnet56 pool 1.030 vs 1.032. Of resnet56's 1.030, 1.014 is the stage
+boundaries alone (each If input leaves onnxruntime's blocked NCHWc layout and re-enters it inside
+the branch).
 
 The policies mirror edgeexit.runtime.policies decision for decision: the same comparisons in the
 same precision (float64 for the confidence logit, max-softmax, entropy and the sigmoid of the
