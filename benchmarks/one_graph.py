@@ -39,6 +39,7 @@ from edgeexit.export import export_bundle
 from edgeexit.export.cascade_graph import write_cascade
 from edgeexit.runtime.calibrate import stderr_progress
 from edgeexit.runtime.cascade import CascadeRunner, session_options
+from edgeexit.runtime.graph import tunable_cascade_bytes
 from edgeexit.runtime.manifest import CASCADE_NAME, load_manifest, save_manifest, write_json_atomic
 from edgeexit.runtime.report import interleaved_timings
 from edgeexit.train.data import load_data
@@ -129,9 +130,9 @@ def nested_graph(parts: list[onnx.ModelProto]) -> onnx.ModelProto:
     return model
 
 
-def session_call(model: onnx.ModelProto | Path, threads: int, feeds: dict[str, np.ndarray] | None = None) -> Callable[[np.ndarray], list]:
+def session_call(model: onnx.ModelProto | bytes | Path, threads: int, feeds: dict[str, np.ndarray] | None = None) -> Callable[[np.ndarray], list]:
     """One onnxruntime session run per batch, as a C/C++ or Node client makes it (all outputs, no edgeexit code around it)."""
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model if isinstance(model, bytes) else str(model)
     session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda b: session.run(None, {name: b, **(feeds or {})})
@@ -179,7 +180,9 @@ def measure(bundles: tuple[Path, Path], batch: int, threads: int, samples: int) 
         runner.set_thresholds(thresholds)
         fns[f"chain_{case}"] = runner.predict
         for name, path in graphs.items():
-            fns[f"{name}_{case}"] = session_call(path / CASCADE_NAME, threads, {"thresholds": np.array(thresholds, dtype=np.float64)})
+            # the copy that takes thresholds as an input (the file holds them as constants)
+            fns[f"{name}_{case}"] = session_call(tunable_cascade_bytes(load_manifest(path)), threads,
+                                                 {"thresholds": np.array(thresholds, dtype=np.float64)})
     timed = interleaved_timings({name: warm(fn) for name, fn in fns.items()}, x, batch, warmup=5, progress=stderr_progress,
                                 label=f"{bundle.name} bs{batch} t{threads}")
     timings = {name: ([out for out, _ in calls], [s for _, seconds in calls for s in seconds]) for name, (calls, _) in timed.items()}

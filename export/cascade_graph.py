@@ -31,9 +31,12 @@ the branch).
 
 The policies mirror edgeexit.runtime.policies decision for decision: the same comparisons in the
 same precision (float64 for the confidence logit, max-softmax, entropy and the sigmoid of the
-class-exclusion logits), ArgMax taking the first of equal maxima as numpy does. Per-exit
-float64 vectors are graph inputs with the manifest's values as defaults (initializers that are
-also inputs): thresholds; beta for class exclusion; temperature for max-softmax and entropy.
+class-exclusion logits), ArgMax taking the first of equal maxima as numpy does. The per-exit
+float64 vectors (thresholds; beta for class exclusion; temperature for max-softmax and entropy)
+are constants holding the manifest's values, so a bare session (C/C++, Node, Python) takes the
+image alone and loads without warnings (initializers that are also graph inputs make onnxruntime
+warn at every load). To tune them per call, edgeexit's runtime and the web page run a copy with
+those constants moved into graph inputs (edgeexit.runtime.graph.tunable_cascade_bytes).
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ from edgeexit.runtime.manifest import (
     BATCH_DIM,
     CASCADE_NAME,
     CASCADE_OUTPUTS,
+    VECTORS_CONSTANT,
     CascadeGraph,
     Manifest,
     load_manifest,
@@ -355,8 +359,7 @@ def build_cascade(manifest: Manifest, compact: bool = True) -> onnx.ModelProto:
               helper.make_node("Identity", [exit_index], [OUT_EXIT])]
     c, h, w = manifest.input_shape
     batch = BATCH_DIM if compact else 1
-    inputs = [helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, [batch, c, h, w])]
-    inputs += [helper.make_tensor_value_info(name, TensorProto.DOUBLE, [num_exits]) for name in defaults]
+    inputs = [helper.make_tensor_value_info(spec.name, TensorProto.FLOAT, [batch, c, h, w])]  # the vectors stay constants
     outputs = [
         helper.make_tensor_value_info(OUT_SCORES, TensorProto.FLOAT, [batch, manifest.num_classes]),
         helper.make_tensor_value_info(OUT_PREDICTION, TensorProto.INT64, [batch]),
@@ -372,26 +375,24 @@ def build_cascade(manifest: Manifest, compact: bool = True) -> onnx.ModelProto:
     return model
 
 
-def _describe(values, initializers: dict[str, np.ndarray]) -> list[dict]:
+def _describe(values) -> list[dict]:
     dtypes = {TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.INT64: "int64"}
-    described = []
-    for value in values:
-        tensor = value.type.tensor_type
-        entry = {"name": value.name, "shape": [d.dim_param or int(d.dim_value) for d in tensor.shape.dim], "dtype": dtypes[tensor.elem_type]}
-        if value.name in initializers:
-            entry["default"] = initializers[value.name].tolist()
-        described.append(entry)
-    return described
+    return [{"name": value.name, "shape": [d.dim_param or int(d.dim_value) for d in value.type.tensor_type.shape.dim],
+             "dtype": dtypes[value.type.tensor_type.elem_type]} for value in values]
 
 
 def write_cascade(manifest: Manifest, compact: bool = True) -> CascadeGraph:
-    """Build cascade.onnx into the bundle folder; return its manifest record (file, sha256, inputs, outputs)."""
+    """Build cascade.onnx into the bundle folder; return its manifest record (file, sha256, inputs, outputs).
+
+    The record lists the per-exit vectors as inputs after the image, with their defaults, and says that the
+    file holds them as constants (the runtime's copy takes them as inputs: graph.tunable_cascade_bytes)."""
     model = build_cascade(manifest, compact)
     path = manifest.path(CASCADE_NAME)
     onnx.save(model, str(path))
-    defaults = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer if init.name in (THRESHOLDS, BETA, TEMPERATURE)}
-    entry = {"file": CASCADE_NAME, "sha256": sha256_file(path), "inputs": _describe(model.graph.input, defaults),
-             "outputs": _describe(model.graph.output, {})}
+    vectors = [{"name": init.name, "shape": [len(manifest.exits)], "dtype": "float64", "default": numpy_helper.to_array(init).tolist()}
+               for init in model.graph.initializer if init.name in (THRESHOLDS, BETA, TEMPERATURE)]
+    entry = {"file": CASCADE_NAME, "sha256": sha256_file(path), "inputs": _describe(model.graph.input) + vectors,
+             "outputs": _describe(model.graph.output), "vectors": VECTORS_CONSTANT}
     return CascadeGraph.from_dict(entry, manifest.input_spec, len(manifest.exits))
 
 

@@ -33,6 +33,10 @@ FULL_NAME = "full.onnx"
 CASCADE_NAME = "cascade.onnx"
 CASCADE_OUTPUTS = ("scores", "prediction", "exit_index")
 CASCADE_DTYPES = ("float32", "float64", "int64")
+# where cascade.onnx stores its per-exit vectors: plain constants (bare sessions take the image alone), or
+# initializers that are also graph inputs (bundles written before; onnxruntime warns at load)
+VECTORS_CONSTANT, VECTORS_INPUT = "constant", "input"
+CASCADE_VECTORS = (VECTORS_CONSTANT, VECTORS_INPUT)
 BATCH_DIM = "batch"
 FP32, INT8 = "fp32", "int8"
 PRECISIONS = (FP32, INT8)
@@ -427,12 +431,18 @@ class CascadeTensor:
 @dataclass(frozen=True)
 class CascadeGraph:
     """cascade.onnx: the whole cascade as one graph. Inputs: the bundle's input, then per-exit float64
-    vectors with defaults (thresholds; beta; temperature); outputs: scores, prediction, exit_index."""
+    vectors with defaults (thresholds; beta; temperature); outputs: scores, prediction, exit_index.
+
+    `vectors` says how the file stores the per-exit vectors: VECTORS_CONSTANT (plain initializers, so a
+    bare session takes the image alone and loads without warnings; the runtime moves them into graph
+    inputs in memory, graph.tunable_cascade_bytes) or VECTORS_INPUT (bundles written before: initializers
+    that are also graph inputs, which onnxruntime warns about at load)."""
 
     sha256: str
     inputs: tuple[CascadeTensor, ...]
     outputs: tuple[CascadeTensor, ...]
     file: str = CASCADE_NAME
+    vectors: str = VECTORS_INPUT
 
     def default(self, name: str) -> tuple[float, ...] | None:
         """The default of optional input `name`, None if the graph has no such input."""
@@ -456,11 +466,14 @@ class CascadeGraph:
                 raise _fail(f"{where}.inputs[{i}]", f"must be a [{num_exits}] vector with {num_exits} default numbers")
         if tuple(t.name for t in outputs) != CASCADE_OUTPUTS:
             raise _fail(f"{where}.outputs", f"must be {', '.join(CASCADE_OUTPUTS)}")
-        return cls(sha, inputs, outputs)
+        vectors = data.get("vectors", VECTORS_INPUT)
+        if vectors not in CASCADE_VECTORS:
+            raise _fail(f"{where}.vectors", f"must be one of {', '.join(CASCADE_VECTORS)}")
+        return cls(sha, inputs, outputs, vectors=vectors)
 
     def to_dict(self) -> dict:
         return {"file": self.file, "sha256": self.sha256, "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs]}
+                "outputs": [t.to_dict() for t in self.outputs], "vectors": self.vectors}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import handmade
 from edgeexit.cli import main
 from edgeexit.export.cascade_graph import build_cascade, write_cascade
 from edgeexit.runtime import CascadeRunner, ConfigError, GraphRunner, VerificationError, open_runner
+from edgeexit.runtime.graph import tunable_cascade_bytes
 from edgeexit.runtime.verify import check_graph_decisions
 from edgeexit.errors import BundleError
 from edgeexit.runtime.manifest import CASCADE_NAME, MANIFEST_NAME, load_manifest, save_manifest
@@ -46,17 +47,27 @@ def handmade_bundles(tmp_path_factory):
     return bundles, x
 
 
+def tunable_session(manifest):
+    """A session of the runtime's copy of cascade.onnx: the per-exit vectors are graph inputs (all required)."""
+    return ort.InferenceSession(tunable_cascade_bytes(manifest), providers=["CPUExecutionProvider"])
+
+
+def graph_defaults(manifest):
+    """The per-exit vectors at the manifest's defaults, as feeds."""
+    return {t.name: np.array(t.default) for t in manifest.cascade.inputs[1:]}
+
+
 @pytest.mark.parametrize("kind", sorted(SWEEPS))
 def test_graph_decisions_equal_the_chain_with_thresholds_fed_as_inputs(handmade_bundles, kind):
     bundles, x = handmade_bundles
     chain, graph = CascadeRunner(bundles[kind], threads=1), GraphRunner(bundles[kind], threads=1)
-    session = ort.InferenceSession(str(graph.manifest.path(CASCADE_NAME)), providers=["CPUExecutionProvider"])
+    session = tunable_session(graph.manifest)
     seen_exits = set()
     for thresholds in SWEEPS[kind]:
         chain.set_thresholds(thresholds)
         want = chain.predict(x)
         seen_exits |= set(want.exit_index.tolist())
-        feeds = {"input": x, "thresholds": np.array(thresholds, dtype=np.float64)}
+        feeds = {**graph_defaults(graph.manifest), "input": x, "thresholds": np.array(thresholds, dtype=np.float64)}
         scores, predictions, exit_index = session.run(None, feeds)
         np.testing.assert_array_equal(predictions, want.predictions, err_msg=f"{kind} {thresholds}")
         np.testing.assert_array_equal(exit_index, want.exit_index, err_msg=f"{kind} {thresholds}")
@@ -73,8 +84,8 @@ def test_exclusion_beta_fed_as_input(handmade_bundles, beta):
     chain = CascadeRunner(bundles["exclusion"])
     for policy, value in zip(chain.policies, beta):
         policy.args["beta"] = value
-    session = ort.InferenceSession(str(chain.manifest.path(CASCADE_NAME)), providers=["CPUExecutionProvider"])
-    _, predictions, exit_index = session.run(None, {"input": x, "beta": np.array(beta)})
+    session = tunable_session(chain.manifest)
+    _, predictions, exit_index = session.run(None, {**graph_defaults(chain.manifest), "input": x, "beta": np.array(beta)})
     want = chain.predict(x)
     np.testing.assert_array_equal(predictions, want.predictions)
     np.testing.assert_array_equal(exit_index, want.exit_index)
@@ -84,9 +95,9 @@ def test_exclusion_beta_fed_as_input(handmade_bundles, beta):
 def test_temperature_fed_as_input(handmade_bundles, kind):
     bundles, x = handmade_bundles
     chain = CascadeRunner(bundles[kind])
-    session = ort.InferenceSession(str(chain.manifest.path(CASCADE_NAME)), providers=["CPUExecutionProvider"])
-    hot = session.run(None, {"input": x, "temperature": np.array([3.0, 3.0])})[2]
-    cold = session.run(None, {"input": x, "temperature": np.array([0.3, 0.3])})[2]
+    session, defaults = tunable_session(chain.manifest), graph_defaults(chain.manifest)
+    hot = session.run(None, {**defaults, "input": x, "temperature": np.array([3.0, 3.0])})[2]
+    cold = session.run(None, {**defaults, "input": x, "temperature": np.array([0.3, 0.3])})[2]
     # a higher temperature flattens the softmax: fewer inputs are sure enough to leave early
     assert hot.mean() > cold.mean()
 
@@ -109,10 +120,13 @@ def test_export_writes_and_verifies_cascade(tiny_bundle):
 def test_defaults_are_the_manifest_values(bundle, handmade_bundles):
     x = handmade_bundles[1]
     entry = load_manifest(bundle).cascade
-    session = ort.InferenceSession(str(bundle / CASCADE_NAME), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["input"]  # the others are optional
-    defaulted = session.run(None, {"input": x})
-    fed = session.run(None, {"input": x, "thresholds": np.array(entry.default("thresholds"))})
+    bare = ort.InferenceSession(str(bundle / CASCADE_NAME), providers=["CPUExecutionProvider"])
+    assert [i.name for i in bare.get_inputs()] == ["input"] and bare.get_overridable_initializers() == []  # constants
+    tunable = tunable_session(load_manifest(bundle))
+    assert [(i.name, i.type) for i in tunable.get_inputs()] == [("input", "tensor(float)"), ("thresholds", "tensor(double)")]
+    assert tunable.get_inputs()[1].shape == [2] and tunable.get_overridable_initializers() == []
+    defaulted = bare.run(None, {"input": x})
+    fed = tunable.run(None, {"input": x, "thresholds": np.array(entry.default("thresholds"))})
     for a, b in zip(defaulted, fed):
         np.testing.assert_array_equal(a, b)
 
