@@ -1,24 +1,51 @@
-"""Backbone registry: name -> constructor. CIFAR-style ResNets (6n+2) and EENet-8 live here."""
+"""Backbone registry: name -> constructor. CIFAR-style ResNets (6n+2) and EENet-8 live here, and the
+`NAME:ARG` sources that build a user's own model: torchvision:, timm:, module: and pt2: (a torch.export program).
+
+A constructor takes (num_classes, in_channels, **args). A source entry resolves its ARG to a
+`Backbone`: the constructor plus the provenance model.pt records (package versions, a program's
+sha256), which `export` checks when it rebuilds the model elsewhere.
+"""
 from __future__ import annotations
 
-from typing import Callable
+import hashlib
+import importlib
+import importlib.metadata
+import inspect
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from edgeexit.errors import ConfigError
+from edgeexit.errors import ConfigError, InputError, MissingExtraError, first_line
+from edgeexit.registry import Registry
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+Constructor = Callable[..., nn.Module]
 
 
-def register_backbone(name: str) -> Callable:
-    """Decorator adding a constructor(num_classes, in_channels, **args) to BACKBONES."""
+@dataclass(frozen=True)
+class Backbone:
+    """A resolved backbone name: how to build it, and where it came from (recorded in model.pt)."""
 
-    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        BACKBONES[name] = fn
-        return fn
+    build: Constructor
+    source: dict[str, Any] = field(default_factory=dict)
 
-    return add
+
+# plain names map to a Constructor; `NAME:ARG` sources map to resolver(ARG, recorded source) -> Backbone
+BACKBONES: Registry[Callable] = Registry("backbone")
+
+
+def register_backbone(name: str) -> Callable[[Constructor], Constructor]:
+    """Decorator adding a constructor(num_classes, in_channels, **args) under `name`."""
+    return BACKBONES.register(name)
+
+
+def register_backbone_source(name: str, arg: str) -> Callable:
+    """Decorator adding a resolver(ARG, recorded source dict) -> Backbone for names `name:ARG`."""
+    return BACKBONES.register(name, arg=arg)
 
 
 class BasicBlock(nn.Module):
@@ -143,20 +170,6 @@ def eenet8(num_classes: int, in_channels: int, width: int = 2) -> nn.Module:
     return EENet8(num_classes, in_channels, width)
 
 
-# prefix -> resolver(rest of the name) -> constructor: "torchvision:resnet18" is resolved, not listed
-BACKBONE_PREFIXES: dict[str, Callable[[str], Callable[..., nn.Module]]] = {}
-
-
-def register_backbone_prefix(prefix: str) -> Callable:
-    """Decorator adding a resolver for names "PREFIX:NAME" to BACKBONE_PREFIXES."""
-
-    def add(fn: Callable[[str], Callable[..., nn.Module]]) -> Callable[[str], Callable[..., nn.Module]]:
-        BACKBONE_PREFIXES[prefix] = fn
-        return fn
-
-    return add
-
-
 def first_conv_name(net: nn.Module) -> str | None:
     """Qualified name of the network's first Conv2d (its stem), or None."""
     return next((name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)), None)
@@ -182,9 +195,18 @@ def adapt_input_channels(net: nn.Module, in_channels: int) -> nn.Module:
     return net
 
 
-@register_backbone_prefix("torchvision")
-def torchvision_backbone(name: str) -> Callable[..., nn.Module]:
+def optional_import(module: str, purpose: str, install: str) -> Any:
+    """Import an optional dependency, or MissingExtraError saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(f"{purpose} needs the {module} package ({first_line(exc)}): pip install {install}") from None
+
+
+@register_backbone_source("torchvision", "NAME")
+def torchvision_backbone(name: str, recorded: dict[str, Any]) -> Backbone:
     """Any torchvision classification model, built with weights=None: nothing is ever downloaded."""
+    import torchvision
     from torchvision import models
 
     if name not in models.list_models(module=models):
@@ -195,23 +217,149 @@ def torchvision_backbone(name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int, in_channels: int, **args) -> nn.Module:
         return adapt_input_channels(builder(weights=None, num_classes=num_classes, **args), in_channels)
 
-    return build
+    return Backbone(build, {"package": "torchvision", "version": torchvision.__version__})
 
 
-def _constructor(name: str) -> Callable[..., nn.Module]:
-    prefix, sep, rest = name.partition(":")
-    if sep and prefix in BACKBONE_PREFIXES:
-        return BACKBONE_PREFIXES[prefix](rest)
-    if name not in BACKBONES:
-        prefixes = ", ".join(f"{p}:NAME" for p in BACKBONE_PREFIXES)
-        raise ConfigError(f"unknown backbone '{name}'; choose from: {', '.join(BACKBONES)}, {prefixes}")
-    return BACKBONES[name]
+@register_backbone_source("timm", "NAME")
+def timm_backbone(name: str, recorded: dict[str, Any]) -> Backbone:
+    """Any timm model, built with pretrained=False (nothing downloaded); weights come from --weights."""
+    pin = f"timm=={recorded['version']}" if recorded.get("version") else '"edgeexit[timm]"'
+    timm = optional_import("timm", f"backbone 'timm:{name}'", pin)
+    if not timm.is_model(name):
+        raise ConfigError(f"unknown timm model '{name}' (e.g. resnet18, mobilenetv3_small_100, efficientnet_b0; "
+                          f"see timm.list_models())")
+
+    def build(num_classes: int, in_channels: int, **args) -> nn.Module:
+        if args.get("pretrained"):
+            raise ConfigError("timm backbones are built with pretrained=False (nothing is downloaded): "
+                              "pass a local checkpoint with --weights FILE")
+        args.pop("pretrained", None)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **args)
+
+    return Backbone(build, {"package": "timm", "version": timm.__version__})
+
+
+def _distribution(module: str) -> dict[str, str]:
+    """The installed distribution (and version) that provides `module`, when pip knows it."""
+    for dist in importlib.metadata.packages_distributions().get(module.split(".")[0], []):
+        return {"distribution": dist, "version": importlib.metadata.version(dist)}
+    return {}
+
+
+@register_backbone_source("module", "PKG.MODULE:FACTORY")
+def module_backbone(spec: str, recorded: dict[str, Any]) -> Backbone:
+    """Any importable callable returning an nn.Module; it gets num_classes / in_channels when it takes them.
+
+    The current folder is importable too, as under `python -m`. model.pt records the import
+    path, the arguments and the providing distribution, so `export` elsewhere says what to install.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not (sep and module_name and attr):
+        raise ConfigError(f"backbone 'module:{spec}' must read module:PKG.MODULE:FACTORY (e.g. module:mypkg.nets:make_net)")
+    here = os.getcwd()
+    try:
+        sys.path.insert(0, here)
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = (f"pip install {recorded['distribution']}=={recorded['version']}" if recorded.get("distribution")
+                else f"install the package that provides '{module_name}' or add its folder to PYTHONPATH")
+        raise ConfigError(f"backbone 'module:{spec}' cannot be imported ({first_line(exc)}): {hint}") from None
+    except Exception as exc:  # the user's module ran and raised
+        raise ConfigError(f"importing {module_name} for backbone 'module:{spec}' failed: {type(exc).__name__}: {first_line(exc)}") from None
+    finally:
+        sys.path.remove(here)
+    factory: Any = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise ConfigError(f"backbone 'module:{spec}': {module_name} has no callable '{attr}'")
+    try:
+        takes = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and some C extensions have no signature
+        takes = {}
+
+    def build(num_classes: int, in_channels: int, **args) -> nn.Module:
+        sizes = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in takes and k not in args}
+        net = factory(**sizes, **args)
+        if not isinstance(net, nn.Module):
+            raise ConfigError(f"backbone 'module:{spec}' returned a {type(net).__name__}, not a torch.nn.Module")
+        return net
+
+    return Backbone(build, {"module": module_name, "factory": attr, **_distribution(module_name)})
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_program(path: Path) -> fx.GraphModule:
+    """A torch.export.save program as a plain fx.GraphModule: its aten graph with the original parameter names.
+
+    The graph keeps each node's nn_module_stack, from which cuts.py names cut points. Its
+    batch dim must be dynamic: training and the exported graphs use batches of any size.
+    """
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # zip, pickle and schema errors come in many types
+        raise InputError(f"cannot read {path} as a torch.export program ({first_line(exc)})") from None
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature.user_inputs]
+    if len(inputs) != 1:
+        raise ConfigError(f"{path} takes {len(inputs)} inputs; a backbone program takes one image batch")
+    shape = getattr(inputs[0].meta.get("val"), "shape", ())
+    if len(shape) != 4 or isinstance(shape[0], int):
+        raise ConfigError(f"{path} has input shape {tuple(shape)}; export it with a dynamic batch dim, e.g. "
+                          f"torch.export.export(net, (x,), dynamic_shapes=({{0: torch.export.Dim('batch')}},))")
+    unlifted = program.module()
+    graph, env = fx.Graph(), {}
+    for node in unlifted.graph.nodes:
+        if node.op == "call_module":  # the program's shape-guard check (_guards_fn): export re-derives guards
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            graph.output(env[out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out])
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(unlifted, graph)
+
+
+@register_backbone_source("pt2", "PATH")
+def pt2_backbone(path: str, recorded: dict[str, Any]) -> Backbone:
+    """A program written by torch.export.save; model.pt records its sha256 and export refuses a changed file."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"torch.export program not found: {path}")
+    digest = sha256_of(file)
+    if recorded.get("sha256") not in (None, digest):
+        raise InputError(f"{path} is not the program this model was trained on (sha256 {digest[:12]}..., "
+                         f"model.pt recorded {recorded['sha256'][:12]}...)")
+
+    def build(num_classes: int, in_channels: int, **args) -> nn.Module:
+        if args:
+            raise ConfigError(f"backbone 'pt2:{path}' takes no --backbone-args (the program is fixed), got {sorted(args)}")
+        return load_program(file)
+
+    return Backbone(build, {"sha256": digest})
+
+
+def resolve_backbone(name: str, recorded: dict[str, Any] | None = None) -> Backbone:
+    """A registered name or `SOURCE:ARG` as a Backbone; `recorded` is the source model.pt holds, checked against it."""
+    entry, arg = BACKBONES.resolve(name)
+    return Backbone(entry) if arg is None else entry(arg, recorded or {})
+
+
+def create_backbone(backbone: Backbone, name: str, num_classes: int, in_channels: int, **args) -> nn.Module:
+    """Build a resolved backbone; bad arguments are one ConfigError naming it."""
+    try:
+        return backbone.build(num_classes=num_classes, in_channels=in_channels, **args)
+    except TypeError as exc:
+        raise ConfigError(f"bad arguments for backbone '{name}': {first_line(exc)}") from None
 
 
 def build_backbone(name: str, num_classes: int, in_channels: int, **args) -> nn.Module:
-    """Construct a backbone by registered name or PREFIX:NAME, with an error listing the valid names."""
-    constructor = _constructor(name)
-    try:
-        return constructor(num_classes=num_classes, in_channels=in_channels, **args)
-    except TypeError as exc:
-        raise ConfigError(f"bad arguments for backbone '{name}': {exc}") from None
+    """Construct a backbone by registered name or SOURCE:ARG, with an error listing the valid names."""
+    return create_backbone(resolve_backbone(name), name, num_classes, in_channels, **args)

@@ -6,31 +6,58 @@ cut's own output, so each segment is a graph with exactly one input.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Sequence
+from operator import getitem as _getitem
+from typing import Any, Sequence
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgeexit.train.macs import count_macs, layer_macs
+from edgeexit.train.macs import macs_counter
 from edgeexit.errors import ConfigError, first_line
 
 
-_NORM_OR_ACT = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU)
+_NORMS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)  # timm's BatchNormAct2d and LayerNorm2d are subclasses
+_NORM_OR_ACT = (*_NORMS, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU)
+# the same layers as aten ops (torch.export programs), matched by op name
+_ATEN_CONV_OR_NORM = ("conv", "batch_norm", "layer_norm", "group_norm")
+_ATEN_NORM_OR_ACT = ("batch_norm", "layer_norm", "group_norm", "relu", "hardtanh", "silu", "hardswish", "gelu", "leaky_relu")
+
+
+def _trace_hints() -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """Module types fx must keep as leaves and functions it must not trace into: timm's own lists, when timm is loaded."""
+    timm_layers = sys.modules.get("timm.layers")
+    if timm_layers is None or not hasattr(timm_layers, "get_notrace_modules"):
+        return (), ()
+    return tuple(timm_layers.get_notrace_modules()), tuple(timm_layers.get_notrace_functions())
 
 
 class _PathTracer(fx.Tracer):
-    """fx tracer that records, on each node, the qualified name of the module it ran in."""
+    """fx tracer that records, on each node, the qualified name of the module it ran in.
 
-    def __init__(self) -> None:
-        super().__init__()
+    `leaves` are module types kept as one call (timm's attention blocks with data-dependent
+    control flow); `failed_in` names the innermost module where tracing stopped.
+    """
+
+    def __init__(self, leaves: tuple[type, ...] = (), autowrap: tuple[Any, ...] = ()) -> None:
+        super().__init__(autowrap_functions=autowrap)
         self._path = ""
+        self._leaves = leaves
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self._leaves) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         outer, self._path = self._path, self.path_of_module(m)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = f"'{self._path}' ({type(m).__name__})"
+            raise
         finally:
             self._path = outer
 
@@ -38,6 +65,29 @@ class _PathTracer(fx.Tracer):
         node = super().create_node(*args, **kwargs)
         node.meta["module_path"] = self._path
         return node
+
+
+def _module_path(node: fx.Node) -> str:
+    """The module a node ran in: recorded by _PathTracer, or a torch.export program's nn_module_stack."""
+    if "module_path" in node.meta:
+        return node.meta["module_path"]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0]
+    return node.target if node.op == "call_module" else ""
+
+
+class _MacsShapeProp(ShapeProp):
+    """ShapeProp that also records the cumulative MACs (flop counter) after each node."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["cumulative_macs"] = self.counter.get_total_flops() // 2
+        return result
+
+    def propagate(self, *args: Any) -> Any:
+        with macs_counter() as self.counter:
+            return super().propagate(*args)
 
 
 @dataclass(frozen=True)
@@ -52,7 +102,7 @@ class CutPoint:
 
 
 def _in_module(node: fx.Node, module: str) -> bool:
-    path = node.meta.get("module_path", "")
+    path = _module_path(node)
     return path == module or path.startswith(module + ".")
 
 
@@ -62,20 +112,38 @@ class CutGraph:
     def __init__(self, backbone: nn.Module, input_shape: Sequence[int], max_depth: int = 2) -> None:
         self.backbone = backbone
         self.input_shape = tuple(input_shape)
-        try:
-            graph = _PathTracer().trace(backbone)
-        except Exception as exc:  # fx raises many error types for untraceable code
-            raise ConfigError(f"backbone {type(backbone).__name__} cannot be traced by torch.fx: {first_line(exc)}") from None
-        self.module = fx.GraphModule(backbone, graph)
+        name = type(backbone).__name__
+        if isinstance(backbone, fx.GraphModule):  # already a graph (a torch.export program): cut it as it is
+            self.module = backbone
+        else:
+            tracer = _PathTracer(*_trace_hints())
+            try:
+                graph = tracer.trace(backbone)
+            except Exception as exc:  # fx raises many error types for untraceable code
+                where = f" in module {tracer.failed_in}" if tracer.failed_in else ""
+                raise ConfigError(f"backbone {name} cannot be traced by torch.fx{where}: {first_line(exc)}") from None
+            self.module = fx.GraphModule(backbone, graph)
         was_training = backbone.training
         backbone.eval()
-        with torch.no_grad():
-            ShapeProp(self.module).propagate(torch.zeros(1, *self.input_shape))
-        backbone.train(was_training)
+        try:
+            with torch.no_grad():
+                _MacsShapeProp(self.module).propagate(torch.zeros(1, *self.input_shape))
+        except Exception as exc:  # whatever the backbone's own code raises on this input
+            raise ConfigError(f"backbone {name} fails on a {'x'.join(map(str, self.input_shape))} input: "
+                              f"{type(exc).__name__}: {first_line(exc)}") from None
+        finally:
+            backbone.train(was_training)
         self.nodes = list(self.module.graph.nodes)
         self._position = {node.name: i for i, node in enumerate(self.nodes)}
-        self.full_macs = count_macs(backbone, self.input_shape)
+        self.full_macs = max(self.nodes[-1].meta["cumulative_macs"], 1)
+        self.output_shape = self._output_shape()
         self.candidates = self._find_candidates(max_depth)
+
+    def _output_shape(self) -> tuple[int, ...] | None:
+        """Per-sample shape of the backbone's output (its logits), or None when it is not one tensor."""
+        out = self.nodes[-1].args[0]
+        meta = out.meta.get("tensor_meta") if isinstance(out, fx.Node) else None
+        return tuple(int(d) for d in meta.shape[1:]) if hasattr(meta, "shape") else None
 
     def _is_boundary(self, node: fx.Node) -> bool:
         return not self.crossing(node)
@@ -99,13 +167,15 @@ class CutGraph:
 
     def _find_candidates(self, max_depth: int) -> list[CutPoint]:
         ends: dict[str, str] = {}
-        for name, _ in self.backbone.named_modules():
+        paths = {_module_path(n) for n in self.nodes}  # a program's graph keeps no parameter-free modules (relu, pools)
+        names = {name for name, _ in self.backbone.named_modules()}
+        names |= {".".join(p.split(".")[: i + 1]) for p in paths if p for i in range(p.count(".") + 1)}
+        for name in sorted(names, key=lambda n: n.count(".")):
             if not name or name.count(".") >= max_depth:
                 continue
             inside = [n for n in self.nodes if _in_module(n, name)]
             if inside:
                 ends[inside[-1].name] = name  # deeper modules come later and win: "layer1.2" over "layer1"
-        cumulative = self._prefix_macs()
         output_pos = len(self.nodes) - 1
         points = []
         for node in self.nodes:
@@ -114,7 +184,7 @@ class CutGraph:
             shape = self._feature_shape(node)
             if shape is None or shape[1:] == (1, 1) or self._mid_layer(node) or not self._is_boundary(node):
                 continue
-            macs = cumulative[node.name]
+            macs = node.meta["cumulative_macs"]
             if macs >= self.full_macs * 0.99:
                 continue
             points.append(CutPoint(ends[node.name], node.name, shape, macs, macs / self.full_macs))
@@ -126,24 +196,19 @@ class CutGraph:
         A block output feeding the next block's norm (DenseNet's dense block before its
         transition) is not mid-layer: it is a real boundary.
         """
-        if node.op != "call_module" or not isinstance(self.module.get_submodule(node.target), (nn.Conv2d, nn.BatchNorm2d)):
+        if not self._is_layer(node, (nn.Conv2d, *_NORMS), _ATEN_CONV_OR_NORM):
             return False
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module":
-            return False
-        return isinstance(self.module.get_submodule(users[0].target), _NORM_OR_ACT)
+        users = [u for n in node.users for u in (n.users if n.target is _getitem else (n,))]  # through aten tuple outputs
+        return len(users) == 1 and self._is_layer(users[0], _NORM_OR_ACT, _ATEN_NORM_OR_ACT)
 
-    def _prefix_macs(self) -> dict[str, int]:
-        """MACs of the backbone up to and including each node (conv and linear layers)."""
-        totals, running = {}, 0
-        modules = dict(self.module.named_modules())
-        for node in self.nodes:
-            if node.op == "call_module":
-                meta = node.meta.get("tensor_meta")
-                if meta is not None and hasattr(meta, "shape"):
-                    running += layer_macs(modules[node.target], meta.shape)
-            totals[node.name] = running
-        return totals
+    def _is_layer(self, node: fx.Node, modules: tuple[type, ...], aten_names: tuple[str, ...]) -> bool:
+        """Whether `node` calls one of `modules`, or (torch.export graphs) an aten op named like one of `aten_names`."""
+        if node.op == "call_module":
+            return isinstance(self.module.get_submodule(node.target), modules)
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            op = node.target.name().split("::")[-1]
+            return any(name in op for name in aten_names)
+        return False
 
     def resolve(self, name: str) -> CutPoint:
         """The candidate named `name` (module name or fx node name), or a one-line ConfigError."""

@@ -1,49 +1,33 @@
-"""The one MAC counter: multiply-accumulates of conv and linear layers, for costs and manifests."""
+"""The one MAC counter: multiply-accumulates of convolutions and matrix products, for costs and manifests."""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
-def layer_macs(module: nn.Module, output_shape: Sequence[int]) -> int:
-    """MACs of one conv/linear layer for one sample, given its output shape (batch dim first)."""
-    out_elems = 1
-    for dim in output_shape[1:]:
-        out_elems *= int(dim)
-    if isinstance(module, nn.Conv2d):
-        return out_elems * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
-    if isinstance(module, nn.Linear):
-        return out_elems * module.in_features
-    return 0
+def macs_counter() -> FlopCounterMode:
+    """A silent flop counter: convolutions and matrix products (attention's too), at the aten level."""
+    return FlopCounterMode(display=False)
 
 
 def count_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
-    """MACs of module(x) for one sample of shape `input_shape` (C, H, W), measured with hooks.
+    """MACs of module(x) for one sample of shape `input_shape` (C, H, W): half the flops of convs and matmuls.
 
-    Hooks see nn.Conv2d and nn.Linear modules, which is where every registered backbone and exit
-    head does its multiply-accumulates (fx segments call the same modules). Functional convolutions
-    or matmuls (e.g. the attention of torchvision's ViT/Swin) are not counted: such a backbone's
-    costs come out low, and torch.utils.flop_counter would be the tool for it.
+    Counted at the aten level (torch.utils.flop_counter), so module layers, functional calls,
+    attention matmuls and torch.export programs' aten graphs count alike; bias adds, norms and
+    activations are not counted. For conv/linear networks it equals summing each layer's MACs.
     """
-    total = 0
-
-    def hook(layer: nn.Module, _inputs, output) -> None:
-        nonlocal total
-        total += layer_macs(layer, output.shape)
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), macs_counter() as counter:
             module(torch.zeros(1, *input_shape))
     finally:
         module.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return total
+    return counter.get_total_flops() // 2
 
 
 def count_params(module: nn.Module) -> int:
