@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeexit.runtime.cascade import CascadeRunner
+from edgeexit.runtime.cascade import CascadeRunner, manifest_policies
 from edgeexit.runtime.graph import GraphRunner
 from edgeexit.runtime.manifest import (
     BATCH_DIM,
@@ -61,14 +61,11 @@ from edgeexit.runtime.manifest import (
     save_manifest,
     sha256_file,
 )
+from edgeexit.runtime.policies import GRAPH_VECTORS, Policy, graph_vectors
 from edgeexit.runtime.verify import check_graph_decisions
 
 CHECK_INPUTS = 128  # inputs on which a rebuilt cascade.onnx must make the chain's decisions (whole batch and one by one)
 
-THRESHOLDS = "thresholds"
-BETA = "beta"
-TEMPERATURE = "temperature"
-SOFTMAX_POLICIES = ("max_softmax", "entropy")
 OUT_SCORES, OUT_PREDICTION, OUT_EXIT = CASCADE_OUTPUTS
 
 
@@ -132,132 +129,53 @@ def _inline_stage(model: onnx.ModelProto, index: int, input_name: str) -> tuple[
     return nodes, initializers, outputs
 
 
-def _reduce(graph: _Graph, nodes: list, op: str, x: str, base: str) -> str:
-    """Reduce over the class axis (1), keepdims 0; axes became an input of ReduceMax in opset 18 (of ReduceSum in 13)."""
-    if graph.opset >= (13 if op == "ReduceSum" else 18):
-        return graph.node(nodes, op, [x, graph.const("axis", np.array([1], dtype=np.int64))], base, keepdims=0)
-    return graph.node(nodes, op, [x], base, axes=[1], keepdims=0)
+class _Ops:
+    """The GraphOps a policy builds its ONNX rule through (edgeexit.runtime.policies): nodes go into one node list."""
 
+    def __init__(self, graph: _Graph, nodes: list) -> None:
+        self.graph = graph
+        self.nodes = nodes
+        self.compact = graph.compact
 
-def _argmax(graph: _Graph, nodes: list, x: str) -> str:
-    return graph.node(nodes, "ArgMax", [x], "argmax", axis=1, keepdims=0, select_last_index=0)
+    def node(self, op: str, inputs: list[str], base: str, **attrs) -> str:
+        return self.graph.node(self.nodes, op, inputs, base, **attrs)
 
+    def const(self, base: str, value: np.ndarray) -> str:
+        return self.graph.const(base, value)
 
-def _exit_scalar(graph: _Graph, vector: str, index: int, dtype: int | None = None,
-                 transform: Callable[[_Graph, list, str], str] | None = None) -> str:
-    """Element `index` (shape [1]) of a per-exit graph input, optionally transformed and cast.
+    def cast(self, x: str, dtype: str) -> str:
+        return self.node("Cast", [x], f"{dtype}", to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
-    The whole vector is transformed and split once per call in the top-level prelude, so a stage's path
-    holds no scalar arithmetic (see the module docstring for what small ops cost at batch 1)."""
-    key = (vector, dtype, transform)
-    if key not in graph._scalars:
-        value = vector if transform is None else transform(graph, graph.prelude, vector)
-        if dtype is not None:
-            value = graph.node(graph.prelude, "Cast", [value], "cast", to=dtype)
-        count = graph.num_exits
-        if graph.opset >= 13:
-            parts = graph.node(graph.prelude, "Split", [value, graph.const("sizes", np.ones(count, dtype=np.int64))], "exit", outputs=count, axis=0)
-        else:
-            parts = graph.node(graph.prelude, "Split", [value], "exit", outputs=count, axis=0, split=[1] * count)
-        graph._scalars[key] = [parts] if count == 1 else parts
-    return graph._scalars[key][index]
+    def reduce(self, op: str, x: str, base: str) -> str:
+        """Reduce over the class axis (1), keepdims 0; axes became an input of ReduceMax in opset 18 (of ReduceSum in 13)."""
+        if self.graph.opset >= (13 if op == "ReduceSum" else 18):
+            return self.node(op, [x, self.const("axis", np.array([1], dtype=np.int64))], base, keepdims=0)
+        return self.node(op, [x], base, axes=[1], keepdims=0)
 
+    def argmax(self, x: str) -> str:
+        return self.node("ArgMax", [x], "argmax", axis=1, keepdims=0, select_last_index=0)
 
-def _logit(graph: _Graph, nodes: list, t: str) -> str:
-    """log(t) - log(1 - t) in float64 (-inf at 0, +inf at 1). The Python policy takes log1p(-t), which can
-    differ in the last bit; a float32 confidence logit would have to fall between the two to decide otherwise."""
-    one_minus = graph.node(nodes, "Sub", [graph.const("one", np.array(1.0)), t], "one_minus_t")
-    return graph.node(nodes, "Sub", [graph.node(nodes, "Log", [t], "log_t"), graph.node(nodes, "Log", [one_minus], "log_1mt")], "logit_t")
+    def flat(self, column: str) -> str:
+        """An (n, 1) column as an (n,) vector; the batch-1 graph keeps the (1, 1) column (If takes any one-element condition)."""
+        return self.node("Reshape", [column, self.const("flat", np.array([-1], dtype=np.int64))], "flat") if self.compact else column
 
+    def per_exit(self, vector: str, index: int, transform: Callable | None = None) -> str:
+        """Element `index` (shape [1]) of a per-exit vector, optionally transformed.
 
-def _flat(graph: _Graph, nodes: list, column: str) -> str:
-    """An (n, 1) column as an (n,) vector; the batch-1 graph keeps the (1, 1) column (If takes any one-element condition)."""
-    return graph.node(nodes, "Reshape", [column, graph.const("flat", np.array([-1], dtype=np.int64))], "flat") if graph.compact else column
-
-
-def _softmax64(graph: _Graph, nodes: list, logits: str, index: int) -> str:
-    """softmax(logits / temperature) in float64, as the Python policies compute it."""
-    z = graph.node(nodes, "Cast", [logits], "logits64", to=TensorProto.DOUBLE)
-    z = graph.node(nodes, "Div", [z, _exit_scalar(graph, TEMPERATURE, index)], "scaled")
-    return graph.node(nodes, "Softmax", [z], "probs", axis=1)
-
-
-# A decision builder gets (graph, nodes, exit outputs by role, exit index, state) and returns
-# (exits bool (n,), prediction int64 (n,), scores float (n, C), state for the next level).
-Decision = Callable[..., tuple[str, str, str, str | None]]
-
-
-def _confidence(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
-    """z >= logit(T) in float64 (T = 0: every input; T = 1: none)."""
-    if "confidence_logit" not in out:  # bundles whose head outputs sigmoid(z): numpy compares in float32
-        exits = graph.node(nodes, "GreaterOrEqual", [_flat(graph, nodes, out["confidence"]), _exit_scalar(graph, THRESHOLDS, index, TensorProto.FLOAT)], "exits")
-        return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
-    z = graph.node(nodes, "Cast", [_flat(graph, nodes, out["confidence_logit"])], "z64", to=TensorProto.DOUBLE)
-    exits = graph.node(nodes, "GreaterOrEqual", [z, _exit_scalar(graph, THRESHOLDS, index, transform=_logit)], "exits")
-    return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
-
-
-def _max_softmax(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
-    """max softmax(logits / temperature) >= T in float64."""
-    probs = _softmax64(graph, nodes, out["logits"], index)
-    top = _reduce(graph, nodes, "ReduceMax", probs, "top")
-    exits = graph.node(nodes, "GreaterOrEqual", [top, _exit_scalar(graph, THRESHOLDS, index)], "exits")
-    return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
-
-
-def _entropy(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
-    """-sum p log max(p, 1e-12) <= T in float64, p = softmax(logits / temperature)."""
-    probs = _softmax64(graph, nodes, out["logits"], index)
-    clipped = graph.node(nodes, "Clip", [probs, graph.const("eps", np.array(1e-12))], "clipped")
-    plogp = graph.node(nodes, "Mul", [probs, graph.node(nodes, "Log", [clipped], "logp")], "plogp")
-    total = _reduce(graph, nodes, "ReduceSum", plogp, "sum")
-    entropy = graph.node(nodes, "Neg", [total], "entropy")
-    exits = graph.node(nodes, "LessOrEqual", [entropy, _exit_scalar(graph, THRESHOLDS, index)], "exits")
-    return exits, _argmax(graph, nodes, out["logits"]), out["logits"], state
-
-
-def _exclusion(graph: _Graph, nodes: list, out: dict[str, str], index: int, state: str | None):
-    """Remove classes in play with s_c <= max(T, beta * max s in play), never the best; exit with one left.
-
-    s = sigmoid(exclusion logits) in float64 as 0.5 (1 + tanh(z / 2)), the Python policy's formula; the
-    scores output is the float32 logits."""
-    logits = out["exclusion_logits"]
-    z = graph.node(nodes, "Cast", [logits], "exclusion64", to=TensorProto.DOUBLE)
-    half = graph.const("half", np.array(0.5))
-    tanh = graph.node(nodes, "Tanh", [graph.node(nodes, "Mul", [z, half], "half_z")], "tanh")
-    scores = graph.node(nodes, "Mul", [graph.node(nodes, "Add", [tanh, graph.const("one64", np.array(1.0))], "one_plus"), half], "sigmoid")
-    ninf = graph.const("ninf64", np.array(-np.inf))
-    in_play = graph.node(nodes, "Where", [state, scores, ninf], "in_play")
-    best = _argmax(graph, nodes, in_play)
-    top = _reduce(graph, nodes, "ReduceMax", in_play, "top")
-    beta = _exit_scalar(graph, BETA, index)
-    floor = _exit_scalar(graph, THRESHOLDS, index)
-    cut = graph.node(nodes, "Max", [graph.node(nodes, "Mul", [beta, top], "beta_top"), floor], "cut")
-    cut = graph.node(nodes, "Unsqueeze", [cut, graph.const("axis", np.array([1], dtype=np.int64))], "cut_col")
-    above = graph.node(nodes, "Greater", [scores, cut], "above")
-    classes = graph.node(nodes, "Range", [graph.const("zero", np.array(0, dtype=np.int64)),
-                                          graph.node(nodes, "Gather", [graph.node(nodes, "Shape", [logits], "shape"),
-                                                                      graph.const("one", np.array(1, dtype=np.int64))], "classes_n"),
-                                          graph.const("one", np.array(1, dtype=np.int64))], "classes")
-    best_col = graph.node(nodes, "Unsqueeze", [best, graph.const("axis", np.array([1], dtype=np.int64))], "best_col")
-    is_best = graph.node(nodes, "Equal", [classes, best_col], "is_best")
-    mask = graph.node(nodes, "Or", [graph.node(nodes, "And", [state, above], "kept"), is_best], "mask")
-    left = _reduce(graph, nodes, "ReduceSum", graph.node(nodes, "Cast", [mask], "mask64", to=TensorProto.INT64), "left")
-    exits = graph.node(nodes, "Equal", [left, graph.const("one", np.array(1, dtype=np.int64))], "exits")
-    return exits, best, logits, mask
-
-
-DECISIONS: dict[str, Decision] = {
-    "confidence": _confidence,
-    "max_softmax": _max_softmax,
-    "entropy": _entropy,
-    "exclusion": _exclusion,
-}
-
-
-def _policy(exit_spec: dict):
-    """The runtime's policy object for a manifest exit (its defaults filled in)."""
-    return exit_spec.policy.build()
+        The whole vector is transformed and split once per call in the top-level prelude, so a stage's path
+        holds no scalar arithmetic (see the module docstring for what small ops cost at batch 1)."""
+        graph = self.graph
+        key = (vector, transform)
+        if key not in graph._scalars:
+            prelude = _Ops(graph, graph.prelude)
+            value = vector if transform is None else transform(prelude, vector)
+            count = graph.num_exits
+            if graph.opset >= 13:
+                parts = graph.node(graph.prelude, "Split", [value, graph.const("sizes", np.ones(count, dtype=np.int64))], "exit", outputs=count, axis=0)
+            else:
+                parts = graph.node(graph.prelude, "Split", [value], "exit", outputs=count, axis=0, split=[1] * count)
+            graph._scalars[key] = [parts] if count == 1 else parts
+        return graph._scalars[key][index]
 
 
 def _split_lazy(nodes: list, needed: list[str]) -> tuple[list, list]:
@@ -291,30 +209,32 @@ def _branch(graph: _Graph, nodes: list, initializers: list, results: list[str], 
                              initializer=initializers)
 
 
-def _level(graph: _Graph, manifest: Manifest, stages: list[onnx.ModelProto], index: int, x: str,
+def _level(graph: _Graph, manifest: Manifest, policies: list[Policy], stages: list[onnx.ModelProto], index: int, x: str,
            state: str | None) -> tuple[list, list, list[str]]:
-    """Level `index` (stage `index` on input `x`, the rest under an If): nodes, initializers, (scores, prediction, exit)."""
+    """Level `index` (stage `index` on input `x`, the rest under an If): nodes, initializers, (scores, prediction, exit).
+
+    Each exit's decision, and the final stage's prediction, are its policy's own ONNX rule (Policy.emit...)."""
     nodes, initializers, outputs = _inline_stage(stages[index], index, x)
+    ops = _Ops(graph, nodes)
     spec = manifest.stages[index]
     names = spec.output_names
     if spec.exit is None:
         logits = outputs[names[0]]
-        masked = logits if state is None else graph.node(nodes, "Where", [state, logits, graph.const("ninf", np.array(-np.inf, dtype=np.float32))], "masked")
-        prediction = _argmax(graph, nodes, masked)
+        prediction = policies[-1].emit_final(ops, logits, state, index - 1) if policies else ops.argmax(logits)
         exit_index = graph.node(nodes, "Expand", [graph.const("exit", np.array(index, dtype=np.int64)), graph.node(nodes, "Shape", [prediction], "n")], "exit_index")
         return nodes, initializers, [logits, prediction, exit_index]
-    kind = spec.exit.policy.kind
+    policy = policies[index]
     roles = {role: outputs[name] for role, name in spec.exit.outputs.items()}
-    if kind == "exclusion" and state is None:
-        state = graph.node(nodes, "Expand", [graph.const("all_true", np.array(True)), graph.node(nodes, "Shape", [roles["exclusion_logits"]], "shape")], "state")
-    exits, prediction, scores, state = DECISIONS[kind](graph, nodes, roles, index, state)
+    if index == 0:
+        state = policy.emit_start(ops, roles)
+    exits, prediction, scores, state = policy.emit(ops, roles, index, state)
     exit_index = graph.node(nodes, "Expand", [graph.const("exit", np.array(index, dtype=np.int64)), graph.node(nodes, "Shape", [prediction], "n")], "exit_index")
     types = [TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64]
     if not graph.compact:  # batch 1: the input leaves here (then) or goes on (else)
         nodes, later = _split_lazy(nodes, [outputs[names[0]], exits] + ([state] if state else []))
         initializers, later_inits = _split_initializers(initializers, nodes, later)
         leave = _branch(graph, later, later_inits, [scores, prediction, exit_index], types)
-        inner, inner_inits, results = _level(graph, manifest, stages, index + 1, outputs[names[0]], state)
+        inner, inner_inits, results = _level(graph, manifest, policies, stages, index + 1, outputs[names[0]], state)
         go_on = _branch(graph, inner, inner_inits, results, types)
         return nodes, initializers, graph.node(nodes, "If", [exits], "level", outputs=3, then_branch=leave, else_branch=go_on)
     else_graph = _branch(graph, [], [], [scores, prediction, exit_index], types)
@@ -325,7 +245,7 @@ def _level(graph: _Graph, manifest: Manifest, stages: list[onnx.ModelProto], ind
     flat = graph.node(rows, "Reshape", [survivors, graph.const("flat", np.array([-1], dtype=np.int64))], "rows")
     sub_x = graph.node(rows, "Gather", [outputs[names[0]], flat], "sub_x", axis=0)
     sub_state = None if state is None else graph.node(rows, "Gather", [state, flat], "sub_state", axis=0)
-    inner, inner_inits, results = _level(graph, manifest, stages, index + 1, sub_x, sub_state)
+    inner, inner_inits, results = _level(graph, manifest, policies, stages, index + 1, sub_x, sub_state)
     rows += inner
     at = graph.node(rows, "Transpose", [survivors], "at", perm=[1, 0])
     merged = [graph.node(rows, "ScatterND", [base, at, sub], "merged") for base, sub in zip([scores, prediction, exit_index], results)]
@@ -343,17 +263,11 @@ def build_cascade(manifest: Manifest, compact: bool = True) -> onnx.ModelProto:
     opset = next(o.version for o in stages[0].opset_import if o.domain in ("", "ai.onnx"))
     graph = _Graph(opset, compact, len(manifest.exits))
     spec = manifest.input_spec
-    nodes, initializers, (scores, prediction, exit_index) = _level(graph, manifest, stages, 0, spec.name, None)
+    policies = manifest_policies(manifest)
+    nodes, initializers, (scores, prediction, exit_index) = _level(graph, manifest, policies, stages, 0, spec.name, None)
     graph.initializers += initializers
     nodes = graph.prelude + nodes
-    num_exits = len(manifest.exits)
-    kinds = [e.policy.kind for e in manifest.exits]
-    defaults = {THRESHOLDS: np.array([e.policy.threshold for e in manifest.exits], dtype=np.float64)}
-    if "exclusion" in kinds:
-        defaults[BETA] = np.array([_policy(e).args.get("beta", 0.0) for e in manifest.exits], dtype=np.float64)
-    if any(kind in SOFTMAX_POLICIES for kind in kinds):
-        defaults[TEMPERATURE] = np.array([e.temperature for e in manifest.exits], dtype=np.float64)
-    for name, value in defaults.items():
+    for name, value in graph_vectors(policies).items():
         graph.initializers.append(numpy_helper.from_array(value, name))
     nodes += [helper.make_node("Identity", [scores], [OUT_SCORES]), helper.make_node("Identity", [prediction], [OUT_PREDICTION]),
               helper.make_node("Identity", [exit_index], [OUT_EXIT])]
@@ -390,7 +304,7 @@ def write_cascade(manifest: Manifest, compact: bool = True) -> CascadeGraph:
     path = manifest.path(CASCADE_NAME)
     onnx.save(model, str(path))
     vectors = [{"name": init.name, "shape": [len(manifest.exits)], "dtype": "float64", "default": numpy_helper.to_array(init).tolist()}
-               for init in model.graph.initializer if init.name in (THRESHOLDS, BETA, TEMPERATURE)]
+               for init in model.graph.initializer if init.name in GRAPH_VECTORS]
     entry = {"file": CASCADE_NAME, "sha256": sha256_file(path), "inputs": _describe(model.graph.input) + vectors,
              "outputs": _describe(model.graph.output), "vectors": VECTORS_CONSTANT}
     return CascadeGraph.from_dict(entry, manifest.input_spec, len(manifest.exits))

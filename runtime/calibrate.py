@@ -52,7 +52,7 @@ from edgeexit.errors import ConfigError
 from edgeexit.registry import Registry
 from edgeexit.runtime.latency import cheapest_latency, predict_latency
 from edgeexit.runtime.manifest import CASCADE_NAME, DeviceProfile, Manifest, load_manifest, save_manifest
-from edgeexit.runtime.policies import SCORE_POLICIES, ExclusionPolicy, Policy, get_policy, policies_for
+from edgeexit.runtime.policies import ExclusionPolicy, Policy, get_policy, policies_for
 from edgeexit.runtime.simulate import CascadeSimulator, Point, grid_points, pareto_front
 
 GRID_SIZE = 41
@@ -344,7 +344,7 @@ def candidate_policies(runner: CascadeRunner, choice: str | None) -> list[str]:
     roles = set.intersection(*(set(spec.outputs) for spec in runner.manifest.exits))
     runnable = policies_for(roles)
     if choice == AUTO:
-        names = [name for name in SCORE_POLICIES if name in runnable]
+        names = policies_for(roles, scored=True)
         return names or [own]
     get_policy(choice)
     if choice not in runnable:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from edgeexit.errors import BundleError, ConfigError, InputError, first_line
 from edgeexit.runtime.manifest import FULL_NAME, Manifest, StageSpec, TensorSpec, check_graph_io, load_manifest
-from edgeexit.runtime.policies import Policy, get_policy, per_exit_args, policies_for
+from edgeexit.runtime.policies import Policy, ensembled, get_policy, per_exit_args, policies_for
 from edgeexit.runtime.providers import resolve_providers
 
 DEFAULT_CHUNK = 256
@@ -85,6 +85,15 @@ def make_policy(stage: StageSpec, num_classes: int, kind: str | None = None, pol
     return policy
 
 
+def manifest_policies(manifest: Manifest, kind: str | None = None, policy_args: dict | None = None,
+                      ensemble: str | None = None) -> list[Policy]:
+    """Every exit's policy (make_policy), with the manifest's ensemble at deferral or `ensemble` instead."""
+    num_exits = len(manifest.exits)
+    policies = [make_policy(stage, manifest.num_classes, kind, per_exit_args(policy_args or {}, index, num_exits))
+                for index, stage in enumerate(manifest.stages[:-1])]
+    return ensembled(policies, [e.policy for e in manifest.exits], ensemble)
+
+
 class Runner:
     """What every engine shares: the manifest, providers, exit policies and thresholds, full.onnx."""
 
@@ -99,6 +108,7 @@ class Runner:
         policy_args: dict | None = None,
         chunk_size: int = DEFAULT_CHUNK,
         policy: str | None = None,
+        ensemble: str | None = None,
     ) -> None:
         self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle)
         self.device = device
@@ -107,9 +117,7 @@ class Runner:
         self.providers = resolve_providers(device, cache_dir=self.manifest.root / "cache")
         self._options = session_options(threads)
         self._full: ort.InferenceSession | None = None
-        num_exits = len(self.manifest.stages) - 1
-        self.policies = [make_policy(stage, self.manifest.num_classes, policy, per_exit_args(policy_args or {}, index, num_exits))
-                         for index, stage in enumerate(self.manifest.stages[:-1])]
+        self.policies = manifest_policies(self.manifest, policy, policy_args, ensemble)
         if thresholds is not None:
             self.set_thresholds(thresholds)
 

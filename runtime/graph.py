@@ -13,7 +13,7 @@ from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner, check
 from edgeexit.errors import BundleError, ConfigError, first_line
 from edgeexit.runtime.manifest import (CASCADE_NAME, CASCADE_OUTPUTS, ENGINES, VECTORS_INPUT, Manifest, load_manifest,
                                        sha256_file)
-from edgeexit.runtime.policies import Policy
+from edgeexit.runtime.policies import GRAPH_VECTORS, Policy, manifest_ensemble
 
 ONNX_DTYPES = {"float32": "tensor(float)", "float64": "tensor(double)", "int64": "tensor(int64)"}
 
@@ -52,12 +52,7 @@ class GraphRunner(Runner):
     def feeds(self, policies: Sequence[Policy] | None = None) -> dict[str, np.ndarray]:
         """The per-exit graph inputs (float64 vectors) for these policies (default: the runner's)."""
         policies = self.policies if policies is None else policies
-        values = {
-            "thresholds": [p.threshold for p in policies],
-            "beta": [p.args.get("beta", 0.0) for p in policies],
-            "temperature": [getattr(p, "temperature", 1.0) for p in policies],
-        }
-        return {name: np.asarray(values[name], dtype=np.float64) for name in self._vector_inputs}
+        return {name: np.array([GRAPH_VECTORS[name](p) for p in policies], dtype=np.float64) for name in self._vector_inputs}
 
     def run_graph(self, x: np.ndarray, feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
         """One session run: (scores, prediction, exit_index) for a checked batch; `feeds` overrides inputs."""
@@ -94,10 +89,13 @@ def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", devi
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine '{engine}'; choose from: {', '.join(ENGINES)}")
     manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle)
-    if options.get("policy") is not None:  # cascade.onnx has the manifest's policies compiled in
-        if engine == "graph":
-            raise ConfigError("--policy needs the stage-chain engine (--engine chain or auto): cascade.onnx runs the manifest's policies")
-        engine = "chain"
+    own_ensemble = manifest_ensemble([e.policy for e in manifest.exits])[0]
+    for option in ("policy", "ensemble"):  # cascade.onnx has the manifest's policies and ensemble compiled in
+        if options.get(option) is not None and (option == "policy" or options[option] != own_ensemble):
+            if engine == "graph":
+                raise ConfigError(f"--{option} needs the stage-chain engine (--engine chain or auto): cascade.onnx runs "
+                                  f"the manifest's policies")
+            engine = "chain"
     if (auto_engine(manifest) if engine == "auto" else engine) == "chain":
         return CascadeRunner(manifest, device, **options)
     return GraphRunner(manifest, device, **options)

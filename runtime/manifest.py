@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgeexit.errors import BundleError, InputError
-from edgeexit.runtime.policies import Policy, get_policy, per_exit_args
+from edgeexit.runtime.policies import NO_ENSEMBLE, Policy, ensemble_choices, get_policy, per_exit_args
 
 FORMAT = "edgeexit-bundle"
 FORMAT_VERSION = 2
@@ -248,11 +248,14 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """An exit's policy as stored: kind (a name in POLICIES), threshold and extra arguments."""
+    """An exit's policy as stored: kind (a name in POLICIES), threshold and extra arguments; with an ensemble at
+    deferral (a name in ENSEMBLES), this exit's weight in the mean of every later stage (the final stage's is 1)."""
 
     kind: str
     threshold: float
     args: dict = field(default_factory=dict)
+    ensemble: str = NO_ENSEMBLE
+    weight: float = 1.0
 
     def build(self, args: dict | None = None) -> Policy:
         """The runtime Policy this spec describes; `args` override the stored arguments."""
@@ -278,10 +281,17 @@ class PolicySpec:
         args = data.get("args", {})
         if not isinstance(args, dict):
             raise _fail(f"{where}.args", "must be an object")
-        return cls(kind, threshold, dict(args))
+        ensemble = data.get("ensemble", NO_ENSEMBLE)
+        if ensemble not in ensemble_choices():
+            raise _fail(f"{where}.ensemble", f"must be one of {', '.join(ensemble_choices())}")
+        weight = data.get("weight", 1.0)
+        if not _is_number(weight) or weight <= 0:
+            raise _fail(f"{where}.weight", "must be a finite number > 0")
+        return cls(kind, threshold, dict(args), ensemble, float(weight))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "threshold": self.threshold, "args": dict(self.args)}
+        entry = {"kind": self.kind, "threshold": self.threshold, "args": dict(self.args)}
+        return entry if self.ensemble == NO_ENSEMBLE else {**entry, "ensemble": self.ensemble, "weight": self.weight}
 
 
 @dataclass(frozen=True)

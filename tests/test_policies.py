@@ -47,3 +47,54 @@ def test_calibration_grid_maps_logit_quantiles_back_to_thresholds():
     # the candidates are the logit quantiles mapped through the sigmoid: as T they spread the exit share evenly
     shares = {int(ConfidencePolicy(float(t)).decide(confidence_outputs(z), None)[0].sum()) for t in grid}
     assert len(shares) >= 9 and {0, 101} <= shares
+
+
+def test_every_policy_registers_its_numpy_rule_and_its_onnx_builder_together():
+    from dataclasses import dataclass
+
+    from edgeexit.runtime.policies import ENSEMBLES, POLICIES, RULES, MaxSoftmaxPolicy, Policy, _owner, register_policy
+
+    for name, cls in POLICIES.items():
+        for numpy_half, graph_half in RULES:
+            assert _owner(cls, numpy_half) is _owner(cls, graph_half), f"{name}: {numpy_half} / {graph_half}"
+    for rule in ENSEMBLES.items():
+        assert _owner(type(rule[1]), "term") is _owner(type(rule[1]), "graph_term")
+
+    @dataclass
+    class NumpyOnly(MaxSoftmaxPolicy):
+        name = "numpy_only"
+
+        def score_probs(self, probs):
+            return probs.min(axis=1)
+
+    with pytest.raises(ValueError, match="NumpyOnly defines score_probs without graph_score_probs"):
+        register_policy(NumpyOnly)
+
+    @dataclass
+    class GraphOnly(Policy):
+        name = "graph_only"
+
+        def emit(self, g, out, index, state):
+            return out["logits"], out["logits"], out["logits"], state
+
+    with pytest.raises(ValueError, match="GraphOnly defines emit without decide"):
+        register_policy(GraphOnly)
+
+    @dataclass
+    class NoDecision(Policy):
+        name = "no_decision"
+
+    with pytest.raises(ValueError, match="no decision"):
+        register_policy(NoDecision)
+    assert "numpy_only" not in POLICIES and "graph_only" not in POLICIES and "no_decision" not in POLICIES
+
+
+def test_policy_lists_are_derived_from_the_entries():
+    from edgeexit.runtime.policies import POLICIES, ensemble_policies, policies_for
+
+    everything = ("logits", "confidence_logit", "exclusion_logits")
+    # a score policy compares one per-input score with its threshold: what calibrate --policy auto searches
+    assert policies_for(everything, scored=True) == [n for n, cls in POLICIES.items() if cls.has_score()]
+    assert "exclusion" not in policies_for(everything, scored=True) and "exclusion" in policies_for(everything)
+    assert policies_for(("logits",), scored=True) == ["max_softmax", "entropy"]
+    assert ensemble_policies() == [n for n, cls in POLICIES.items() if "temperature" in cls.vectors]
