@@ -443,11 +443,15 @@ class ProbabilityPolicy(Policy):
         total, probs = self.graph_ensembled(g, out["logits"], index, state)
         return self.graph_compare(g, self.graph_score_probs(g, probs), index), g.argmax(probs), out["logits"], total
 
+    def final_probabilities(self, logits: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """The final stage's ensemble: the final logits' term (weight 1, temperature 1) added to the running total."""
+        rule = ENSEMBLES.get(self.ensemble)
+        return rule.combine(state + rule.term(logits.astype(np.float64)), np.cumsum(self.weights)[-1] + 1.0)
+
     def final(self, logits, state):
         if self.ensemble == NO_ENSEMBLE:
             return super().final(logits, state)
-        rule = ENSEMBLES.get(self.ensemble)  # the final stage: weight 1, temperature 1
-        return rule.combine(state + rule.term(logits.astype(np.float64)), np.cumsum(self.weights)[-1] + 1.0).argmax(axis=1)
+        return self.final_probabilities(logits, state).argmax(axis=1)
 
     def emit_final(self, g, logits, state, index):
         if self.ensemble == NO_ENSEMBLE:

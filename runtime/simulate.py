@@ -1,17 +1,24 @@
 """The cascade replayed in numpy from stored per-exit outputs: what trainer, calibrate and bench simulate.
 
 The decisions are the runtime's own Policy objects, so a simulated operating point is what
-`CascadeRunner.predict` does at those thresholds.
+`CascadeRunner.predict` does at those thresholds. Ensembles at deferral are fitted here too
+(fit_ensemble_weights), on the same stored outputs.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from edgeexit.runtime.policies import Policy
+from edgeexit.runtime.policies import Policy, with_ensemble
+
+# an exit's ensemble weight relative to the final stage's 1, searched in log space: beyond it the exit (or the
+# final stage) is all but left out of every later mean
+WEIGHT_RANGE = (1e-3, 1e3)
+WEIGHT_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -96,3 +103,58 @@ def grid_points(grids: Sequence[np.ndarray], count: int | None = None) -> list[l
     exit's grid the value at the same fraction i / (count - 1) of the way along it."""
     count = count or max(len(g) for g in grids)
     return [[float(g[round(i * (len(g) - 1) / max(count - 1, 1))]) for g in grids] for i in range(count)]
+
+
+def golden_minimum(f: Callable[[float], float], low: float, high: float, steps: int = 40) -> float:
+    """The argument in [low, high] minimizing a unimodal f, by golden-section search (the midpoint of the last bracket)."""
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = f(a), f(b)
+    for _ in range(steps):
+        if fa <= fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = f(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = f(b)
+    return (low + high) / 2
+
+
+def ensemble_nll(policies: Sequence[Policy], exit_outputs: Sequence[dict[str, np.ndarray]], final_logits: np.ndarray,
+                 labels: np.ndarray) -> float:
+    """Negative log-likelihood of the labels summed over the stages, each stage's probabilities its ensemble of the
+    stages so far (policies with an ensemble, see policies.with_ensemble), averaged over the inputs."""
+    rows = np.arange(len(labels))
+    state, total = None, 0.0
+    stages = []
+    for policy, outputs in zip(policies, exit_outputs):
+        state, probs = policy.ensembled(outputs["logits"], state)
+        stages.append(probs)
+    stages.append(policies[-1].final_probabilities(final_logits, state))
+    for probs in stages:
+        total += float(-np.log(np.clip(probs[rows, labels], 1e-300, None)).mean())
+    return total
+
+
+def fit_ensemble_weights(policies: Sequence[Policy], exit_outputs: Sequence[dict[str, np.ndarray]], final_logits: np.ndarray,
+                         labels: np.ndarray, mode: str, progress: Callable[[str], None] = lambda message: None) -> list[float]:
+    """Per-exit weights w_k > 0 of ensemble `mode` (the final stage's fixed at 1: every mean is scale-free, so that
+    loses nothing), minimizing ensemble_nll on the data (Zero Time Waste fits its ensemble weights by NLL too).
+
+    Coordinate descent: each weight in turn by golden-section search on log w within WEIGHT_RANGE, the others
+    fixed, WEIGHT_ROUNDS rounds. The policies' temperatures apply (fit them first)."""
+    weights = [1.0] * len(policies)
+    low, high = (math.log(w) for w in WEIGHT_RANGE)
+
+    def loss(k: int, log_w: float) -> float:
+        trial = [*weights[:k], math.exp(log_w), *weights[k + 1 :]]
+        return ensemble_nll(with_ensemble(policies, mode, trial), exit_outputs, final_logits, labels)
+
+    for round_index in range(WEIGHT_ROUNDS):
+        for k in range(len(weights)):
+            weights[k] = math.exp(golden_minimum(lambda log_w: loss(k, log_w), low, high))
+        progress(f"{mode} ensemble weights, round {round_index + 1}: {', '.join(f'{w:.3g}' for w in weights)} "
+                 f"(final stage 1), NLL summed over stages {loss(0, math.log(weights[0])):.4f}")
+    return weights
