@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgeexit.runtime.policies import SCORE_POLICIES, Policy, get_policy
+from edgeexit.runtime.policies import POLICIES, Policy, get_policy
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
@@ -38,21 +38,23 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
 
 
 def exit_score(policy: Policy, outputs: dict[str, np.ndarray]) -> np.ndarray:
-    """The policy's per-input score oriented so that higher means 'more ready to leave'.
-
-    A policy whose `forcing` pair sends everything out at a higher threshold than it keeps
-    everything (entropy: exit when the score is <= T) exits on low scores; its score is negated.
-    """
+    """The policy's per-input score oriented so that higher means 'more ready to leave' (negated where the
+    policy exits on low scores, as entropy does)."""
     scores = np.asarray(policy.scores(outputs), dtype=np.float64)
-    low_exits = policy.forcing is not None and policy.forcing[0] > policy.forcing[1]
-    return -scores if low_exits else scores
+    return -scores if policy.exits_below else scores
+
+
+def scored_policies() -> list[str]:
+    """Names of the policies that decide by comparing one per-input score with a threshold."""
+    return [name for name, cls in POLICIES.items() if cls.has_score()]
 
 
 def ranking_auroc(exit_outputs: Sequence[dict[str, np.ndarray]], labels: np.ndarray,
-                  policies: Sequence[str] = SCORE_POLICIES) -> list[dict[str, float]]:
+                  policies: Sequence[str] | None = None) -> list[dict[str, float]]:
     """Per exit, AUROC of "this exit's prediction (argmax of its logits) is right" for each named score policy
-    the exit's outputs support (confidence needs a confidence logit), plus the exit's own accuracy."""
+    (default: every scored policy) the exit's outputs support, plus the exit's own accuracy."""
     labels = np.asarray(labels)
+    policies = scored_policies() if policies is None else policies
     rows = []
     for outputs in exit_outputs:
         right = outputs["logits"].argmax(axis=1) == labels
