@@ -1,6 +1,7 @@
 """PTEENet: branches post-trained on a frozen pre-trained backbone, loaded only from local weights."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from torch import fx, nn
 
-from edgeexit.train.backbones import BACKBONES, build_backbone
+from edgeexit.train.backbones import build_backbone
 from edgeexit.cli import main
 from edgeexit.train.cuts import CutGraph
 from edgeexit.errors import ConfigError, InputError
@@ -34,10 +35,11 @@ def _assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 @pytest.fixture(scope="module")
 def backbone_weights(tmp_path_factory) -> Path:
     """resnet20 pre-trained (plain, no exits) on 16x16 digits: the 'user's model'."""
+    from edgeexit.train.config import PRETRAIN
     from edgeexit.train.pretrained import pretrain_backbone
 
     out = tmp_path_factory.mktemp("pretrained") / "backbone.pt"
-    pretrain_backbone("resnet20", out, input_size=16, epochs=4, progress=False)
+    pretrain_backbone(dataclasses.replace(PRETRAIN, backbone="resnet20", input_size=16, epochs=4), out, progress=False)
     return out
 
 
@@ -164,7 +166,7 @@ def test_torchvision_backbone_trains_exports_and_runs(tmp_path):
               branch_channels=8, branch_depth=1, out=str(tmp_path / "model.pt"), progress=False,
               **{**SMALL, "exit_at": "layer1.0,layer2.0"})
     manifest = export_bundle(tmp_path / "model.pt", tmp_path / "bundle")
-    assert [s["exit"]["cut"] for s in manifest["stages"][:-1]] == ["layer1.0", "layer2.0"]
+    assert [s.exit.cut for s in manifest.manifest.stages[:-1]] == ["layer1.0", "layer2.0"]
     runner = CascadeRunner(tmp_path / "bundle", threads=1)
     x, _ = load_eval_data("digits", "test", runner.manifest.input_spec)
     assert len(runner.predict(x[:16]).predictions) == 16
@@ -188,7 +190,7 @@ def test_torchvision_backbone_at_224_exports_verified_and_runs(tmp_path, name):
                         exit_args={"channels": 16, "depth": 1})
     save_model(model.eval(), tmp_path / "model.pt")
     manifest = export_bundle(tmp_path / "model.pt", tmp_path / "bundle")  # verifies parity, fails on mismatch
-    assert manifest["input"]["shape"][1:] == [3, 224, 224]
+    assert manifest.manifest.input_shape == (3, 224, 224)
     runner = CascadeRunner(tmp_path / "bundle", threads=2)
     x, _ = load_eval_data("digits", "test", runner.manifest.input_spec)
     assert len(runner.predict(x[:4]).predictions) == 4
@@ -225,7 +227,7 @@ def _one_line_error(args: list[str]) -> str:
     return lines[0]
 
 
-def test_cli_errors_are_one_line(tmp_path, monkeypatch):
+def test_cli_errors_are_one_line(tmp_path):
     torch.save(build_backbone("resnet20", 10, 1).state_dict(), tmp_path / "r20.pt")
     train = ["train", "--method", "pteenet", "--backbone", "resnet8", "--input-size", "16", "--epochs", "1",
              "--out", str(tmp_path / "model.pt")]
@@ -235,7 +237,7 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch):
     torch.save(build_backbone("resnet8", 10, 1).state_dict(), tmp_path / "r8.pt")
     line = _one_line_error([*train, "--weights", str(tmp_path / "r8.pt"), "--exit-at", "layer1.0,layer9"])
     assert "unknown cut point 'layer9'" in line and "layer2.0" in line
-    monkeypatch.setitem(BACKBONES, "untraceable", lambda num_classes, in_channels: Untraceable(num_classes, in_channels))
-    assert "cannot be traced by torch.fx" in _one_line_error(["cuts", "--backbone", "untraceable", "--input-size", "16"])
+    untraceable = f"module:{__name__}:Untraceable"  # this test file, as pytest imported it
+    assert "cannot be traced by torch.fx" in _one_line_error(["cuts", "--backbone", untraceable, "--input-size", "16"])
     assert "unknown torchvision classification model" in _one_line_error(["cuts", "--backbone", "torchvision:nope"])
     assert not (tmp_path / "model.pt").exists()

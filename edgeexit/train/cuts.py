@@ -145,6 +145,12 @@ class CutGraph:
         meta = out.meta.get("tensor_meta") if isinstance(out, fx.Node) else None
         return tuple(int(d) for d in meta.shape[1:]) if hasattr(meta, "shape") else None
 
+    def check_logits(self, num_classes: int) -> None:
+        """ConfigError unless the backbone outputs one logits vector of `num_classes` per input (a factory may ignore it)."""
+        if self.output_shape != (num_classes,):
+            raise ConfigError(f"backbone {type(self.backbone).__name__} outputs shape {self.output_shape} per input; "
+                              f"the data has {num_classes} classes (a logits vector of that size is needed)")
+
     def _is_boundary(self, node: fx.Node) -> bool:
         return not self.crossing(node)
 
