@@ -15,6 +15,7 @@ from edgeexit.errors import (
 from edgeexit.runtime.manifest import Manifest, load_manifest
 from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner
 from edgeexit.runtime.graph import GraphRunner, open_runner
+from edgeexit.runtime.drift import DriftGuard, GuardSettings
 from edgeexit.runtime.policies import POLICIES, get_policy
 
 __all__ = [
@@ -23,8 +24,10 @@ __all__ = [
     "CascadeRunner",
     "ConfigError",
     "DeviceError",
+    "DriftGuard",
     "EdgeExitError",
     "GraphRunner",
+    "GuardSettings",
     "InputError",
     "Manifest",
     "MissingExtraError",

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeResult, Runner
+from edgeexit.runtime.drift import DriftGuard, GuardSettings, drift_entry
 from edgeexit.runtime.latency import latency_prediction, matching_profile
 
 Progress = Callable[[str], None]
@@ -133,10 +134,25 @@ def run_report(
     labels: np.ndarray | None = None,
     batch_size: int = 1,
     warmup: int = 3,
+    guard: GuardSettings | None = None,
 ) -> tuple[dict, CascadeResult]:
-    """Run the cascade over x in batches and build the report dict of DESIGN.md."""
-    parts, seconds = interleaved_timings({"cascade": runner.predict}, x, batch_size, warmup)["cascade"]
-    return {**cascade_entry(runner, parts, seconds, labels), **runner_info(runner, batch_size, len(x))}, merge_results(parts)
+    """Run the cascade over x in batches and build the report dict of DESIGN.md.
+
+    `drift`: the run's exit shares against the calibration's (drift.drift_entry). With `guard`, every call goes
+    through a drift.DriftGuard (warm-up calls bypass it) and `guard` reports what it saw and did."""
+    if guard is None or guard.mode == "off":
+        parts, seconds = interleaved_timings({"cascade": runner.predict}, x, batch_size, warmup)["cascade"]
+        watched = {}
+    else:
+        for part in batches(len(x), batch_size)[: max(warmup, 0)]:
+            runner.predict(x[part])
+        watcher = DriftGuard(runner, guard)
+        parts, seconds = interleaved_timings({"cascade": watcher.predict}, x, batch_size, warmup=0)["cascade"]
+        watcher.close()
+        watched = {"guard": watcher.report()}
+    result = merge_results(parts)
+    return {**cascade_entry(runner, parts, seconds, labels), **runner_info(runner, batch_size, len(x)),
+            "drift": drift_entry(runner, result.exit_index), **watched}, result
 
 
 def full_report(runner: Runner, x: np.ndarray, labels: np.ndarray | None, batch_size: int = 1, warmup: int = 3) -> dict:
