@@ -1,24 +1,20 @@
-"""Training-side entry points behind the CLI: train, cuts, demo, and torchvision evaluation data."""
+"""Training-side entry points behind the CLI: train, cuts, demo."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
 
 from edgeexit.errors import ConfigError
-from edgeexit.runtime.manifest import InputSpec
 from edgeexit.train.backbones import build_backbone
-from edgeexit.train.config import TrainConfig
+from edgeexit.train.config import TrainSpec
 from edgeexit.train.cuts import CutGraph
-from edgeexit.runtime.datasets import ALL_SPLIT, DATASETS, SPLITS
-from edgeexit.train.data import load_data, load_torchvision_data
+from edgeexit.train.data import training_splits
 from edgeexit.train.hardware import training_env
 from edgeexit.train.methods import get_method
-from edgeexit.train.models import save_model
+from edgeexit.train.models import read_checkpoint, save_model
 from edgeexit.train.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
 from edgeexit.train.assembly import build_model
 from edgeexit.train.trainer import train_model
@@ -41,88 +37,47 @@ def _split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def train(
-    data: str = "digits",
-    data_dir: str | None = None,
-    download: bool = False,
-    input_size: int | None = None,
-    backbone: str = "resnet20",
-    method: str = "eenet",
-    exit_type: str | None = None,
-    num_exits: int = 2,
-    placement: str = "pareto",
-    placement_cost: str = "macs",
-    exit_at: str | None = None,
-    loss: str | None = None,
-    lam: float = 1.0,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    head_lr: float | None = None,
-    warmup_epochs: int = 1,
-    threshold: float | None = None,
-    seed: int = 0,
-    out: str = "model.pt",
-    progress: bool = True,
-    weights: str | None = None,
-    branch_channels: int | None = None,
-    branch_depth: int | None = None,
-    beta: float | list[float] | None = None,
-    device: str = TrainConfig.device,
-    precision: str = TrainConfig.precision,
-    num_workers: int = TrainConfig.num_workers,
-    checkpoint_dir: str | None = TrainConfig.checkpoint_dir,
-    resume: bool = TrainConfig.resume,
-) -> TrainResult:
-    """Build, train and save a model; returns the kept epoch's validation figures and the model.
+def train(spec: TrainSpec, out: str = "model.pt", progress: bool = True) -> TrainResult:
+    """Build, train and save a model as `spec` says; returns the kept epoch's validation figures and the model.
 
-    `weights` loads the backbone from a local file first (PTEENet post-trains a frozen,
+    `spec.weights` loads the backbone from a local file first (PTEENet post-trains a frozen,
     pre-trained backbone and refuses to start without it); `branch_channels` and
     `branch_depth` size the conv branches of exit type "branch"; `beta` (one value, or one
-    per exit) sets class exclusion's dynamic threshold. Launched by torchrun, every
+    per exit) sets class exclusion's dynamic threshold. model.pt records the resolved spec
+    (the method's loss, the measured augmentation default, ...). Launched by torchrun, every
     process trains its share of each batch and only rank 0 writes `out`.
     """
-    if epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
-    spec = get_method(method)
-    if spec.frozen_backbone and not weights:
-        raise ConfigError(f"--method {method} post-trains a frozen backbone: pass its pre-trained weights with --weights FILE")
-    if num_workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {num_workers}")
-    if resume and not checkpoint_dir:
-        raise ConfigError("--resume needs --checkpoint-dir DIR (where the checkpoint is)")
-    exit_args = {k: v for k, v in (("channels", branch_channels), ("depth", branch_depth)) if v is not None}
-    config = TrainConfig(data=data, data_dir=data_dir, download=download, epochs=epochs, batch_size=batch_size,
-                         lr=lr, loss=loss or spec.loss, lam=lam, seed=seed, warmup_epochs=warmup_epochs,
-                         warmup_loss=spec.warmup_loss, num_workers=num_workers, device=device, precision=precision,
-                         checkpoint_dir=checkpoint_dir, resume=resume)
-    config.head_lr = head_lr if head_lr is not None else spec.head_lr
-    with training_env(device, precision) as env:
-        torch.manual_seed(seed)
-        splits = load_data(data, data_dir=data_dir, download=download, input_size=input_size)
-        model = build_model(splits, backbone, exit_type or spec.exit_type, placement, num_exits,
-                            exit_at=_split_list(exit_at), method=method, threshold=threshold, exit_args=exit_args,
-                            weights=weights, policy_args=None if beta is None else {"beta": beta},
-                            placement_cost=placement_cost)
-        history = train_model(model, splits, config, progress=progress, env=env)
+    spec.check()
+    method = get_method(spec.method)
+    if method.frozen_backbone and not spec.weights:
+        raise ConfigError(f"--method {spec.method} post-trains a frozen backbone: pass its pre-trained weights with --weights FILE")
+    if method.frozen_backbone and spec.schedule == "mixed":
+        raise ConfigError(f"--schedule mixed trains the backbone first; --method {spec.method} keeps it frozen: use joint")
+    spec = replace(spec, exit_type=spec.exit_type or method.exit_type, loss=spec.loss or method.loss,
+                   distill=method.distill if spec.distill is None else spec.distill, lr=spec.learning_rate,
+                   warmup_loss=method.warmup_loss, head_lr=spec.head_lr if spec.head_lr is not None else method.head_lr)
+    exit_args = {k: v for k, v in (("channels", spec.branch_channels), ("depth", spec.branch_depth)) if v is not None}
+    with training_env(spec.device, spec.precision) as env:
+        torch.manual_seed(spec.seed)
+        splits, spec = training_splits(spec)
+        model = build_model(splits, spec.backbone, spec.exit_type, spec.placement, spec.num_exits,
+                            exit_at=_split_list(spec.exit_at), method=spec.method, threshold=spec.threshold,
+                            exit_args=exit_args, weights=spec.weights, backbone_args=spec.backbone_args,
+                            policy_args=None if spec.beta is None else {"beta": spec.beta},
+                            measure_cuts=_latency_placement() if spec.placement_cost == "latency" else None)
+        history = train_model(model, splits, spec, progress=progress, env=env)
         if env.is_main:
-            save_model(model, out, extra={"train": vars(config), "history": vars(history), "backbone_weights": weights,
+            save_model(model, out, extra={"train": spec.to_dict(), "history": vars(history), "backbone_weights": spec.weights,
                                           "world_size": env.world_size})
     best = history.best_epoch
     return TrainResult(env.rank, model.config.cuts, best, history.val_accuracy[best], history.val_exit_rate[best], model, splits)
 
 
-def eval_arrays(name: str, split: str, input_spec: InputSpec, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A torchvision data set split (or "all" three) as the bundle's model-ready arrays: resized to its input size, converted
-    to its channel count and normalized with its mean/std (InputSpec.preprocess), never the set's own table."""
-    if split not in (*SPLITS, ALL_SPLIT):
-        raise ConfigError(f"unknown split '{split}'; choose from: {', '.join(SPLITS)}, {ALL_SPLIT}")
-    if DATASETS.resolve(name)[0].torchvision is None:
-        raise ConfigError(f"data set '{name}' is not a torchvision set")
-    splits = load_torchvision_data(name, data_dir, download=False, input_size=input_spec.sample_shape[1], normalized=False)
-    dataset = ConcatDataset([getattr(splits, s) for s in SPLITS]) if split == ALL_SPLIT else getattr(splits, split)
-    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in DataLoader(dataset, batch_size=512)])
-    return input_spec.preprocess(np.concatenate(xs)), np.concatenate(ys)
+def _latency_placement() -> Callable:
+    """The export side's measured cut latency (it exports each prefix: onnx is imported only when asked for)."""
+    from edgeexit.export.cut_latency import measured_candidates
+
+    return measured_candidates
 
 
 def describe_cuts(backbone: str, input_size: int, channels: int | None, num_exits: int, profile: bool = False,
@@ -132,7 +87,7 @@ def describe_cuts(backbone: str, input_size: int, channels: int | None, num_exit
 
     With `profile`, each cut's prefix graph is exported and timed on onnxruntime: the lines add
     its cumulative latency and latency fraction, and the schemes place by latency."""
-    from edgeexit.train.cut_latency import cut_latencies, latency_candidates
+    from edgeexit.export.cut_latency import cut_latencies, latency_candidates
 
     channels = channels or (1 if backbone.startswith(("resnet", "eenet")) else 3)
     net = build_backbone(backbone, 10, channels)
@@ -173,35 +128,69 @@ def describe_cuts(backbone: str, input_size: int, channels: int | None, num_exit
     return lines + schemes
 
 
+def model_record(path: str | Path) -> dict[str, Any]:
+    """What model.pt records besides its weights: the model's config, the resolved training spec, the history."""
+    data = read_checkpoint(path)
+    extra = data.get("extra") or {}
+    return {"config": data["config"], "train": extra.get("train") or {}, "history": extra.get("history") or {}}
+
+
+def describe_model(path: str | Path) -> list[str]:
+    """Readable lines for `edgeexit info model.pt`: the model, and the recipe it was trained with."""
+    record = model_record(path)
+    config, spec, history = record["config"], record["train"], record["history"]
+    lines = [f"model {path}: {config['method']} on {config['backbone']}, {config['num_classes']} classes, "
+             f"input {list(config['input_shape'])}, exits at {', '.join(config['cuts'])}"]
+    if spec:  # written by `edgeexit train`; a model saved from Python may have none
+        get = lambda key: spec.get(key, "?")  # noqa: E731  (files from older versions lack the newer keys)
+        flip = " + flip" if spec.get("flip") and spec.get("augment") not in (None, "none") else ""
+        lines += [f"trained on {get('data')}: {get('epochs')} epochs, batch {get('batch_size')}, seed {get('seed')}",
+                  f"recipe: {get('optimizer')} lr {get('lr')} (heads {get('head_lr')}), weight decay {get('weight_decay')}, "
+                  f"schedule {get('schedule')}, loss {get('loss')} (warm-up {get('warmup_loss')} x {get('warmup_epochs')}), "
+                  f"augment {get('augment')}{flip}, label smoothing {get('label_smoothing')}"]
+    best = history.get("best_epoch", -1)
+    if history.get("val_accuracy") and best >= 0:
+        lines.append(f"kept epoch {best + 1}: val accuracy {history['val_accuracy'][best]:.4f}")
+    return lines
+
+
 def demo(out: str, epochs: int = 8) -> dict[str, dict]:
-    """Train resnet20 with EENets exits on digits, export, and compare cascade vs full.onnx."""
+    """Train resnet20 with EENets exits on digits, export, calibrate the thresholds on val for at most
+    DEMO_TARGET_DROP points below the final classifier (written into the bundle), and compare on test the cascade
+    at its default threshold and at the calibrated point with full.onnx, each on the engine `run` uses at batch 1."""
     from edgeexit.export import export_bundle
+    from edgeexit.export.cascade_graph import rebuild_cascade
+    from edgeexit.runtime.bundle import save_calibration
+    from edgeexit.runtime.calibrate import calibrate, stderr_progress
     from edgeexit.runtime.cascade import CascadeRunner
     from edgeexit.runtime.datasets import load_eval_data
-    from edgeexit.runtime.manifest import write_json_atomic
+    from edgeexit.runtime.files import write_json_atomic
+    from edgeexit.runtime.graph import open_runner
     from edgeexit.runtime.report import full_report, run_report
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    train(epochs=epochs, out=str(root / "model.pt"), **DEMO_TRAINING)
-    export_bundle(root / "model.pt", root / "bundle")
-    runner = CascadeRunner(root / "bundle", device="cpu", threads=1)
-    x, y = load_eval_data("digits", "test", runner.manifest.input_spec)
-    cascade, _ = run_report(runner, x, y, batch_size=1)
+    bundle = root / "bundle"
+    train(replace(DEMO_TRAINING, epochs=epochs), out=str(root / "model.pt"))
+    export_bundle(root / "model.pt", bundle)
+    runner = open_runner(bundle, "auto", batch_size=1, threads=1)
+    x, y = load_eval_data(DEMO_TRAINING.data, "test", runner.manifest.input_spec)
+    default, _ = run_report(runner, x, y, batch_size=1)
     full = full_report(runner, x, y, batch_size=1)
-    report = {**cascade, "full_onnx": full}
-    write_json_atomic(root / "report.json", report)
-    return {"full.onnx": full, "cascade (T=%.2g)" % runner.thresholds[0]: cascade}
+    x_val, y_val = load_eval_data(DEMO_TRAINING.data, "val", runner.manifest.input_spec)
+    record = calibrate(CascadeRunner(bundle, threads=1), x_val, y_val, ("target_drop", DEMO_TARGET_DROP),
+                       {"name": DEMO_TRAINING.data, "split": "val"}, stderr_progress)
+    if not save_calibration(bundle, record).cascades:  # the calibration changed what the graphs compile in
+        rebuild_cascade(bundle, x_val)
+    calibrated, _ = run_report(open_runner(bundle, "auto", batch_size=1, threads=1), x, y, batch_size=1)
+    calibrated = {**calibrated, "target_drop": DEMO_TARGET_DROP, "val_accuracy": record["chosen"]["accuracy"]}
+    write_json_atomic(root / "report.json", {**default, "full_onnx": full, "calibrated": calibrated})
+    return {"full.onnx": full, "cascade (T=%.2g)" % default["thresholds"][0]: default, "calibrated (val)": calibrated}
 
 
+DEMO_TARGET_DROP = 0.5  # accuracy points below the final classifier on val: the demo's calibrated operating point
 # Plain exits + loss v4: measured on digits (8 epochs), T from 0.05 to 0.99 gives 12 distinct exit mixes, accuracy
 # 0.985 -> 0.993 at 0.25 -> 0.97 relative MACs; with v2 every confidence logit sat at 50-93 and all inputs left at exit 0.
-DEMO_TRAINING: dict[str, Any] = {
-    "backbone": "resnet20",
-    "method": "eenet",
-    "exit_type": "plain",
-    "num_exits": 2,
-    "placement": "pareto",
-    "loss": "v4",
-    "lam": 1.0,
-}
+# Measured without augmentation, which it keeps.
+DEMO_TRAINING = TrainSpec(backbone="resnet20", method="eenet", exit_type="plain", num_exits=2, placement="pareto", loss="v4",
+                          augment="none")

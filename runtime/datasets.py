@@ -9,14 +9,16 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from edgeexit.runtime.cascade import check_batch
 from edgeexit.errors import ConfigError, InputError, first_line
+from edgeexit.extras import require
 from edgeexit.registry import Registry
-from edgeexit.runtime.manifest import InputSpec, resize, to_channels
+from edgeexit.runtime.manifest import InputSpec
+from edgeexit.runtime.preprocess import resize, to_channels
 
 SPLITS = ("train", "val", "test")
 ALL_SPLIT = "all"  # evaluation only: every sample of a data set, no split
@@ -129,10 +131,7 @@ def npz_split(path: str | Path, split: str, shape: Sequence[int]) -> tuple[np.nd
 
 def _read_image(path: Path, spec: InputSpec) -> np.ndarray:
     """One image file as a model-ready (C, H, W) sample: decoded to gray or RGB, then spec.preprocess."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise InputError("reading image files needs Pillow: pip install pillow") from None
+    Image = require("PIL.Image", "reading image files", "pip install pillow")
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("L" if spec.channels == 1 else "RGB"), dtype=np.float32) / 255.0
@@ -250,7 +249,7 @@ def folder_split(root: Path, split: str, class_names: Sequence[str]) -> tuple[li
     return files, np.asarray(labels, dtype=np.int64)
 
 
-EvalFn = Callable[[str | None, str, InputSpec], tuple[np.ndarray, np.ndarray]]  # (ARG of NAME:ARG, split, spec)
+EvalFn = Callable[[str | None, str, InputSpec, str | None], tuple[np.ndarray, np.ndarray]]  # (ARG of NAME:ARG, split, spec, data dir)
 
 
 class TorchvisionSet(NamedTuple):
@@ -263,27 +262,40 @@ class TorchvisionSet(NamedTuple):
     std: tuple[float, ...]
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataSource:
-    """One `--data` choice. `evaluate` loads a labeled split as model-ready arrays for a bundle without torch;
-    a set read through torchvision (`torchvision` set, evaluate None) needs the training extra."""
+    """One `--data` choice, the single entry both sides read.
+
+    `evaluate` loads a labeled split as model-ready arrays for a bundle. `train` loads the splits
+    for training; the training side attaches it (`attach`), so this torch-free module never
+    imports it, and a set read through torchvision gets its `evaluate` there too (it needs the
+    training extra: `needs_torch`). `flips_keep_labels`: True, a horizontal mirror image keeps its
+    class, so augmentation flips by default; False, it does not (digits and other glyphs) and a
+    flip is refused; None, unknown (an .npz file): no flips unless asked for.
+    """
 
     summary: str
     evaluate: EvalFn | None = None
     torchvision: TorchvisionSet | None = None
+    flips_keep_labels: bool | None = False
+    train: Callable[..., Any] | None = None
+
+    @property
+    def needs_torch(self) -> bool:
+        return self.torchvision is not None
 
 
-def _digits(arg: str | None, split: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+def _digits(arg: str | None, split: str, spec: InputSpec, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     x, y = digits_split(split, spec.sample_shape)
     return spec.normalize(x), y
 
 
-def _folder(path: str | None, split: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+def _folder(path: str | None, split: str, spec: InputSpec, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     files, labels = folder_split(Path(path), split, spec.class_names)
     return load_images(files, spec), labels
 
 
-def _npz(path: str | None, split: str, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+def _npz(path: str | None, split: str, spec: InputSpec, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     x, y, _ = npz_split(path, split, spec.sample_shape)
     num_classes = len(spec.class_names)
     if len(y) and int(y.max()) >= num_classes:
@@ -291,23 +303,37 @@ def _npz(path: str | None, split: str, spec: InputSpec) -> tuple[np.ndarray, np.
     return spec.normalize(x), y
 
 
+DEFAULT_DATA = "digits"  # the data set every command uses when --data is not given
 DATASETS: Registry[DataSource] = Registry("data set")
-DATASETS.register("digits", DataSource("scikit-learn's 8x8 digits, shipped with edgeexit", _digits))
-for _name, _set in (
-    ("mnist", TorchvisionSet("MNIST", 1, 28, (0.1307,), (0.3081,))),
-    ("fashionmnist", TorchvisionSet("FashionMNIST", 1, 28, (0.2860,), (0.3530,))),
-    ("cifar10", TorchvisionSet("CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
-    ("cifar100", TorchvisionSet("CIFAR100", 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
-    ("svhn", TorchvisionSet("SVHN", 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))),
+DATASETS.register(DEFAULT_DATA, DataSource("scikit-learn's 8x8 digits, shipped with edgeexit", _digits))
+for _name, _set, _flips in (
+    ("mnist", TorchvisionSet("MNIST", 1, 28, (0.1307,), (0.3081,)), False),
+    ("fashionmnist", TorchvisionSet("FashionMNIST", 1, 28, (0.2860,), (0.3530,)), True),
+    ("cifar10", TorchvisionSet("CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), True),
+    ("cifar100", TorchvisionSet("CIFAR100", 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), True),
+    ("svhn", TorchvisionSet("SVHN", 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)), False),
 ):
-    DATASETS.register(_name, DataSource(f"torchvision {_set.cls_name} from --data-dir", torchvision=_set))
-DATASETS.register("npz", DataSource("PATH.npz with x (images), y (labels), optional classes; seeded 70/15/15 split", _npz), arg="PATH")
-DATASETS.register("folder", DataSource("PATH/CLASS/*.png (or PATH/SPLIT/CLASS/*.png), split as training splits it", _folder), arg="PATH")
+    DATASETS.register(_name, DataSource(f"torchvision {_set.cls_name} from --data-dir", torchvision=_set, flips_keep_labels=_flips))
+DATASETS.register("npz", DataSource("PATH.npz with x (images), y (labels), optional classes; seeded 70/15/15 split", _npz,
+                                    flips_keep_labels=None), arg="PATH")
+DATASETS.register("folder", DataSource("PATH/CLASS/*.png (or PATH/SPLIT/CLASS/*.png), split as training splits it", _folder,
+                                       flips_keep_labels=True), arg="PATH")
 
 
-def load_eval_data(name: str, split: str, input_spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Labeled evaluation data without torch for a DATASETS name (`digits`, `folder:PATH`, ...)."""
+def attach(name: str, *, train: Callable[..., Any], evaluate: EvalFn | None = None) -> None:
+    """The training side's loaders for entry `name`: `train` always, `evaluate` where this module has none."""
+    source = dict(DATASETS.items())[name]
+    source.train = train
+    if evaluate is not None:
+        source.evaluate = evaluate
+
+
+def load_eval_data(name: str, split: str, input_spec: InputSpec, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Labeled evaluation data as the bundle's model-ready arrays, for any DATASETS name (`digits`, `folder:PATH`, ...).
+
+    A torchvision set needs its loader from the training side: import edgeexit.train.data first
+    (the CLI does, behind the training-extra guard)."""
     source, arg = DATASETS.resolve(name)
     if source.evaluate is None:
-        raise ConfigError(f"data set '{name}' is read through torchvision, which the runtime does not use")
-    return source.evaluate(arg, split, input_spec)
+        raise ConfigError(f"data set '{name}' is read through torchvision: it needs the training side (edgeexit.train.data)")
+    return source.evaluate(arg, split, input_spec, data_dir)

@@ -15,10 +15,10 @@ TINY = {"backbone": "resnet8", "input_size": 16, "epochs": 3, "num_exits": 2, "p
 def tiny_train(tmp: Path, **overrides) -> Path:
     """Train a tiny model on digits (a few seconds) and return its model.pt path."""
     from edgeexit import workflows
+    from edgeexit.train.config import TrainSpec
 
-    opts = {**TINY, **overrides}
     out = tmp / "model.pt"
-    workflows.train(out=str(out), progress=False, **opts)
+    workflows.train(TrainSpec(**{**TINY, **overrides}), str(out), progress=False)
     return out
 
 
@@ -71,10 +71,10 @@ def fake_torchvision(monkeypatch):
     import torchvision.datasets as tvd
     from torchvision.datasets import FakeData
 
-    from edgeexit.train.data import TORCHVISION_SETS
+    from edgeexit.runtime.datasets import DATASETS
 
     def install(name: str) -> list:
-        cls_name, channels, size, _, _ = TORCHVISION_SETS[name]
+        cls_name, channels, size, _, _ = DATASETS.get(name).torchvision
         calls = []
 
         class Tiny(FakeData):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeexit.train.data import TORCHVISION_SETS, load_data
-from edgeexit.runtime.datasets import digits_split, load_eval_data, load_input, split_indices
+from edgeexit.train.data import load_data
+from edgeexit.runtime.datasets import DATASETS, digits_split, load_eval_data, load_input, split_indices
 from edgeexit.errors import ConfigError, InputError
 from edgeexit.runtime.manifest import InputSpec
 
@@ -23,7 +23,7 @@ def test_digits_split_is_fixed_disjoint_and_complete():
 
 def test_digits_training_data_records_normalization():
     splits = load_data("digits", input_size=16)
-    x, _ = splits.train.tensors
+    x, _ = splits.train.arrays()
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-2
     assert splits.info.input_shape == (1, 16, 16) and splits.info.num_classes == 10
 
@@ -113,11 +113,14 @@ def test_digits_split_is_unchanged_by_the_general_split():
     np.testing.assert_array_equal(split_indices(1797, "test"), np.sort(order[1528:]))
 
 
-@pytest.mark.parametrize("name", sorted(TORCHVISION_SETS))
+TORCHVISION_SETS = sorted(name for name, source in DATASETS.items() if source.needs_torch)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_SETS)
 def test_torchvision_loaders_on_small_fake_sets(name, tmp_path, fake_torchvision):
     """The real loader code path, with torchvision's class swapped for a tiny in-memory set."""
     calls = fake_torchvision(name)
-    channels = TORCHVISION_SETS[name][1]
+    channels = DATASETS.get(name).torchvision.channels
     splits = load_data(name, data_dir=str(tmp_path), input_size=16)
     assert len(splits.train) == 18 and len(splits.val) == 2 and len(splits.test) == 20
     x, _ = splits.train[0]
@@ -152,15 +155,13 @@ def test_load_input_npy_image_and_folder(tmp_path):
 
 def test_torchvision_evaluation_uses_the_bundles_channels_and_normalization(tmp_path, fake_torchvision):
     """mnist (1 channel, 28x28) into a 3-channel 16x16 bundle: gray repeated, resized, the bundle's mean/std."""
-    from edgeexit.workflows import eval_arrays
-
     fake_torchvision("mnist")
     spec = InputSpec("input", ("batch", 3, 16, 16), (0.2, 0.4, 0.6), (0.5, 0.25, 0.125), tuple("0123456789"))
-    x, y = eval_arrays("mnist", "test", spec, str(tmp_path))
+    x, y = load_eval_data("mnist", "test", spec, str(tmp_path))
     assert x.shape == (20, 3, 16, 16) and y.shape == (20,)
     pixels = x * np.asarray(spec.std, np.float32).reshape(1, 3, 1, 1) + np.asarray(spec.mean, np.float32).reshape(1, 3, 1, 1)
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and pixels.std() > 0.1
     np.testing.assert_allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)
-    gray, _ = eval_arrays("mnist", "test", dataclasses.replace(spec, shape=("batch", 1, 16, 16), mean=(0.2,), std=(0.5,)),
-                          str(tmp_path))
+    gray, _ = load_eval_data("mnist", "test", dataclasses.replace(spec, shape=("batch", 1, 16, 16), mean=(0.2,), std=(0.5,)),
+                             str(tmp_path))
     np.testing.assert_allclose(gray[:, 0], x[:, 0], atol=1e-5)

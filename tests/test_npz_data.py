@@ -29,7 +29,7 @@ def test_training_side_uses_the_digits_split_and_records_normalization(tmp_path)
     splits = load_data(f"npz:{path}", input_size=8)
     assert splits.info.class_names == list(CLASSES) and splits.info.input_shape == (1, 8, 8)
     assert [len(splits.train), len(splits.val), len(splits.test)] == [len(split_indices(40, s)) for s in ("train", "val", "test")]
-    x, y = splits.train.tensors
+    x, y = splits.train.arrays()
     assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 0.05
     expected = (160 * (y.numpy() == 2) + 80 * (y.numpy() == 1)) / 255.0
     raw = x[:, 0, 0, 0].numpy() * splits.info.std[0] + splits.info.mean[0]
@@ -41,8 +41,9 @@ def test_runtime_side_matches_training_split_and_takes_all(tmp_path):
     splits = load_data(f"npz:{path}", input_size=8)
     info = splits.info
     x, y = load_eval_data(f"npz:{path}", "test", spec(mean=info.mean, std=info.std))
-    np.testing.assert_allclose(x, splits.test.tensors[0].numpy(), atol=1e-5)
-    np.testing.assert_array_equal(y, splits.test.tensors[1].numpy())
+    x_test, y_test = splits.test.arrays()
+    np.testing.assert_allclose(x, x_test.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(y, y_test.numpy())
     x_all, y_all = load_eval_data(f"npz:{path}", "all", spec())
     assert x_all.shape == (40, 1, 8, 8) and len(y_all) == 40
 

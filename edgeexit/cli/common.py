@@ -4,28 +4,21 @@ from __future__ import annotations
 import os
 import sys
 from signal import SIGPIPE
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, ContextManager
 
 import click
 
-from edgeexit.errors import ConfigError, EdgeExitError, MissingExtraError, first_line
-from edgeexit.runtime.datasets import DATASETS
+from edgeexit.errors import ConfigError, EdgeExitError, first_line
+from edgeexit.extras import guard
+from edgeexit.runtime.datasets import DATASETS, DEFAULT_DATA
 from edgeexit.runtime.providers import DEVICES
 
 DEBUG_ENV = "EDGEEXIT_DEBUG"
 
 
-@contextmanager
-def training_extra() -> Iterator[None]:
-    """Wrap the import of a training-side module: a missing [train] dependency becomes MissingExtraError."""
-    try:
-        yield
-    except ImportError as exc:
-        missing = getattr(exc, "name", None) or str(exc)
-        raise MissingExtraError(
-            f"this command needs the training extra ({missing} is not installed): pip install \"edgeexit[train]\""
-        ) from None
+def training_extra() -> ContextManager[None]:
+    """Around the import of a training-side module: a missing [train] dependency is a one-line MissingExtraError."""
+    return guard("this command")
 
 
 class Group(click.Group):
@@ -80,8 +73,8 @@ DATA_DIR_OPTION = click.option("--data-dir", default=None, help="Where torchvisi
 
 
 def labeled_data_options(command: Any) -> Any:
-    """--data (default digits) and --data-dir, for the commands that need labels (calibrate, bench)."""
-    data = click.option("--data", default="digits", show_default=True, help=f"Labeled data: {DATASETS.choices()}.")
+    """--data and --data-dir, for the commands that need labels (calibrate, bench, quantize)."""
+    data = click.option("--data", default=DEFAULT_DATA, show_default=True, help=f"Labeled data: {DATASETS.choices()}.")
     return data(DATA_DIR_OPTION(command))
 
 

@@ -2,6 +2,7 @@
 quantize (these two need onnx only), cuts, demo."""
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,23 @@ import click
 
 from edgeexit.cli.common import BETA_HELP, calibration_objective, labeled_data_options, parse_numbers, training_extra
 from edgeexit.cli.runtime_commands import _load_run_data as load_run_data
+from edgeexit.errors import ConfigError
 from edgeexit.runtime.datasets import DATASETS
-from edgeexit.train.config import TrainConfig  # plain dataclasses: no torch needed for --help
+from edgeexit.export.defaults import DEFAULT_OPSET
+from edgeexit.train.augment import AUGMENTS  # these four: no torch needed for --help
+from edgeexit.train.config import OPTIMIZERS, PLACEMENT_COSTS, PRETRAIN, SCHEDULES, TrainSpec
+
+D = TrainSpec()  # every default of train (pretrain: PRETRAIN), read by the options below
+def parse_json_object(value: str, option: str) -> dict[str, Any]:
+    """A JSON object option (e.g. --backbone-args) as a dict; ConfigError otherwise."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option} must be a JSON object, e.g. '{{\"width\": 4}}' ({exc.msg})") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{option} must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
 
 BATCH_HELP = "Examples per step in each process; under torchrun the global batch is this times the process count."
 
@@ -19,12 +35,12 @@ BATCH_HELP = "Examples per step in each process; under torchrun the global batch
 def hardware_options(command: Any) -> Any:
     """--device, --precision and --workers, shared by train and pretrain."""
     options = [
-        click.option("--device", default=TrainConfig.device, show_default=True,
+        click.option("--device", default=D.device, show_default=True,
                      help="auto (cuda when available), cpu, cuda, cuda:N or mps. Under torchrun, cuda means cuda:LOCAL_RANK."),
-        click.option("--precision", default=TrainConfig.precision, show_default=True,
+        click.option("--precision", default=D.precision, show_default=True,
                      help="32, bf16 (autocast; CPUs and recent GPUs) or 16-mixed (autocast float16 + gradient scaling; GPUs). "
                           "Exported graphs are float32 either way."),
-        click.option("--workers", "num_workers", type=int, default=TrainConfig.num_workers, show_default=True,
+        click.option("--workers", "num_workers", type=int, default=D.num_workers, show_default=True,
                      help="DataLoader worker processes per training process (memory is pinned on CUDA)."),
     ]
     for option in reversed(options):
@@ -32,40 +48,76 @@ def hardware_options(command: Any) -> Any:
     return command
 
 
+def data_options(defaults: TrainSpec) -> Any:
+    """--data, --data-dir, --download, --input-size and the training split's augmentation, shared by train and pretrain."""
+    options = [
+        click.option("--data", default=defaults.data, show_default=True, help=f"One of: {DATASETS.choices()}."),
+        click.option("--data-dir", default=defaults.data_dir, help="Where torchvision data sets live."),
+        click.option("--download", is_flag=True, default=defaults.download,
+                     help="Allow torchvision to download the data set into --data-dir."),
+        click.option("--input-size", type=int, default=defaults.input_size,
+                     help="Resize inputs to SIZE x SIZE (default: the data set's)."),
+        click.option("--augment", type=click.Choice(AUGMENTS.names()), default=defaults.augment,
+                     help="Training-split augmentation (val/test never): none; basic = random crop (padded up to 64 px, "
+                          "resized above) + horizontal flip where the data set allows it; trivial = basic + "
+                          "TrivialAugmentWide. Default: measured per data size and schedule (model.pt records it)."),
+        click.option("--flip/--no-flip", default=defaults.flip,
+                     help="Horizontal flips in basic/trivial (default: the data set's: on for fashionmnist, cifar, "
+                          "folder:; off for npz:; refused for digits, mnist, svhn)."),
+        click.option("--label-smoothing", type=float, default=defaults.label_smoothing, show_default=True,
+                     help="Label smoothing of every classifier's cross-entropy."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS.names()), default=defaults.optimizer, show_default=True,
+                     help="adamw, or sgd (momentum 0.9, Nesterov, the papers' setting); weight decay --weight-decay."),
+        click.option("--lr", type=float, default=defaults.lr,
+                     help=f"Learning rate (default: the optimizer's: {', '.join(f'{n} {o.lr:g}' for n, o in OPTIMIZERS.items())})."),
+        click.option("--weight-decay", type=float, default=defaults.weight_decay, show_default=True),
+        click.option("--epochs", type=int, default=defaults.epochs, show_default=True),
+        click.option("--batch-size", type=int, default=defaults.batch_size, show_default=True, help=BATCH_HELP),
+        click.option("--seed", type=int, default=defaults.seed, show_default=True),
+    ]
+    def apply(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
+
 @click.command()
-@click.option("--data", default="digits", show_default=True, help=f"One of: {DATASETS.choices()}.")
-@click.option("--data-dir", default=None, help="Where torchvision data sets live.")
-@click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
-@click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
-@click.option("--backbone", default="resnet20", show_default=True, help="Backbone name: resnet20, resnet56, eenet8, torchvision:resnet18, ...")
-@click.option("--method", default="eenet", show_default=True, help="Training method: eenet, ...")
-@click.option("--exit-type", default=None, help="Exit head type (default: the method's).")
-@click.option("--num-exits", type=int, default=2, show_default=True, help="Number of early exits.")
-@click.option("--placement", default="pareto", show_default=True, help="Exit placement scheme.")
-@click.option("--placement-cost", type=click.Choice(["macs", "latency"]), default="macs", show_default=True,
+@data_options(D)
+@click.option("--backbone", default=D.backbone, show_default=True, help="Backbone name: resnet20, resnet56, eenet8, torchvision:resnet18, ...")
+@click.option("--backbone-args", default="{}", callback=lambda ctx, param, value: parse_json_object(value, "--backbone-args"),
+              help='Keyword arguments of the backbone constructor as a JSON object, e.g. \'{"width": 4}\' (model.pt records them).')
+@click.option("--method", default=D.method, show_default=True, help="Training method: eenet, ...")
+@click.option("--exit-type", default=D.exit_type, help="Exit head type (default: the method's).")
+@click.option("--num-exits", type=int, default=D.num_exits, show_default=True, help="Number of early exits.")
+@click.option("--placement", default=D.placement, show_default=True, help="Exit placement scheme.")
+@click.option("--placement-cost", type=click.Choice(PLACEMENT_COSTS), default=D.placement_cost, show_default=True,
               help="What placement targets: cumulative MACs, or prefix latency measured on this machine (onnxruntime CPU, 1 thread, batch 1).")
-@click.option("--exit-at", default=None, help="Explicit cut points, comma separated (overrides --placement).")
-@click.option("--loss", default=None, help="Loss (default: the method's), e.g. v1, v2 or v4 (EENets' exit tags).")
-@click.option("--lambda", "lam", type=float, default=1.0, show_default=True, help="Weight of the cost term.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True, help=BATCH_HELP)
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="AdamW learning rate (cosine schedule).")
-@click.option("--head-lr", type=float, default=None,
+@click.option("--exit-at", default=D.exit_at, help="Explicit cut points, comma separated (overrides --placement).")
+@click.option("--loss", default=D.loss, help="Loss (default: the method's), e.g. v1, v2 or v4 (EENets' exit tags).")
+@click.option("--lambda", "lam", type=float, default=D.lam, show_default=True, help="Weight of the cost term.")
+@click.option("--distill", default=D.distill, metavar="T,ALPHA|off",
+              help="Self-distillation: every exit also learns the final classifier's output softened at temperature T "
+                   "(KL, weight ALPHA). Default: the method's (off for all: it did not measure better, benchmarks/README.md).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True,
+              help="joint: everything trained together; mixed (EENets): the backbone and final classifier alone for the "
+                   "first half of the epochs, then everything jointly.")
+@click.option("--head-lr", type=float, default=D.head_lr,
               help="Learning rate of the exit heads (default: the method's; eenet 1e-3, gentler than the backbone's; others: --lr).")
-@click.option("--warmup-epochs", type=int, default=1, show_default=True,
+@click.option("--warmup-epochs", type=int, default=D.warmup_epochs, show_default=True,
               help="Epochs of the method's warm-up loss (EENets: v0, classifiers only) before the main loss.")
-@click.option("--threshold", type=float, default=None, help="Default exit threshold written into the model.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threshold", type=float, default=D.threshold, help="Default exit threshold written into the model.")
 @click.option("--out", default="model.pt", show_default=True, type=click.Path(dir_okay=False), help="Output model.pt.")
-@click.option("--weights", default=None, type=click.Path(dir_okay=False),
+@click.option("--weights", default=D.weights, type=click.Path(dir_okay=False),
               help="Pre-trained backbone weights (a state_dict file, or a checkpoint with 'state_dict'/'model'); never downloaded.")
-@click.option("--branch-channels", type=int, default=None, help="Branch exits: conv channels (default: the cut's).")
-@click.option("--branch-depth", type=int, default=None, help="Branch exits: conv-BN-ReLU blocks (default 2).")
+@click.option("--branch-channels", type=int, default=D.branch_channels, help="Branch exits: conv channels (default: the cut's).")
+@click.option("--branch-depth", type=int, default=D.branch_depth, help="Branch exits: conv-BN-ReLU blocks (default 2).")
 @click.option("--beta", default=None, help=BETA_HELP)
 @hardware_options
-@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False),
+@click.option("--checkpoint-dir", default=D.checkpoint_dir, type=click.Path(file_okay=False),
               help="Write DIR/checkpoint.pt (atomically) after every epoch: weights, optimizer, scheduler, RNG states.")
-@click.option("--resume", is_flag=True,
+@click.option("--resume", is_flag=True, default=D.resume,
               help="Continue from --checkpoint-dir's checkpoint (same settings required); starts fresh when there is none yet.")
 def train(**opts: Any) -> None:
     """Train an exit-augmented model and write model.pt.
@@ -79,23 +131,17 @@ def train(**opts: Any) -> None:
     """
     with training_extra():
         from edgeexit import workflows
-    result = workflows.train(**{**opts, "beta": parse_numbers(opts["beta"], "--beta")}, progress=True)
+    out = opts.pop("out")
+    result = workflows.train(TrainSpec(**{**opts, "beta": parse_numbers(opts["beta"], "--beta")}), out, progress=True)
     if result.rank == 0:
-        click.echo(f"wrote {opts['out']}: cuts {', '.join(result.cuts)}; kept epoch {result.best_epoch + 1} (lowest val loss): "
+        click.echo(f"wrote {out}: cuts {', '.join(result.cuts)}; kept epoch {result.best_epoch + 1} (lowest val loss): "
                    f"val accuracy {result.val_accuracy:.4f}, early-exit rate {result.val_exit_rate:.2f}")
 
 
 
 @click.command()
 @click.option("--backbone", required=True, help="Backbone name, e.g. resnet20 or torchvision:resnet18.")
-@click.option("--data", default="digits", show_default=True, help=f"One of: {DATASETS.choices()}.")
-@click.option("--data-dir", default=None, help="Where torchvision data sets live.")
-@click.option("--download", is_flag=True, help="Allow torchvision to download the data set into --data-dir.")
-@click.option("--input-size", type=int, default=None, help="Resize inputs to SIZE x SIZE (default: the data set's).")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True, help=BATCH_HELP)
-@click.option("--lr", type=float, default=0.05, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@data_options(PRETRAIN)
 @click.option("--out", default="backbone.pt", show_default=True, type=click.Path(dir_okay=False), help="Output state_dict.")
 @hardware_options
 def pretrain(**opts: Any) -> None:
@@ -105,16 +151,20 @@ def pretrain(**opts: Any) -> None:
     """
     with training_extra():
         from edgeexit.train.pretrained import pretrain_backbone
-    summary = pretrain_backbone(**opts, progress=True)
+    out = opts.pop("out")
+    summary = pretrain_backbone(TrainSpec(**opts), out, progress=True)
     if summary["rank"] == 0:
-        click.echo(f"wrote {opts['out']}: val accuracy {summary['val_accuracy']:.4f}, test accuracy {summary['test_accuracy']:.4f}")
+        spec = summary["spec"]
+        click.echo(f"wrote {out}: val accuracy {summary['val_accuracy']:.4f}, test accuracy {summary['test_accuracy']:.4f} "
+                   f"({spec.epochs} epochs, {spec.optimizer} lr {spec.learning_rate:g}, augment {spec.augment}"
+                   f"{' + flip' if spec.flip and spec.augment != 'none' else ''}, label smoothing {spec.label_smoothing:g})")
 
 
 
 @click.command("export")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path())
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--no-verify", is_flag=True, help="Skip the PyTorch parity checks (not recommended).")
 @click.option("--static-batch", type=int, default=None,
               help="Fix every graph's batch dim to N (NNAPI/CoreML need fixed shapes); same as `edgeexit static-batch`.")
@@ -125,19 +175,17 @@ def export_cmd(model: str, out: str, opset: int, no_verify: bool, static_batch: 
     """
     with training_extra():
         from edgeexit.export import export_bundle
-        from edgeexit.static_batch import static_batch_bundle
+        from edgeexit.export.static_batch import static_batch_bundle
     if static_batch is None:
-        manifest = export_bundle(model, out, opset=opset, verify=not no_verify, progress=echo_err)
+        result = export_bundle(model, out, opset=opset, verify=not no_verify, progress=echo_err)
     else:
         Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.symbolic-", dir=Path(out).resolve().parent) as tmp:
-            manifest = export_bundle(model, Path(tmp) / "bundle", opset=opset, verify=not no_verify, progress=echo_err)
+            result = export_bundle(model, Path(tmp) / "bundle", opset=opset, verify=not no_verify, progress=echo_err)
             static_batch_bundle(Path(tmp) / "bundle", out, static_batch, echo_err)
-    worst = None
-    if manifest["verification"]:
-        worst = max(v for kind in manifest["verification"].values() for v in kind.values())
+    worst = result.worst_diff
     checked = "not verified" if worst is None else f"verified, max diff {worst:.1e}; cascade.onnx decides as the chain"
-    click.echo(f"wrote {out}: {len(manifest['stages'])} stages + full.onnx + cascade.onnx ({checked})")
+    click.echo(f"wrote {out}: {len(result.manifest.stages)} stages + full.onnx + cascade.onnx ({checked})")
 
 
 
@@ -185,6 +233,9 @@ def demo(out: str, epochs: int) -> None:
             f"{name:<18}{row['accuracy']:>10.4f}{row['relative_macs']:>11.3f}{exits:>16}"
             f"{row['latency_ms']['p50']:>9.3f}{row['latency_ms']['p95']:>9.3f}"
         )
+    calibrated = rows["calibrated (val)"]
+    click.echo(f"calibrated: thresholds {','.join(f'{t:.3g}' for t in calibrated['thresholds'])} chosen on the val split for "
+               f"at most {calibrated['target_drop']:g} points below the final classifier, written into {out}/bundle")
     click.echo(f"wrote {out}/model.pt, {out}/bundle/, {out}/report.json")
 
 
@@ -207,7 +258,7 @@ def static_batch_cmd(bundle: str, out: str, batch: int) -> None:
     Example: edgeexit static-batch bundle/ bundle-b1/ --batch 1 && edgeexit run bundle-b1/ --device nnapi
     """
     with training_extra():
-        from edgeexit.static_batch import static_batch_bundle
+        from edgeexit.export.static_batch import static_batch_bundle
     manifest = static_batch_bundle(bundle, out, batch, echo_err)
     click.echo(f"wrote {out}: {len(manifest.stages)} stages + full.onnx with batch fixed to {batch}")
 
@@ -234,7 +285,7 @@ def quantize(bundle: str, out: str, data: str, data_dir: str | None, split: str,
 
     objective = calibration_objective(target_drop, budget, required=False)
     with training_extra():
-        from edgeexit.quantize import quantize_bundle
+        from edgeexit.export.quantize import quantize_bundle
     runner = CascadeRunner(bundle)
     x, labels = load_run_data(runner, data, None, split, data_dir)
     manifest = quantize_bundle(bundle, out, x, labels, objective, {"name": data, "split": split}, stderr_progress)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from edgeexit.errors import ConfigError, DeviceError
+from edgeexit.train.config import OPTIMIZERS, TrainSpec
 
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"
 
@@ -223,3 +224,10 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
+
+
+def make_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
+    """The spec's OPTIMIZERS entry over `params` (a module's parameters or param groups), at its learning rate."""
+    choice = OPTIMIZERS.get(spec.optimizer)
+    return getattr(torch.optim, choice.torch_class)(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
+                                                    **choice.settings)

@@ -6,15 +6,17 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from edgeexit.runtime.simulate import CascadeSimulator
 from edgeexit.train.checkpoints import Checkpoint, capture_rng, checkpoint_path, load_checkpoint, restore_rng, save_checkpoint
-from edgeexit.train.config import TrainConfig
+from edgeexit.train.config import TrainSpec, parse_distill
+from edgeexit.errors import ConfigError
 from edgeexit.train.data import DataSplits
-from edgeexit.train.hardware import TrainEnv, get_precision, optimizer_step, seed_everything
-from edgeexit.train.losses import TAGGED_LOSSES, exit_tags, get_loss
+from edgeexit.train.hardware import TrainEnv, get_precision, make_optimizer, optimizer_step, seed_everything
+from edgeexit.train.losses import TAGGED_LOSSES, distillation, exit_tags, get_loss
 from edgeexit.train.models import EarlyExitModel
 
 
@@ -76,6 +78,39 @@ def apply_loss(name: str, exit_outputs, final, labels, costs: Sequence[float], l
     return get_loss(name)(exit_outputs, final, labels, costs, lam, tags=tags)
 
 
+# Losses whose classifier terms are each a plain cross-entropy against the labels, and which classifiers those are:
+# label smoothing applies to exactly those terms. The EENets mixtures (v1, v2) and PTEENet's losses (against the
+# backbone's predictions) have none, so --label-smoothing refuses them.
+SMOOTHED_CLASSIFIERS = {"v0": "all", "v4": "all", "final": "final", "exclusion": "final"}
+
+
+def check_smoothing(loss_names: Sequence[str | None], smoothing: float) -> None:
+    """ConfigError when label smoothing is asked for with a loss it cannot apply to."""
+    refused = [name for name in loss_names if name and name not in SMOOTHED_CLASSIFIERS]
+    if smoothing and refused:
+        raise ConfigError(f"--label-smoothing applies to losses {', '.join(SMOOTHED_CLASSIFIERS)}; this run trains with "
+                          f"{refused[0]} (its terms are not one classifier's cross-entropy against the labels)")
+
+
+def smoothing_term(name: str, exit_outputs, final, labels, roles: Sequence[Sequence[str]], smoothing: float) -> torch.Tensor:
+    """What turns each classifier's CE(p, y) in loss `name` into the label-smoothed (1 - e) CE(p, y) + e CE(p, uniform)."""
+    logits = [final]
+    if SMOOTHED_CLASSIFIERS[name] == "all":
+        logits += [outputs[list(names).index("logits")] for outputs, names in zip(exit_outputs, roles)]
+    return smoothing * sum(-F.log_softmax(l.float(), dim=1).mean(1).mean() - F.cross_entropy(l.float(), labels) for l in logits)
+
+
+def epoch_loss(spec: TrainSpec, epoch: int) -> tuple[str, bool]:
+    """(loss name, main) of an epoch: the mixed schedule's backbone epochs (loss "final"), then the warm-up loss's,
+    then the main loss's; only main epochs compete for the kept weights."""
+    backbone = spec.backbone_epochs
+    if epoch < backbone:
+        return "final", False
+    if spec.warmup_loss and epoch < backbone + spec.warmup_epochs:
+        return spec.warmup_loss, False
+    return spec.loss, True
+
+
 @torch.no_grad()
 def validate(model: EarlyExitModel, dataset: Dataset, loss_name: str, costs: Sequence[float], lam: float,
              device: torch.device | None = None):
@@ -94,13 +129,13 @@ def validate(model: EarlyExitModel, dataset: Dataset, loss_name: str, costs: Seq
     return loss, point.accuracy, 1.0 - point.exit_counts[-1] / sum(point.exit_counts)
 
 
-def param_groups(model: EarlyExitModel, config: TrainConfig) -> list[dict]:
-    """Optimizer groups: the backbone at config.lr, the exit heads at config.head_lr (default: lr); trainable only."""
+def param_groups(model: EarlyExitModel, spec: TrainSpec) -> list[dict]:
+    """Optimizer groups: the backbone at the learning rate, the exit heads at spec.head_lr (default: the same); trainable only."""
     head_ids = {id(p) for p in model.exits.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in trainable if id(p) not in head_ids], "lr": config.lr},
-        {"params": [p for p in trainable if id(p) in head_ids], "lr": config.head_lr or config.lr},
+        {"params": [p for p in trainable if id(p) not in head_ids], "lr": spec.learning_rate},
+        {"params": [p for p in trainable if id(p) in head_ids], "lr": spec.head_lr or spec.learning_rate},
     ]
     return [group for group in groups if group["params"]]
 
@@ -113,22 +148,24 @@ def sharded_validate(model: EarlyExitModel, dataset: Dataset, loss_name: str, co
     return env.weighted_mean(values, len(shard))
 
 
-# TrainConfig fields a resumed run may change: they do not alter what is computed
+# TrainSpec fields a resumed run may change: they do not alter what is computed
 RESUME_FREE = ("device", "num_workers", "checkpoint_dir", "resume", "data_dir", "download")
 
 
-def resume_settings(config: TrainConfig, env: TrainEnv) -> dict:
+def resume_settings(config: TrainSpec, env: TrainEnv) -> dict:
     """The settings a checkpoint must have been written with for this run to continue it exactly."""
     settings = {k: v for k, v in vars(config).items() if k not in RESUME_FREE}
     return {**settings, "world_size": env.world_size}
 
 
 def train_model(
-    model: EarlyExitModel, data: DataSplits, config: TrainConfig, progress: bool = True, env: TrainEnv | None = None
+    model: EarlyExitModel, data: DataSplits, config: TrainSpec, progress: bool = True, env: TrainEnv | None = None
 ) -> History:
-    """Train the exits (and the backbone unless frozen) jointly with the configured loss.
+    """Train the exits (and the backbone unless frozen) with the configured loss, optimizer and schedule.
 
-    After each epoch the validation loss is measured; the weights of the main-loss epoch with
+    The mixed schedule first trains the backbone and final classifier alone (config.backbone_epochs),
+    then everything jointly; the optimizer reads the training split through its augmentation
+    (data.training_set()), validation never does. After each epoch the validation loss is measured; the weights of the main-loss epoch with
     the lowest one are restored at the end (History.best_epoch). Losses in TAGGED_LOSSES get
     per-example exit tags, recomputed at the start of each epoch from the model's outputs.
     `env` says where (device, precision, rank among torchrun's processes; default: one
@@ -139,11 +176,13 @@ def train_model(
     env = env or TrainEnv(torch.device("cpu"), get_precision("32"))
     seed_everything(config.seed)
     get_loss(config.loss)  # unknown names fail before any training
-    warmup_epochs = config.warmup_epochs if config.warmup_loss else 0
+    check_smoothing([config.loss, config.warmup_loss, "final" if config.backbone_epochs else None], config.label_smoothing)
+    distill = parse_distill(config.distill)
     costs = model.exit_costs()
+    roles = [head.outputs for head in model.exits]
     model.to(env.device)
-    optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=config.weight_decay)
-    loader = env.train_loader(Indexed(data.train), config.batch_size, config.seed, config.num_workers)
+    optimizer = make_optimizer(param_groups(model, config), config)
+    loader = env.train_loader(Indexed(data.training_set()), config.batch_size, config.seed, config.num_workers)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs * len(loader)))
     scaler = env.grad_scaler()
     history = History()
@@ -168,8 +207,7 @@ def train_model(
         tqdm.write(f"resuming from {checkpoint_path(config.checkpoint_dir)} after epoch {start}")
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="train", unit="epoch", disable=not show)
     for epoch in bar:
-        warming = epoch < warmup_epochs
-        loss_name = config.warmup_loss if warming else config.loss
+        loss_name, main = epoch_loss(config, epoch)
         tags = None
         if loss_name in TAGGED_LOSSES:
             tags = exit_tags(*dataset_outputs(model, data.train, device=env.device), costs, config.lam)
@@ -182,6 +220,10 @@ def train_model(
             with env.autocast():
                 exit_outputs, final = net(x)
                 loss = apply_loss(loss_name, exit_outputs, final, y, costs, config.lam, batch_tags)
+                if config.label_smoothing:
+                    loss = loss + smoothing_term(loss_name, exit_outputs, final, y, roles, config.label_smoothing)
+                if distill and loss_name != "final":  # not in the mixed schedule's backbone epochs: no exits trained
+                    loss = loss + distillation(exit_outputs, final, *distill)
             optimizer_step(loss, optimizer, scaler, scheduler)
             total += loss.detach().float() * len(y)
             count += len(y)
@@ -191,7 +233,7 @@ def train_model(
         history.val_loss.append(val_loss)
         history.val_accuracy.append(accuracy)
         history.val_exit_rate.append(exit_rate)
-        if not warming and val_loss < best_loss:
+        if main and val_loss < best_loss:
             best_loss, best_state, history.best_epoch = val_loss, copy.deepcopy(model.state_dict()), epoch
         bar.set_postfix(loss=f"{history.loss[-1]:.3f}", val_loss=f"{val_loss:.3f}", val_acc=f"{accuracy:.3f}",
                         early=f"{exit_rate:.2f}")
@@ -204,7 +246,7 @@ def train_model(
             ))
     if best_state is not None:
         model.load_state_dict(best_state)
-    else:  # warm-up only: the last epoch
+    else:  # no main-loss epoch: the last epoch
         history.best_epoch = config.epochs - 1
     model.eval().cpu()
     return history

@@ -1,5 +1,9 @@
 """Measured cost of cut points: each candidate's backbone prefix exported to ONNX and timed on onnxruntime.
 
+The export side owns it (it exports graphs); `edgeexit train --placement-cost latency` and
+`edgeexit cuts --profile` reach it through the workflows, so the training code never imports
+the exporter.
+
 Placement schemes read a cut's cost as the fraction of the full backbone an input has
 spent when it reaches the cut. By default that is MACs; with the latency cost it is the
 measured time of the prefix graph (input -> cut features) over the whole backbone's,
@@ -20,18 +24,10 @@ from edgeexit.train.cuts import CutGraph, CutPoint
 from edgeexit.export.onnx_graphs import SingleOutput, export_graph
 from edgeexit.runtime.cascade import session_options
 from edgeexit.errors import ConfigError
-from edgeexit.runtime.manifest import Timing
+from edgeexit.runtime.profiles import Timing
 from edgeexit.runtime.profile import time_calls
 
-PLACEMENT_COSTS = ("macs", "latency")
 DEFAULT_REPEATS = 50
-
-
-def check_placement_cost(cost: str) -> str:
-    """ConfigError unless `cost` is one of PLACEMENT_COSTS."""
-    if cost not in PLACEMENT_COSTS:
-        raise ConfigError(f"unknown placement cost '{cost}'; choose from: {', '.join(PLACEMENT_COSTS)}")
-    return cost
 
 
 def cut_latencies(graph: CutGraph, threads: int = 1, batch_size: int = 1, repeats: int = DEFAULT_REPEATS,
@@ -59,3 +55,8 @@ def cut_latencies(graph: CutGraph, threads: int = 1, batch_size: int = 1, repeat
 def latency_candidates(candidates: Sequence[CutPoint], latencies: dict[str, Timing], full: Timing) -> list[CutPoint]:
     """The candidates with `fraction` = median prefix latency over the full backbone's (what placement reads)."""
     return [dataclasses.replace(p, fraction=latencies[p.name].p50 / full.p50) for p in candidates]
+
+
+def measured_candidates(graph: CutGraph) -> list[CutPoint]:
+    """The graph's candidates placed by measured latency (1 thread, batch 1): what `--placement-cost latency` places by."""
+    return latency_candidates(graph.candidates, *cut_latencies(graph))
