@@ -5,10 +5,10 @@
 //   node run_cascade.js BUNDLE INPUT.npy
 //
 // INPUT.npy: float32 (N, C, H, W), already normalized with the bundle's mean/std (manifest.json).
-// The exits use the thresholds (and beta) stored in cascade.onnx, which are the manifest's
-// (`edgeexit calibrate` rewrites both). They are graph inputs with defaults, but onnxruntime-node
-// feeds only a session's required inputs (session.inputNames) and silently drops the others, so
-// from JavaScript they cannot be overridden per call; the C/C++ and Python APIs can.
+// The exits use the thresholds (and beta, temperature) stored in cascade.onnx as constants, the
+// manifest's values (`edgeexit calibrate` rewrites both): the session takes the image alone and
+// loads without warnings. To feed other thresholds per call, run the copy of cascade.onnx that takes
+// them as inputs (edgeexit.runtime.graph.tunable_cascade_bytes; `edgeexit web` serves it).
 'use strict';
 const fs = require('fs');
 const path = require('path');
