@@ -20,14 +20,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from edgeexit.train.backbones import build_backbone
-from edgeexit.train.config import TrainConfig
+from edgeexit.train.config import TrainSpec
 from edgeexit.train.data import DataSplits, load_data
 from edgeexit.export import export_bundle
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import save_model
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
-from edgeexit.runtime.manifest import write_json_atomic
+from edgeexit.runtime.files import write_json_atomic
 from edgeexit.runtime.report import full_report, run_report
 from edgeexit.train.assembly import build_model
 from edgeexit.train.hardware import seed_everything
@@ -58,13 +58,13 @@ def backbone_args(args: argparse.Namespace) -> dict:
     return {"width": args.width} if args.backbone == "eenet8" else {}
 
 
-def train_without_exits(data: DataSplits, backbone: str, net_args: dict, config: TrainConfig) -> float:
+def train_without_exits(data: DataSplits, backbone: str, net_args: dict, config: TrainSpec) -> float:
     """Test accuracy of the plain backbone trained alone with cross-entropy (the trainer's optimizer)."""
     seed_everything(config.seed)
     net = build_backbone(backbone, data.info.num_classes, data.info.input_shape[0], **net_args)
     loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(config.seed))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(loader))
     net.train()
     for _ in range(config.epochs):
@@ -86,7 +86,7 @@ def run_config(data: DataSplits, args: argparse.Namespace, exit_type: str, loss:
     model = build_model(data, args.backbone, exit_type, args.placement, args.num_exits, exit_at=exit_at,
                         backbone_args=backbone_args(args))
     # the recipe of `edgeexit train --method eenet`: its warm-up epoch(s), then the joint loss
-    config = TrainConfig(epochs=args.epochs, loss=loss, lam=args.lam, seed=args.seed,
+    config = TrainSpec(epochs=args.epochs, loss=loss, lam=args.lam, seed=args.seed,
                          warmup_loss=get_method("eenet").warmup_loss)
     start = time.perf_counter()
     history = train_model(model, data, config, progress=False)
@@ -153,7 +153,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     data = load_data("digits", input_size=args.input_size)
-    baseline_config = TrainConfig(epochs=args.epochs, seed=args.seed)
+    baseline_config = TrainSpec(epochs=args.epochs, seed=args.seed)
     results = {
         "setup": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                   "samples": len(data.test), "threshold": 0.5,

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from edgeexit.errors import VerificationError
+from edgeexit.export.defaults import DEFAULT_OPSET
 from edgeexit.runtime.manifest import BATCH_DIM, TensorSpec
-
-DEFAULT_OPSET = 18
 
 
 class FusedStage(nn.Module):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from edgeexit.train.config import TrainConfig
+from edgeexit.train.config import TrainSpec
 from edgeexit.train.data import DataSplits, load_data
 from edgeexit.train.exits import CONFIDENCE_BIAS_INIT, EXITS, build_exit
 from edgeexit.export import export_bundle
@@ -71,7 +71,7 @@ def train_export_run(tmp_path, data: DataSplits, backbone: str, exit_type: str, 
     """Train one epoch on a slice of digits, export (verification on), then check the runtime's decisions."""
     small = DataSplits(Subset(data.train, range(192)), Subset(data.val, range(64)), data.test, data.info)
     model = build_model(small, backbone, exit_type, placement, 2)
-    train_model(model, small, TrainConfig(epochs=1, batch_size=64, loss=loss), progress=False)
+    train_model(model, small, TrainSpec(epochs=1, batch_size=64, loss=loss), progress=False)
     save_model(model, tmp_path / "model.pt")
     export_bundle(tmp_path / "model.pt", tmp_path / "bundle")  # raises VerificationError on any mismatch
 

@@ -34,9 +34,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def train_small(tmp: Path, name: str = "model.pt", **overrides) -> Path:
     from edgeexit import workflows
+    from edgeexit.train.config import TrainSpec
 
     out = tmp / name
-    workflows.train(out=str(out), progress=False, **{**SMALL, **overrides})
+    workflows.train(TrainSpec(**{**SMALL, **overrides}), str(out), progress=False)
     return out
 
 
