@@ -4,20 +4,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeexit.errors import MissingExtraError
+from edgeexit.extras import require
 
 PLOTS = ("accuracy_vs_macs.png", "latency_vs_threshold.png", "exit_histogram.png")
 
 
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingExtraError('bench plots need matplotlib: pip install "edgeexit[train]" (or pip install matplotlib)') from None
-    return plt
+    require("matplotlib", "bench plots").use("Agg")
+    return require("matplotlib.pyplot", "bench plots")
 
 
 def _accuracy_vs_macs(ax, report: dict) -> None:
