@@ -18,7 +18,9 @@ from edgeexit.errors import BundleError
 from edgeexit.export.cascade_graph import write_cascade
 from edgeexit.runtime import CascadeRunner, GraphRunner
 from edgeexit.runtime.graph import tunable_cascade_bytes
-from edgeexit.runtime.manifest import CASCADE_NAME, VECTORS_CONSTANT, VECTORS_INPUT, load_manifest, save_manifest, sha256_file
+from edgeexit.runtime.bundle import save_manifest
+from edgeexit.runtime.files import sha256_file
+from edgeexit.runtime.manifest import CASCADE_NAME, VECTORS_CONSTANT, VECTORS_INPUT, load_manifest
 
 # a session as a C/C++, Node or Python client opens it: default logging (warnings go to stderr), one run
 BARE_SESSION = """
