@@ -29,13 +29,14 @@ eagerly, scalars per level): resnet56 with plain exits 1.030 vs 1.118 of full.on
 boundaries alone (each If input leaves onnxruntime's blocked NCHWc layout and re-enters it inside
 the branch).
 
-The policies mirror edgeexit.runtime.policies decision for decision: the same comparisons in the
-same precision (float64 for the confidence logit, max-softmax, entropy and the sigmoid of the
-class-exclusion logits), ArgMax taking the first of equal maxima as numpy does. The per-exit
-float64 vectors (thresholds; beta for class exclusion; temperature for max-softmax and entropy)
-are constants holding the manifest's values, so a bare session (C/C++, Node, Python) takes the
-image alone and loads without warnings (initializers that are also graph inputs make onnxruntime
-warn at every load). To tune them per call, edgeexit's runtime and the web page run a copy with
+Each exit's ops are its policy's ONNX half (edgeexit.runtime.policies holds each policy's numpy
+rule and ONNX builder side by side; this module gives them a GraphOps, _Ops): the same comparisons
+in the same precision (float64 for the confidence logit, max-softmax, entropy, ensembles and the
+sigmoid of the class-exclusion logits), ArgMax taking the first of equal maxima as numpy does. The
+per-exit float64 vectors (thresholds; beta for class exclusion; temperature for max-softmax and
+entropy; weights for an ensemble at deferral) are constants holding the manifest's values, so a
+bare session (C/C++, Node, Python) takes the image alone and loads without warnings
+(initializers that are also graph inputs make onnxruntime warn at every load). To tune them per call, edgeexit's runtime and the web page run a copy with
 those constants moved into graph inputs (edgeexit.runtime.graph.tunable_cascade_bytes).
 """
 from __future__ import annotations

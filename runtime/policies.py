@@ -71,15 +71,13 @@ class GraphOps(Protocol):
     per-exit vectors (GRAPH_INPUTS); a `transform` of the whole vector runs once per call, before the
     stages, on a GraphOps that emits there."""
 
-    compact: bool  # False in the batch-1 graph, whose columns keep their (1, 1) shape
-
     def node(self, op: str, inputs: Sequence[str], base: str, **attrs) -> str: ...
     def const(self, base: str, value: np.ndarray) -> str: ...
     def cast(self, x: str, dtype: str) -> str: ...  # dtype: a numpy dtype name (float64, int64, ...)
     def per_exit(self, vector: str, index: int, transform: Callable[["GraphOps", str], str] | None = None) -> str: ...
     def reduce(self, op: str, x: str, base: str) -> str: ...  # over the class axis, keepdims 0
     def argmax(self, x: str) -> str: ...  # over the class axis, the first of equal maxima (as numpy)
-    def flat(self, column: str) -> str: ...  # an (n, 1) column as (n,)
+    def flat(self, column: str) -> str: ...  # an (n, 1) column as (n,) (the batch-1 graph keeps it (1, 1))
 
 
 # (numpy half, ONNX half) of every rule: a class that defines one must define the other
