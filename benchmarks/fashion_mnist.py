@@ -47,11 +47,11 @@ from edgeexit.train.models import save_model
 from edgeexit.train.hardware import training_env
 from edgeexit.train.pretrained import fit_backbone, save_state_dict
 from edgeexit.runtime.bench import oracle
-from edgeexit.runtime.calibrate import (CascadeSimulator, apply_calibration, calibrate, choose_thresholds, search_betas,
-                                        with_betas)
+from edgeexit.runtime.calibrate import CascadeSimulator, calibrate, choose_thresholds, search_betas, with_betas
+from edgeexit.runtime.bundle import save_calibration
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import npz_split
-from edgeexit.runtime.manifest import write_json_atomic
+from edgeexit.runtime.files import write_json_atomic
 from edgeexit.runtime.policies import get_policy
 from edgeexit.runtime.report import interleaved_timings
 from edgeexit.train.assembly import build_model
@@ -442,7 +442,7 @@ def run_headline(args: argparse.Namespace) -> None:
     val = runner.manifest.input_spec.normalize(sets["val"].raw)
     record = calibrate(runner, val, sets["val"].labels, ("target_drop", HEADLINE["val_drop"]),
                        data={"name": f"npz:{args.data.name}", "split": "val"}, progress=progress, policy="auto")
-    if apply_calibration(str(final), record).cascade is None:  # the policy changed: cascade.onnx compiles it in
+    if save_calibration(str(final), record).cascade is None:  # the policy changed: cascade.onnx compiles it in
         rebuild_cascade(final, val)
     runner = CascadeRunner(final, threads=args.threads)
     summary = {"model": HEADLINE, "policy": record["policy"], "thresholds": runner.thresholds,

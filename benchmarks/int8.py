@@ -19,8 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgeexit.quantize import quantize_bundle
-from edgeexit.runtime.calibrate import apply_calibration, calibrate, choose_thresholds
+from edgeexit.export.quantize import quantize_bundle
+from edgeexit.runtime.bundle import save_calibration
+from edgeexit.runtime.calibrate import calibrate, choose_thresholds
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.runtime.report import interleaved_timings, latency_stats
@@ -75,7 +76,7 @@ def main() -> None:
         spec = CascadeRunner(fp32_path).manifest.input_spec
         val, test = load_eval_data(args.data, "val", spec), load_eval_data(args.data, "test", spec)
         log(f"calibrating the fp32 thresholds on {args.data} val")
-        apply_calibration(str(fp32_path), calibrate(CascadeRunner(fp32_path), *val, ("target_drop", args.target_drop)))
+        save_calibration(str(fp32_path), calibrate(CascadeRunner(fp32_path), *val, ("target_drop", args.target_drop)))
         log("quantizing")
         quantize_bundle(fp32_path, int8_path, *val, data={"name": args.data, "split": "val"}, progress=log)
         runners = {name: CascadeRunner(path, threads=args.threads) for name, path in (("fp32", fp32_path), ("int8", int8_path))}

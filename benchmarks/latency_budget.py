@@ -32,13 +32,16 @@ import numpy as np
 
 from edgeexit import workflows
 from edgeexit.export import export_bundle
-from edgeexit.runtime.calibrate import LatencyTarget, apply_calibration, calibrate, stderr_progress
+from edgeexit.runtime.calibrate import LatencyTarget, calibrate, stderr_progress
+from edgeexit.runtime.bundle import save_calibration
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.runtime.graph import auto_engine, open_runner
 from edgeexit.runtime.latency import matching_profile, predict_latency
-from edgeexit.runtime.manifest import load_manifest, write_json_atomic
-from edgeexit.runtime.profile import measure_profile, save_profile
+from edgeexit.runtime.manifest import load_manifest
+from edgeexit.runtime.files import write_json_atomic
+from edgeexit.runtime.profile import measure_profile
+from edgeexit.runtime.bundle import save_profile
 from edgeexit.runtime.report import run_report
 
 ROOT = Path(__file__).resolve().parent
@@ -80,7 +83,7 @@ def budget_row(bundle: Path, data: str, threads: int, budget: float, stat: str, 
     for label, objective in (("latency", ("latency", budget)), ("macs", ("budget", macs_fraction))):
         record = calibrate(CascadeRunner(bundle, threads=threads), *val, objective, {"name": data, "split": "val"},
                            latency=target)
-        apply_calibration(str(bundle), record)
+        save_calibration(str(bundle), record)
         report, _ = run_report(open_runner(bundle, engine, threads=threads), *test, 1)
         p = report["latency_ms"][stat] if stat != "mean" else report["latency_ms"]["mean"]
         row[label] = {
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_manifest(bundle).input_spec
     val = tuple(a[: args.val_size] for a in load_eval_data(data, "val", spec))
     test = tuple(a[: args.test_size] for a in load_eval_data(data, "test", spec))
-    apply_calibration(str(bundle), calibrate(CascadeRunner(bundle, threads=args.threads), *val, ("target_drop", 0.5),
+    save_calibration(str(bundle), calibrate(CascadeRunner(bundle, threads=args.threads), *val, ("target_drop", 0.5),
                                              {"name": data, "split": "val"}, stderr_progress))
     engine = auto_engine(load_manifest(bundle))  # the one `edgeexit run` picks; the chain is checked as well
     prediction = [prediction_check(bundle, data, args.threads, batch, args.samples, args.repeats, name)

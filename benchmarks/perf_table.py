@@ -22,10 +22,11 @@ from edgeexit import workflows
 from edgeexit.train.eager import eager_predictor
 from edgeexit.export import export_bundle
 from edgeexit.runtime.bench import run_bench
-from edgeexit.runtime.calibrate import apply_calibration, calibrate, stderr_progress
+from edgeexit.runtime.bundle import save_calibration
+from edgeexit.runtime.calibrate import calibrate, stderr_progress
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
-from edgeexit.runtime.manifest import write_json_atomic
+from edgeexit.runtime.files import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAINING = {"data": "digits", "method": "eenet", "exit_type": "plain", "num_exits": 2, "placement": "pareto", "loss": "v2"}
@@ -49,7 +50,7 @@ def prepare(backbone: str, work: Path, epochs: int, input_size: int, target_drop
     runner = CascadeRunner(bundle)
     x, y = load_eval_data("digits", "val", runner.manifest.input_spec)
     record = calibrate(runner, x, y, ("target_drop", target_drop), {"name": "digits", "split": "val"}, stderr_progress)
-    apply_calibration(bundle, record)
+    save_calibration(bundle, record)
     return bundle
 
 

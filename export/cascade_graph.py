@@ -59,9 +59,9 @@ from edgeexit.runtime.manifest import (
     CascadeGraph,
     Manifest,
     load_manifest,
-    save_manifest,
-    sha256_file,
 )
+from edgeexit.runtime.bundle import save_manifest
+from edgeexit.runtime.files import sha256_file
 from edgeexit.runtime.policies import GRAPH_VECTORS, Policy, graph_vectors
 from edgeexit.runtime.verify import check_graph_decisions
 

@@ -1,4 +1,5 @@
-"""model.pt -> bundle/: fused stage graphs, full.onnx and manifest.json, verified, written atomically."""
+"""model.pt -> bundle/: fused stage graphs, full.onnx, cascade.onnx and manifest.json, verified, written atomically
+(staged and saved through runtime/bundle.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,6 @@ from edgeexit.export.cascade_graph import write_cascade
 from edgeexit.export.verify import verify_bundle_against_model, verify_cascade
 from edgeexit.train.macs import count_params
 from edgeexit.train.models import EarlyExitModel, load_model
-from edgeexit.staging import staged_bundle
 from edgeexit.runtime.manifest import (
     BATCH_DIM,
     FULL_NAME,
@@ -30,10 +30,10 @@ from edgeexit.runtime.manifest import (
     StageMacs,
     StageSpec,
     TensorSpec,
-    save_manifest,
-    sha256_file,
     stage_file,
 )
+from edgeexit.runtime.bundle import save_manifest, staged_bundle
+from edgeexit.runtime.files import sha256_file
 
 INPUT_NAME = "input"
 
@@ -90,7 +90,7 @@ def write_graphs(model: EarlyExitModel, folder: Path, opset: int,
 
 
 def build_manifest(model: EarlyExitModel, folder: Path, stages: tuple[StageSpec, ...], full: FullGraph, opset: int) -> Manifest:
-    """The manifest records of an exported model (see DESIGN.md, 'bundle/')."""
+    """The manifest records of an exported model."""
     config = model.config
     return Manifest(
         root=folder,
@@ -109,15 +109,34 @@ def build_manifest(model: EarlyExitModel, folder: Path, stages: tuple[StageSpec,
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What `export_bundle` wrote: the manifest records, and the parity checks' max differences (None: not verified).
+
+    `verification`: per check input (random, ...) and output, the max abs diff of the ONNX
+    graphs against PyTorch; `cascade_verification`: cascade.onnx's decisions against the chain's.
+    """
+
+    manifest: Manifest
+    verification: dict | None = None
+    cascade_verification: dict | None = None
+
+    @property
+    def worst_diff(self) -> float | None:
+        """The largest graph-vs-PyTorch difference over every check, None when not verified."""
+        if not self.verification:
+            return None
+        return max(v for kind in self.verification.values() for v in kind.values())
+
+
 def export_bundle(
     model_path: str | os.PathLike,
     out: str | os.PathLike,
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
     progress: Callable[[str], None] = lambda message: None,
-) -> dict:
-    """Export model.pt to a verified bundle folder; returns the manifest (plus 'verification': max diffs
-    against PyTorch, and 'cascade_verification': cascade.onnx's decisions against the chain's).
+) -> ExportResult:
+    """Export model.pt to a verified bundle folder; returns its records and the parity checks' differences.
 
     Graphs are written into a hidden temp folder beside `out` and renamed into place only after
     verification, so a failed or killed export leaves any earlier bundle at `out` intact.
@@ -134,4 +153,4 @@ def export_bundle(
             verification = verify_bundle_against_model(staged, model)
             progress("verifying cascade.onnx against the stage chain")
             cascade_verification = verify_cascade(staged, model)
-    return {**manifest.to_dict(), "verification": verification, "cascade_verification": cascade_verification}
+    return ExportResult(dataclasses.replace(manifest, root=Path(out).resolve()), verification, cascade_verification)

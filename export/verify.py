@@ -10,7 +10,7 @@ from edgeexit.train.models import EarlyExitModel
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.errors import VerificationError
 from edgeexit.runtime.datasets import digits_split
-from edgeexit.runtime.manifest import normalize
+from edgeexit.runtime.preprocess import normalize
 from edgeexit.runtime.graph import GraphRunner
 from edgeexit.runtime.verify import TOLERANCE, check_chain, check_graph_decisions, max_abs_diff
 

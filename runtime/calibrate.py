@@ -47,11 +47,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.runtime.graph import with_graph_defaults
 from edgeexit.errors import ConfigError
 from edgeexit.registry import Registry
 from edgeexit.runtime.latency import cheapest_latency, predict_latency
-from edgeexit.runtime.manifest import CASCADE_NAME, DeviceProfile, Manifest, load_manifest, save_manifest
+from edgeexit.runtime.profiles import DeviceProfile
 from edgeexit.runtime.policies import ExclusionPolicy, Policy, get_policy, policies_for
 from edgeexit.runtime.simulate import CascadeSimulator, Point, grid_points, pareto_front
 
@@ -412,38 +411,3 @@ def calibrate(
 def point_of(chosen: dict) -> Point:
     """A Point back from its as_dict() form."""
     return Point(tuple(chosen["thresholds"]), chosen["accuracy"], chosen["relative_macs"], tuple(chosen["exit_counts"]))
-
-
-def apply_calibration(bundle: str, record: dict) -> Manifest:
-    """Write the chosen policy, thresholds, temperatures (and per-exit betas, if calibrated) into each exit plus the
-    record, atomically; returns the manifest.
-
-    An exit whose policy kind changes gets the new kind with no arguments. The single-graph engine
-    (cascade.onnx) is kept, its default thresholds and temperatures rewritten, when the policies stay
-    (and a softmax policy's temperatures have a graph input to go to); otherwise it is removed.
-    """
-    manifest = load_manifest(bundle, check_hashes=False)
-    kinds_before = [p.kind for p in manifest.policies]
-    stages = []
-    for stage, kind, threshold, temperature in zip(manifest.stages, record["policies"], record["chosen"]["thresholds"],
-                                                   record["temperatures"]):
-        policy = stage.exit.policy
-        policy = dataclasses.replace(policy, threshold=float(threshold), **({} if policy.kind == kind else {"kind": kind, "args": {}}))
-        stages.append(dataclasses.replace(stage, exit=dataclasses.replace(stage.exit, policy=policy, temperature=float(temperature))))
-    manifest = dataclasses.replace(manifest, stages=(*stages, manifest.stages[-1]), calibration=record)
-    if "betas" in record["chosen"]:
-        manifest = with_graph_defaults(manifest.with_policy_args([{"beta": float(b)} for b in record["chosen"]["betas"]]),
-                                       "beta", [float(b) for b in record["chosen"]["betas"]])
-    temperatures = [float(t) for t in record["temperatures"]]
-    softmax_scored = any(kind in ("max_softmax", "entropy") for kind in record["policies"])
-    graph = manifest.cascade
-    same_kinds = record["policies"] == kinds_before
-    graph_takes_temperature = graph is not None and graph.default("temperature") is not None
-    if same_kinds and (graph_takes_temperature or not (softmax_scored and any(t != 1.0 for t in temperatures))):
-        manifest = with_graph_defaults(manifest, "thresholds", [float(t) for t in record["chosen"]["thresholds"]])
-        return save_manifest(bundle, with_graph_defaults(manifest, "temperature", temperatures))
-    # cascade.onnx has the old policies (or no temperature input) compiled in: drop it, the stage chain runs the new
-    # ones (`edgeexit calibrate` rebuilds it when the onnx package is installed)
-    manifest = save_manifest(bundle, dataclasses.replace(manifest, cascade=None))
-    manifest.path(CASCADE_NAME).unlink(missing_ok=True)
-    return manifest

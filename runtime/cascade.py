@@ -10,11 +10,13 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeexit.errors import BundleError, ConfigError, InputError, first_line
-from edgeexit.runtime.manifest import FULL_NAME, Manifest, StageSpec, TensorSpec, check_graph_io, load_manifest
+from edgeexit.runtime.manifest import FULL_NAME, Manifest, StageSpec, TensorSpec, load_manifest
 from edgeexit.runtime.policies import Policy, ensembled, get_policy, per_exit_args, policies_for
 from edgeexit.runtime.providers import resolve_providers
+from edgeexit.runtime.schema import BATCH_DIM
 
 DEFAULT_CHUNK = 256
+GRAPH_DTYPE = "tensor(float)"
 
 
 @dataclass
@@ -62,6 +64,34 @@ def check_batch(x: object, input_shape: Sequence[int]) -> np.ndarray:
         if not finite.all():
             raise InputError(f"input sample {start + int(np.argmin(finite))} contains NaN or infinite values")
     return np.ascontiguousarray(x)
+
+
+def _dims_match(declared: Sequence[object], actual: Sequence[object]) -> bool:
+    """A declared shape matches a graph's: same rank, the same batch (symbolic, or the static int), equal other dims."""
+    if len(declared) != len(actual):
+        return False
+    batch, *rest = actual
+    symbolic = batch is None or isinstance(batch, str)
+    same_batch = symbolic if declared[0] == BATCH_DIM else batch == declared[0]
+    return same_batch and list(rest) == list(declared[1:])
+
+
+def check_graph_io(file: str, expected_inputs: Sequence[TensorSpec], expected_outputs: Sequence[TensorSpec],
+                   inputs: Sequence[object], outputs: Sequence[object]) -> None:
+    """Check a loaded graph's inputs/outputs (objects with .name, .shape, .type, e.g. onnxruntime
+    NodeArgs) against the manifest's tensors, in order; a tensor named None matches any name."""
+    for kind, expected, actual in (("inputs", expected_inputs, inputs), ("outputs", expected_outputs, outputs)):
+        if len(expected) != len(actual):
+            raise BundleError(f"{file} has {len(actual)} {kind}, the manifest declares {len(expected)}")
+        for want, got in zip(expected, actual):
+            label = got.name if want.name is None else want.name
+            if got.name != label:
+                raise BundleError(f"{file}: {kind[:-1]} '{got.name}' is declared as '{label}' in the manifest")
+            if getattr(got, "type", GRAPH_DTYPE) != GRAPH_DTYPE:
+                raise BundleError(f"{file}: {kind[:-1]} '{got.name}' has type {got.type}, expected {GRAPH_DTYPE}")
+            if not _dims_match(want.shape, list(got.shape)):
+                raise BundleError(f"{file}: {kind[:-1]} '{got.name}' has shape {list(got.shape)}, "
+                                  f"the manifest declares {list(want.shape)}")
 
 
 def make_policy(stage: StageSpec, num_classes: int, kind: str | None = None, policy_args: dict | None = None) -> Policy:

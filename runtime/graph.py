@@ -11,8 +11,9 @@ import numpy as np
 
 from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner, check_batch
 from edgeexit.errors import BundleError, ConfigError, first_line
-from edgeexit.runtime.manifest import (CASCADE_NAME, CASCADE_OUTPUTS, ENGINES, VECTORS_INPUT, Manifest, load_manifest,
-                                       sha256_file)
+from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, Manifest, VECTORS_INPUT, load_manifest
+from edgeexit.runtime.profiles import ENGINES
+from edgeexit.runtime.files import sha256_file
 from edgeexit.runtime.policies import GRAPH_VECTORS, Policy, manifest_ensemble
 
 ONNX_DTYPES = {"float32": "tensor(float)", "float64": "tensor(double)", "int64": "tensor(int64)"}

@@ -25,7 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from edgeexit.errors import ConfigError
-from edgeexit.runtime.manifest import DeviceProfile, Manifest, Timing, profile_key
+from edgeexit.runtime.profiles import DeviceProfile, Timing, profile_key
+from edgeexit.runtime.manifest import Manifest
 
 STATS = ("mean", "p50", "p95")
 

@@ -26,7 +26,7 @@ from edgeexit.runtime.cascade import CascadeRunner, Runner
 from edgeexit.errors import ConfigError
 from edgeexit.runtime.graph import GraphRunner
 from edgeexit.runtime.latency import current_host
-from edgeexit.runtime.manifest import DeviceProfile, Timing, load_manifest, save_manifest
+from edgeexit.runtime.profiles import DeviceProfile, Timing
 from edgeexit.runtime.report import Progress, interleaved_timings
 
 DEFAULT_REPEATS = 100
@@ -156,8 +156,3 @@ def measure_profile(runner: Runner, batch_size: int = 1, repeats: int = DEFAULT_
         exits_at_one=at_one, full=timed["full"], repeats=repeats,
         providers=tuple(runner.active_providers), onnxruntime=ort.__version__,
     )
-
-
-def save_profile(bundle: str, profile: DeviceProfile) -> None:
-    """Add (or replace) `profile` in the bundle's manifest; other profiles stay; atomic rewrite."""
-    save_manifest(bundle, load_manifest(bundle, check_hashes=False).with_profile(profile))

@@ -171,7 +171,9 @@ def write_bundle(root: Path, layout: Layout = Layout(), roles: tuple[str, ...] =
     """Write a valid bundle (stage graphs, full.onnx, manifest) into `root`; returns root."""
     import onnx
 
-    from edgeexit.runtime.manifest import FORMAT, FORMAT_VERSION, FULL_NAME, save_manifest, sha256_file, stage_file
+    from edgeexit.runtime.manifest import FORMAT, FORMAT_VERSION, FULL_NAME, stage_file
+    from edgeexit.runtime.bundle import save_manifest
+    from edgeexit.runtime.files import sha256_file
 
     root.mkdir(parents=True, exist_ok=True)
     features_shape = ["batch", layout.width, 1, 1]

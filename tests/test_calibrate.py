@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 import handmade
 from edgeexit.cli import main
-from edgeexit.runtime.calibrate import CascadeSimulator, apply_calibration, calibrate, choose_thresholds, shared_grids
+from edgeexit.runtime.calibrate import CascadeSimulator, calibrate, choose_thresholds, shared_grids
+from edgeexit.runtime.bundle import save_calibration
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.errors import ConfigError
@@ -50,7 +51,7 @@ def test_calibrated_bundle_reloads_and_the_real_cascade_agrees(handmade_bundles,
     for objective in [("budget", 0.7), ("target_drop", 2.0)]:
         # exclusion: beta fixed for the budget (as `calibrate --beta`), searched per exit for the drop
         record = calibrate(CascadeRunner(bundle, threads=1), x, y, objective, search_beta=objective[0] == "target_drop")
-        apply_calibration(bundle, record)
+        save_calibration(bundle, record)
         accuracy, macs, runner = measured(bundle, x, y)
         chosen = record["chosen"]
         assert runner.thresholds == pytest.approx(chosen["thresholds"])
@@ -61,7 +62,7 @@ def test_calibrated_bundle_reloads_and_the_real_cascade_agrees(handmade_bundles,
 def test_calibration_reloads_from_manifest(bundle_copy, digits_val):
     x, y = digits_val
     record = calibrate(CascadeRunner(bundle_copy), x, y, ("target_drop", 1.0), {"name": "digits", "split": "val"})
-    apply_calibration(bundle_copy, record)
+    save_calibration(bundle_copy, record)
     stored = load_manifest(bundle_copy).calibration
     assert stored == json.loads(json.dumps(record))
     assert stored["data"] == {"name": "digits", "split": "val", "samples": len(x)}

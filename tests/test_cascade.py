@@ -15,7 +15,8 @@ from click.testing import CliRunner
 import handmade
 from edgeexit.cli import main
 from edgeexit.runtime import CascadeRunner, ConfigError, DeviceError, InputError
-from edgeexit.runtime.manifest import read_manifest, save_manifest
+from edgeexit.runtime.manifest import read_manifest
+from edgeexit.runtime.bundle import save_manifest
 
 KINDS = sorted(handmade.POLICY_DEFAULTS)
 # A score closer than this to its cut may fall either side between float32 graphs and the float64 reference,

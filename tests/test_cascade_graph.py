@@ -18,7 +18,8 @@ from edgeexit.runtime import CascadeRunner, ConfigError, GraphRunner, Verificati
 from edgeexit.runtime.graph import tunable_cascade_bytes
 from edgeexit.runtime.verify import check_graph_decisions
 from edgeexit.errors import BundleError
-from edgeexit.runtime.manifest import CASCADE_NAME, MANIFEST_NAME, load_manifest, save_manifest
+from edgeexit.runtime.manifest import CASCADE_NAME, MANIFEST_NAME, load_manifest
+from edgeexit.runtime.bundle import save_manifest
 
 # per policy: threshold vectors from "every input leaves at exit 0" to "none leaves"
 SWEEPS = {
@@ -190,10 +191,10 @@ def test_verify_checks_the_cascade(bundle):
 
 
 def test_calibrated_thresholds_become_the_graph_defaults(bundle, handmade_bundles):
-    from edgeexit.runtime.calibrate import apply_calibration
+    from edgeexit.runtime.bundle import save_calibration
 
     record = {"chosen": {"thresholds": [0.3, 0.7]}, "policies": ["confidence"] * 2, "temperatures": [1.0, 1.0]}
-    apply_calibration(str(bundle), record)
+    save_calibration(str(bundle), record)
     manifest = load_manifest(bundle)  # the sha256 of the rewritten cascade.onnx holds
     assert manifest.cascade.default("thresholds") == (0.3, 0.7)
     session = ort.InferenceSession(str(bundle / CASCADE_NAME), providers=["CPUExecutionProvider"])

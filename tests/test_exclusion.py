@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from edgeexit.cli import main
 from edgeexit.runtime import CascadeRunner
 from edgeexit.errors import BundleError, ConfigError
-from edgeexit.runtime.manifest import MANIFEST_NAME, sha256_file
+from edgeexit.runtime.manifest import MANIFEST_NAME
+from edgeexit.runtime.files import sha256_file
 from edgeexit.runtime.policies import ExclusionPolicy, get_policy
 
 from conftest import tiny_train
@@ -92,15 +93,15 @@ def test_bad_policy_args_are_config_errors(args):
 
 
 def test_export_writes_exclusion_outputs_and_policy_and_verifies(exclusion_bundle):
-    bundle, manifest = exclusion_bundle
+    bundle, exported = exclusion_bundle
+    manifest = exported.manifest.to_dict()
     stage = manifest["stages"][0]
     assert stage["exit"]["outputs"] == {"exclusion_logits": "exit_0_exclusion_logits"}
     assert [s["exit"]["policy"] for s in manifest["stages"][:-1]] == [
         {"kind": "exclusion", "threshold": 0.0, "args": {"beta": beta}} for beta in BETAS
     ]
     assert stage["outputs"][1]["shape"] == ["batch", manifest["num_classes"]]
-    worst = max(v for kind in manifest["verification"].values() for v in kind.values())
-    assert worst < 1e-4
+    assert exported.worst_diff < 1e-4
     assert json.loads((bundle / MANIFEST_NAME).read_text())["model"]["method"] == "exclusion"
 
 
@@ -233,7 +234,8 @@ def test_beta_search_is_greedy_cheapest_exit_first_and_backs_off_two_steps():
 
 
 def test_per_exit_beta_survives_reload_run_override_and_calibrate(exclusion_bundle, tmp_path):
-    from edgeexit.runtime.calibrate import apply_calibration, calibrate
+    from edgeexit.runtime.bundle import save_calibration
+    from edgeexit.runtime.calibrate import calibrate
     from edgeexit.runtime.datasets import load_eval_data
 
     bundle = tmp_path / "bundle"
@@ -247,7 +249,7 @@ def test_per_exit_beta_survives_reload_run_override_and_calibrate(exclusion_bund
     runner = CascadeRunner(bundle, threads=1)
     x, y = load_eval_data("digits", "val", runner.manifest.input_spec)
     record = calibrate(runner, x, y, ("target_drop", 1.0))
-    apply_calibration(str(bundle), record)
+    save_calibration(str(bundle), record)
     reloaded = CascadeRunner(bundle)
     assert [p.args["beta"] for p in reloaded.policies] == pytest.approx(record["chosen"]["betas"])
     result = reloaded.predict(x)

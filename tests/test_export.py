@@ -14,7 +14,8 @@ from edgeexit.export import export_bundle
 from edgeexit.export.verify import torch_stage_outputs, verification_inputs
 from edgeexit.runtime.verify import TOLERANCE, max_abs_diff
 from edgeexit.runtime import VerificationError
-from edgeexit.runtime.manifest import MANIFEST_NAME, sha256_file
+from edgeexit.runtime.manifest import MANIFEST_NAME
+from edgeexit.runtime.files import sha256_file
 from edgeexit.train.models import load_model
 from edgeexit.runtime import CascadeRunner, load_manifest
 
@@ -133,7 +134,7 @@ def test_export_accepts_a_change_within_tolerance_and_reports_it(tiny_model_path
     delta = 0.5 * TOLERANCE  # scales are >= 1: within tolerance on every input kind
     perturbed_export(monkeypatch, delta)
     manifest = export_bundle(tiny_model_path, tmp_path / "bundle")
-    measured = manifest["verification"]["random"]["logits"]
+    measured = manifest.verification["random"]["logits"]
     assert measured == pytest.approx(delta / scales["random"], rel=0.05)  # the change was there, and measured
 
 

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from edgeexit.cli import main
 from edgeexit.runtime import CascadeRunner, EdgeExitError, InputError, open_runner
-from edgeexit.runtime.manifest import MANIFEST_NAME, sha256_file
+from edgeexit.runtime.manifest import MANIFEST_NAME
+from edgeexit.runtime.files import sha256_file
 
 EXAMPLES = int(os.environ.get("EDGEEXIT_FUZZ_EXAMPLES", "60"))  # raise it for a long hunt
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -244,7 +244,7 @@ def test_failed_final_rename_restores_the_earlier_bundle(tiny_model_path, bundle
 
 
 def test_killed_export_keeps_the_earlier_bundle_and_its_temp_dir_is_cleaned(tiny_model_path, bundle_copy):
-    from edgeexit.staging import clean_stale
+    from edgeexit.runtime.bundle import clean_stale
 
     before = snapshot(bundle_copy)
     proc = subprocess.Popen(
@@ -268,7 +268,7 @@ def test_killed_export_keeps_the_earlier_bundle_and_its_temp_dir_is_cleaned(tiny
 
 
 def test_bundle_moved_aside_by_a_kill_is_put_back(bundle_copy):
-    from edgeexit.staging import clean_stale
+    from edgeexit.runtime.bundle import clean_stale
 
     dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1 if Path("/proc/sys/kernel/pid_max").is_file() else 2**31 - 1
     before = snapshot(bundle_copy)

@@ -12,7 +12,8 @@ from edgeexit.cli import main
 from edgeexit.runtime.calibrate import LatencyTarget, choose_thresholds, shared_grids
 from edgeexit.errors import BundleError, ConfigError
 from edgeexit.runtime.latency import current_host, mixture_quantile, predict_latency
-from edgeexit.runtime.manifest import DeviceProfile, Timing, load_manifest, read_manifest
+from edgeexit.runtime.profiles import DeviceProfile, Timing
+from edgeexit.runtime.manifest import load_manifest, read_manifest
 from edgeexit.runtime.policies import ConfidencePolicy, logit
 
 
@@ -154,7 +155,7 @@ def test_budget_below_the_cheapest_exit_names_the_minimum():
 
 
 def test_corrupt_profile_is_a_bundle_error(bundle_copy):
-    from edgeexit.runtime.manifest import write_json_atomic
+    from edgeexit.runtime.files import write_json_atomic
 
     data = read_manifest(bundle_copy)
     profile = synthetic_profile([1.0, 2.0, 4.0]).to_dict()

@@ -8,15 +8,10 @@ from types import SimpleNamespace
 import pytest
 
 from edgeexit.runtime import BundleError, CascadeRunner, load_manifest
-from edgeexit.runtime.manifest import (
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    TensorSpec,
-    check_graph_io,
-    save_manifest,
-    sha256_file,
-    validate,
-)
+from edgeexit.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, TensorSpec, validate
+from edgeexit.runtime.cascade import check_graph_io
+from edgeexit.runtime.bundle import save_manifest
+from edgeexit.runtime.files import sha256_file
 
 
 def read(bundle: Path) -> dict:

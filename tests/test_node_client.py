@@ -11,7 +11,8 @@ from click.testing import CliRunner
 import handmade
 from edgeexit.cli import main
 from edgeexit.export.cascade_graph import write_cascade
-from edgeexit.runtime.manifest import load_manifest, save_manifest
+from edgeexit.runtime.manifest import load_manifest
+from edgeexit.runtime.bundle import save_manifest
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
 

@@ -8,12 +8,14 @@ import pytest
 from click.testing import CliRunner
 
 from edgeexit.cli import main
-from edgeexit.runtime.calibrate import apply_calibration, calibrate, fit_temperature, temperature_nll
+from edgeexit.runtime.bundle import save_calibration
+from edgeexit.runtime.calibrate import calibrate, fit_temperature, temperature_nll
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.runtime.graph import GraphRunner
 from edgeexit.errors import BundleError, ConfigError
-from edgeexit.runtime.manifest import load_manifest, read_manifest, save_manifest
+from edgeexit.runtime.manifest import load_manifest, read_manifest
+from edgeexit.runtime.bundle import save_manifest
 from edgeexit.runtime.policies import softmax
 
 
@@ -80,7 +82,7 @@ def test_calibrate_auto_records_policy_thresholds_and_temperatures(bundle_copy, 
     best = record["candidates"][record["policy"]]
     assert all(c["relative_macs"] >= best["relative_macs"] - 1e-12 for c in record["candidates"].values() if c["met"])
     assert all(t != 1.0 and 0.05 <= t <= 20 for t in record["temperatures"])
-    apply_calibration(bundle_copy, record)
+    save_calibration(bundle_copy, record)
     reloaded = CascadeRunner(bundle_copy, threads=1)
     assert [p.name for p in reloaded.policies] == record["policies"]
     assert [p.temperature for p in reloaded.policies] == pytest.approx(record["temperatures"])

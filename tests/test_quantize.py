@@ -11,10 +11,11 @@ from edgeexit import cli
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.errors import ConfigError, InputError
-from edgeexit.runtime.manifest import load_manifest, sha256_file
+from edgeexit.runtime.manifest import load_manifest
+from edgeexit.runtime.files import sha256_file
 from edgeexit.runtime.verify import verify_bundle
 
-quantize = pytest.importorskip("edgeexit.quantize", reason="quantize needs the onnx package")
+quantize = pytest.importorskip("edgeexit.export.quantize", reason="quantize needs the onnx package")
 
 
 def invoke(*args):

@@ -10,7 +10,7 @@ from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.errors import BundleError, ConfigError, DeviceError
 from edgeexit.runtime.manifest import load_manifest, validate
 
-static_batch = pytest.importorskip("edgeexit.static_batch", reason="static-batch needs the onnx package")
+static_batch = pytest.importorskip("edgeexit.export.static_batch", reason="static-batch needs the onnx package")
 
 
 def invoke(*args):

@@ -13,7 +13,8 @@ from edgeexit.cli.common import (
 )
 from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
 from edgeexit.runtime.datasets import DATASETS
-from edgeexit.runtime.manifest import ENGINES, write_json_atomic
+from edgeexit.runtime.profiles import ENGINES
+from edgeexit.runtime.files import write_json_atomic
 
 
 def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str,
@@ -109,8 +110,36 @@ def info(bundle: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
         return
-    for line in manifest.describe(bundle):
+    for line in describe_bundle(manifest, bundle):
         click.echo(line)
+
+
+def describe_bundle(manifest: Any, name: str) -> list[str]:
+    """Readable lines of a Manifest for `edgeexit info`: input, stages, MACs, exit policies, profiles, calibration."""
+    spec = manifest.input_spec
+    lines = [f"bundle {name}: {manifest.model.method} on {manifest.model.backbone}, {manifest.num_classes} classes",
+             f"input {spec.name} {list(spec.shape)} {spec.dtype} {spec.layout}",
+             f"full.onnx {manifest.full_macs / 1e6:.2f} MMACs"]
+    if manifest.quantization is not None:
+        lines.append(f"precision {manifest.precision}, quantized from '{manifest.quantization['parent']['name']}'")
+    if manifest.static_batch is not None:
+        lines.append(f"static batch {manifest.static_batch} (inputs run in groups of {manifest.static_batch})")
+    for stage, cost in zip(manifest.stages, manifest.exit_costs()):
+        line = f"  {stage.file}: segment {stage.macs.segment / 1e6:.2f} M + head {stage.macs.head / 1e6:.3f} M"
+        line += f", leaving here costs {cost:.3f} of full"
+        if stage.exit is not None:
+            policy = stage.exit.policy
+            line += f"; exit at {stage.exit.cut or '?'}: {policy.kind} threshold {policy.threshold}"
+        lines.append(line)
+    if manifest.cascade:
+        vectors = ", ".join(f"{t.name} {list(t.default)}" for t in manifest.cascade.inputs[1:])
+        lines.append(f"{manifest.cascade.file}: the whole cascade in one graph; per-exit vectors ({manifest.cascade.vectors}): {vectors}")
+    for key, profile in manifest.profiles.items():
+        lines.append(f"profile {key}: full.onnx p50 {profile.full.p50:.3f} ms; leaving at each exit p50 "
+                     + ", ".join(f"{t.p50:.3f}" for t in profile.exits) + " ms")
+    if manifest.calibration:
+        lines.append(f"calibrated: {json.dumps(manifest.calibration.get('chosen', {}))}")
+    return lines
 
 
 @click.command()
@@ -168,8 +197,14 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     Latency: edgeexit profile bundle/ --threads 1 --batch-size 1, then
       edgeexit calibrate bundle/ --latency-budget 0.5 --percentile 95 --profile HOST/cpu/t1/b1/chain
     """
-    from edgeexit.runtime.calibrate import (LatencyTarget, apply_calibration, calibrate as run_calibration, check_objective,
-                                            describe, stderr_progress)
+    from edgeexit.runtime.calibrate import (
+        LatencyTarget,
+        calibrate as run_calibration,
+        check_objective,
+        describe,
+        stderr_progress,
+    )
+    from edgeexit.runtime.bundle import save_calibration
     from edgeexit.runtime.cascade import CascadeRunner
     from edgeexit.runtime.graph import auto_engine
     from edgeexit.runtime.latency import find_profile, matching_profile
@@ -196,7 +231,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     if fixed is not None and record["policy"] == "exclusion":
         record["chosen"]["betas"] = [p.args["beta"] for p in runner.policies]
     had_graph = runner.manifest.cascade is not None
-    manifest = apply_calibration(bundle, record)
+    manifest = save_calibration(bundle, record)
     chosen = record["chosen"]
     status = "met" if chosen["met"] else "NOT met (closest point chosen)"
     click.echo(f"reference accuracy {record['reference_accuracy']:.4f} on {data}/{split}; target {status}")
@@ -285,7 +320,8 @@ def profile(bundle: str, device: str, threads: int | None, batch_size: int, repe
     from edgeexit.runtime.calibrate import stderr_progress
     from edgeexit.runtime.graph import open_runner
     from edgeexit.runtime.latency import describe_profile
-    from edgeexit.runtime.profile import measure_profile, save_profile
+    from edgeexit.runtime.profile import measure_profile
+    from edgeexit.runtime.bundle import save_profile
 
     runner = open_runner(bundle, engine, device=device, threads=threads)
     measured = measure_profile(runner, batch_size, repeats, stderr_progress)

@@ -18,7 +18,7 @@ from edgeexit.train.cuts import CutGraph
 from edgeexit.train.exits import build_exit
 from edgeexit.train.macs import count_macs
 from edgeexit.errors import ConfigError, InputError, first_line
-from edgeexit.runtime.manifest import atomic_write
+from edgeexit.runtime.files import atomic_write
 
 MODEL_FORMAT = "edgeexit-model"
 MODEL_VERSION = 1

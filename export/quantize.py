@@ -11,7 +11,6 @@ quantizer imports it) but not torch.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from pathlib import Path
 from types import ModuleType
@@ -19,19 +18,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from edgeexit.runtime.calibrate import Objective, apply_calibration, calibrate
+from edgeexit.errors import ConfigError
+from edgeexit.extras import require
+from edgeexit.export.cascade_graph import rebuild_cascade
+from edgeexit.runtime.bundle import rehash, save_calibration, save_manifest, staged_bundle
+from edgeexit.runtime.calibrate import Objective, calibrate
 from edgeexit.runtime.cascade import CascadeRunner, check_batch
-from edgeexit.errors import ConfigError, MissingExtraError
-from edgeexit.runtime.manifest import (
-    FP32,
-    INT8,
-    MANIFEST_NAME,
-    Manifest,
-    load_manifest,
-    save_manifest,
-    sha256_file,
-)
-from edgeexit.staging import staged_bundle
+from edgeexit.runtime.files import sha256_file
+from edgeexit.runtime.manifest import FP32, INT8, MANIFEST_NAME, Manifest, load_manifest
 
 CALIBRATION_BATCH = 64
 # Activation ranges come from the first RANGE_SAMPLES calibration inputs: onnxruntime's MinMax calibrator keeps
@@ -43,14 +37,7 @@ SETTINGS = {"format": "QDQ", "activations": "uint8", "weights": "int8", "per_cha
 
 def _quantization_module() -> ModuleType:
     """onnxruntime.quantization, or MissingExtraError: it imports the onnx package."""
-    try:
-        return importlib.import_module("onnxruntime.quantization")
-    except ImportError as exc:
-        missing = getattr(exc, "name", None) or str(exc)
-        raise MissingExtraError(
-            f"quantize needs onnxruntime's quantizer, which needs the onnx package ({missing} is not installed): "
-            f"pip install \"edgeexit[train]\" (or just onnx)"
-        ) from None
+    return require("onnxruntime.quantization", "quantize (onnxruntime's quantizer)")
 
 
 def chain_inputs(runner: CascadeRunner, x: np.ndarray) -> list[np.ndarray]:
@@ -123,24 +110,21 @@ def quantize_bundle(
     progress(f"running the fp32 chain over {len(ranged)} calibration inputs for the activation ranges")
     inputs = chain_inputs(fp32, ranged)
     with staged_bundle(out, progress) as staged:
-        manifest = parent.to_dict()
-        manifest.pop("cascade", None)  # rebuilt below from the int8 stages and the re-chosen thresholds
-        graphs = [*zip(manifest["stages"], inputs), (manifest["full"], ranged)]
-        for entry, stage_input in graphs:
-            progress(f"quantizing {entry['file']}")
-            input_name = entry["inputs"][0]["name"] if "inputs" in entry else manifest["input"]["name"]
-            quantize_graph(parent.path(entry["file"]), staged / entry["file"], input_name, stage_input)
-            entry["sha256"] = sha256_file(staged / entry["file"])
-        manifest["precision"] = INT8
-        manifest["quantization"] = {**SETTINGS, "parent": _parent_record(parent),
-                                    "data": {**(data or {}), "samples": int(len(x)), "range_samples": int(len(ranged))}}
-        manifest["calibration"] = None
+        # the int8 records: the parent's, with no cascade.onnx (rebuilt below from the int8 stages and the
+        # re-chosen thresholds) and no calibration (chosen again below)
+        manifest = dataclasses.replace(parent, root=staged, cascade=None, calibration=None, precision=INT8,
+                                       quantization={**SETTINGS, "parent": _parent_record(parent),
+                                                     "data": {**(data or {}), "samples": int(len(x)),
+                                                              "range_samples": int(len(ranged))}})
+        graphs = [*((stage.file, stage.inputs[0].name, stage_input) for stage, stage_input in zip(parent.stages, inputs)),
+                  (parent.full.file, parent.input_spec.name, ranged)]
+        for file, input_name, stage_input in graphs:
+            progress(f"quantizing {file}")
+            quantize_graph(parent.path(file), staged / file, input_name, stage_input)
+            manifest = rehash(manifest, file)
         save_manifest(staged, manifest)
         progress("re-calibrating the thresholds on the int8 bundle")
-        record = calibrate(CascadeRunner(staged), x, labels, objective, data, progress)
-        apply_calibration(str(staged), record)
+        save_calibration(staged, calibrate(CascadeRunner(staged), x, labels, objective, data, progress))
         progress("building cascade.onnx from the int8 stages")
-        from edgeexit.export.cascade_graph import rebuild_cascade  # onnx, checked above
-
         manifest = rebuild_cascade(staged, x)
     return dataclasses.replace(manifest, root=Path(out).resolve())

@@ -9,7 +9,6 @@ cascade.onnx (an If per exit, fixed shapes). Needs the `onnx` package, not torch
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from pathlib import Path
 from types import ModuleType
@@ -17,21 +16,19 @@ from typing import Callable
 
 import numpy as np
 
+from edgeexit.errors import ConfigError, VerificationError
+from edgeexit.extras import require
+from edgeexit.export.cascade_graph import rebuild_cascade
+from edgeexit.runtime.bundle import rehash, save_manifest, staged_bundle, with_static_batch
 from edgeexit.runtime.cascade import CascadeRunner
-from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
-from edgeexit.runtime.manifest import BATCH_DIM, Manifest, load_manifest, save_manifest, sha256_file
-from edgeexit.staging import staged_bundle
+from edgeexit.runtime.manifest import BATCH_DIM, Manifest, load_manifest
 
 TOLERANCE = 1e-5  # same graphs, same kernels: only the batch dim changed
 
 
 def _onnx() -> ModuleType:
     """The onnx package, or MissingExtraError naming the extra."""
-    try:
-        return importlib.import_module("onnx")
-    except ImportError:
-        raise MissingExtraError('static-batch rewrites graphs with the onnx package, which is not installed: '
-                                'pip install "edgeexit[train]" (or just onnx)') from None
+    return require("onnx", "static-batch (it rewrites graphs)")
 
 
 def fix_graph(source: Path, target: Path, batch: int) -> None:
@@ -44,13 +41,6 @@ def fix_graph(source: Path, target: Path, batch: int) -> None:
     make_dim_param_fixed(model.graph, dim_name, batch)
     fix_output_shapes(model)
     onnx.save(model, str(target))
-
-
-def _fix_shapes(data: dict, batch: int) -> None:
-    """Replace the symbolic batch dim with `batch` in every tensor shape of a manifest dict."""
-    tensors = [data["input"], *(t for stage in data["stages"] for t in (*stage["inputs"], *stage["outputs"]))]
-    for tensor in tensors:
-        tensor["shape"][0] = batch
 
 
 def static_batch_bundle(
@@ -67,19 +57,15 @@ def static_batch_bundle(
         raise ConfigError(f"{bundle} already has the static batch {parent.static_batch}; fix the batch of its "
                           f"symbolic-batch original instead")
     with staged_bundle(out, progress) as staged:
-        manifest = parent.to_dict()
-        manifest.pop("cascade", None)  # rebuilt below: the batch-1 graph for a static batch of 1, none above
-        for entry in [*manifest["stages"], manifest["full"]]:
-            progress(f"fixing the batch of {entry['file']} to {batch}")
-            fix_graph(parent.path(entry["file"]), staged / entry["file"], batch)
-            entry["sha256"] = sha256_file(staged / entry["file"])
-        _fix_shapes(manifest, batch)
-        manifest["static_batch"] = batch
+        # no cascade graphs: rebuilt below, the batch-1 graph as cascade.onnx for a static batch of 1, none above
+        manifest = with_static_batch(dataclasses.replace(parent, root=staged, cascade=None), batch)
+        for file in [*(stage.file for stage in parent.stages), parent.full.file]:
+            progress(f"fixing the batch of {file} to {batch}")
+            fix_graph(parent.path(file), staged / file, batch)
+            manifest = rehash(manifest, file)
         fixed = save_manifest(staged, manifest)
         check_same_outputs(CascadeRunner(parent), CascadeRunner(fixed), batch)
         if batch == 1:
-            from edgeexit.export.cascade_graph import rebuild_cascade  # onnx, checked by fix_graph
-
             progress("building the batch-1 cascade.onnx")
             x = np.random.default_rng(0).standard_normal((32, *parent.input_shape)).astype(np.float32)
             fixed = rebuild_cascade(staged, x)
