@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -237,6 +237,8 @@ class CascadeRunner(Runner):
         self.output_names = [stage.output_names for stage in self.manifest.stages]
         self._input_names = [stage.inputs[0].name for stage in self.manifest.stages]
         self._roles = [list(exit_spec.outputs) for exit_spec in self.manifest.exits]
+        # called with (exit index, policy, outputs of the inputs reaching that exit) on every chunk: the drift guard's hook
+        self.observer: Callable[[int, Policy, dict[str, np.ndarray]], None] | None = None
 
     @property
     def active_providers(self) -> list[str]:
@@ -283,7 +285,10 @@ class CascadeRunner(Runner):
         state = policies[0].start(n, self.manifest.num_classes)
         for index, policy in enumerate(policies):
             outputs = self.run_stage(index, features)
-            exits, preds, state = policy.decide(self._exit_outputs(index, outputs), state)
+            exit_outputs = self._exit_outputs(index, outputs)
+            if self.observer is not None:
+                self.observer(index, policy, exit_outputs)
+            exits, preds, state = policy.decide(exit_outputs, state)
             features = outputs[0]
             if not exits.any():
                 continue
