@@ -51,8 +51,9 @@ from edgeexit.errors import ConfigError
 from edgeexit.registry import Registry
 from edgeexit.runtime.latency import cheapest_latency, predict_latency
 from edgeexit.runtime.profiles import DeviceProfile
-from edgeexit.runtime.policies import ExclusionPolicy, Policy, get_policy, policies_for
-from edgeexit.runtime.simulate import CascadeSimulator, Point, grid_points, pareto_front
+from edgeexit.runtime.policies import (ENSEMBLES, NO_ENSEMBLE, ExclusionPolicy, Policy, get_policy, manifest_ensemble,
+                                       policies_for, with_ensemble)
+from edgeexit.runtime.simulate import CascadeSimulator, Point, fit_ensemble_weights, golden_minimum, grid_points, pareto_front
 
 GRID_SIZE = 41
 TEMPERATURE_RANGE = (0.05, 20.0)  # searched in log space; beyond it an exit's logits are useless or one-hot
@@ -319,20 +320,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, steps: int = 60) -> 
     The NLL is convex in 1/T, so it has one minimum along log T and the search finds it; at
     the ends of the range the answer is that end.
     """
-    ratio = (math.sqrt(5) - 1) / 2
     low, high = (math.log(t) for t in TEMPERATURE_RANGE)
-    a, b = high - ratio * (high - low), low + ratio * (high - low)
-    fa, fb = (temperature_nll(logits, labels, math.exp(v)) for v in (a, b))
-    for _ in range(steps):
-        if fa <= fb:
-            high, b, fb = b, a, fa
-            a = high - ratio * (high - low)
-            fa = temperature_nll(logits, labels, math.exp(a))
-        else:
-            low, a, fa = a, b, fb
-            b = low + ratio * (high - low)
-            fb = temperature_nll(logits, labels, math.exp(b))
-    return math.exp((low + high) / 2)
+    return math.exp(golden_minimum(lambda log_t: temperature_nll(logits, labels, math.exp(log_t)), low, high, steps))
 
 
 def candidate_policies(runner: CascadeRunner, choice: str | None) -> list[str]:
@@ -352,6 +341,19 @@ def candidate_policies(runner: CascadeRunner, choice: str | None) -> list[str]:
     return [choice]
 
 
+def candidate_ensembles(runner: CascadeRunner, name: str, policy: str | None, choice: str | None) -> list[str]:
+    """Ensembles to search with policy `name`: `choice` (--ensemble), else with --policy auto none and every ensemble
+    the policy takes, else the bundle's own when the policy takes it."""
+    if choice is not None:
+        with_ensemble([get_policy(name)(get_policy(name).default_threshold)], choice)  # ConfigError if it cannot take it
+        return [choice]
+    takes = get_policy(name).reads_probabilities
+    if policy == AUTO:
+        return [NO_ENSEMBLE, *(ENSEMBLES if takes else [])]
+    own = manifest_ensemble([e.policy for e in runner.manifest.exits])[0]
+    return [own if takes else NO_ENSEMBLE]
+
+
 def calibrate(
     runner: CascadeRunner,
     x: np.ndarray,
@@ -362,9 +364,14 @@ def calibrate(
     latency: LatencyTarget | None = None,
     policy: str | None = None,
     search_beta: bool = True,
+    ensemble: str | None = None,
 ) -> dict:
     """Run the bundle once over (x, labels), fit per-exit temperatures, and choose the policy (None: the
     bundle's own; a name; or "auto") and thresholds for `objective`; returns the calibration record.
+
+    Ensembles at deferral (candidate_ensembles; `ensemble` names one) get their per-exit weights fitted
+    on (x, labels) first (simulate.fit_ensemble_weights) and compete as candidates "POLICY+ENSEMBLE";
+    the record's `ensemble` holds the chosen mode and weights.
 
     Class-exclusion bundles get the authors' per-exit beta search instead (tolerance =
     the target drop) unless `search_beta` is False (beta given by the user): then the
@@ -378,6 +385,7 @@ def calibrate(
             raise ConfigError("a latency budget needs a device profile (--profile NAME)")
         latency.check_budget(value)
     names = candidate_policies(runner, policy)
+    candidates = [(name, mode) for name in names for mode in candidate_ensembles(runner, name, policy, ensemble)]
     betas = search_beta and names == [ExclusionPolicy.name] and all(isinstance(p, ExclusionPolicy) for p in runner.policies)
     if betas and kind != "target_drop":
         raise ConfigError("class-exclusion bundles calibrate beta for an accuracy tolerance: use --target-drop "
@@ -394,17 +402,21 @@ def calibrate(
     else:
         key = objective_key(objective, float((final_logits.argmax(axis=1) == labels).mean()), latency)
         records = {}
-        for name in names:
+        for name, mode in candidates:
             policies = [dataclasses.replace(p, temperature=t) if p.name == name else get_policy(name)(
                 get_policy(name).default_threshold, {}, t) for p, t in zip(runner.policies, temperatures)]
-            progress(f"policy {name}:")
-            records[name] = choose_thresholds(policies, exit_outputs, final_logits, labels, costs, objective, progress, latency)
+            label = name if mode == NO_ENSEMBLE else f"{name}+{mode}"
+            progress(f"policy {label}:")
+            weights = None if mode == NO_ENSEMBLE else fit_ensemble_weights(policies, exit_outputs, final_logits, labels, mode, progress)
+            policies = with_ensemble(policies, mode, weights)
+            records[label] = choose_thresholds(policies, exit_outputs, final_logits, labels, costs, objective, progress, latency)
+            records[label]["ensemble"] = {"mode": mode, **({} if weights is None else {"weights": weights})}
         best = min(records, key=lambda name: key(point_of(records[name]["chosen"])))
         if len(records) > 1:
             progress(f"chose policy {best}")
     record = records[best]
     record["search"]["seconds"] = round(time.perf_counter() - started, 3)
-    return {"data": {**(data or {}), "samples": int(len(x))}, "policy": best, "temperatures": temperatures,
+    return {"data": {**(data or {}), "samples": int(len(x))}, "policy": record["policies"][0], "temperatures": temperatures,
             "candidates": {name: r["chosen"] for name, r in records.items()}, **record}
 
 
