@@ -15,6 +15,7 @@ from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
 from edgeexit.runtime.datasets import DATASETS
 from edgeexit.runtime.profiles import ENGINES
 from edgeexit.runtime.files import write_json_atomic
+from edgeexit.runtime.policies import ensemble_choices, ensemble_policies
 
 
 def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str,
@@ -46,13 +47,18 @@ def _load_run_data(runner: Any, data: str | None, input_path: str | None, split:
 @click.option("--beta", default=None, help=BETA_HELP)
 @click.option("--policy", default=None,
               help="Run every exit with this policy (confidence, max_softmax, entropy, ...) instead of the manifest's.")
+@click.option("--ensemble", type=click.Choice(ensemble_choices()), default=None,
+              help=f"Ensemble at deferral instead of the manifest's: each stage decides and predicts from the weighted "
+                   f"mean of the class probabilities of every exit so far ({', '.join(ensemble_policies())} policies; "
+                   f"weights: the calibrated ones when it is the manifest's own, else 1; none: each exit alone).")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="graph: cascade.onnx, one session run per batch; chain: one session per stage; auto: graph when the bundle has cascade.onnx.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
 def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_path: str | None, split: str, threshold: str | None,
-        beta: str | None, policy: str | None, batch_size: int, threads: int | None, engine: str, json_path: str | None) -> None:
+        beta: str | None, policy: str | None, ensemble: str | None, batch_size: int, threads: int | None, engine: str,
+        json_path: str | None) -> None:
     """Run a bundle as an early-exit cascade and report accuracy, MACs, exits and latency.
 
     Example: edgeexit run bundle/ --device cpu --data digits --json report.json
@@ -63,7 +69,7 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     runner = open_runner(bundle, engine, device=device, threads=threads, thresholds=parse_numbers(threshold),
-                         policy_args=beta_args(beta), policy=policy)
+                         policy_args=beta_args(beta), policy=policy, ensemble=ensemble)
     x, labels = _load_run_data(runner, data, input_path, split, data_dir)
     report, result = run_report(runner, x, labels, batch_size)
     if labels is None:
@@ -183,9 +189,13 @@ def verify(bundle: str, device: str, samples: int) -> None:
 @click.option("--policy", default=None,
               help="Exit policy: auto (the best of confidence, max_softmax, entropy the bundle can run) or a name "
                    "(default: the bundle's own).")
+@click.option("--ensemble", type=click.Choice(ensemble_choices()), default=None,
+              help="Ensemble at deferral (weighted arithmetic or geometric mean of the class probabilities of every exit "
+                   "so far, weights fitted by NLL on the data): none or one (default: with --policy auto each is tried, "
+                   "else the bundle's own).")
 def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_drop: float | None, budget: float | None,
               latency_budget: float | None, percentile: str, profile_name: str | None, threads: int | None,
-              beta: str | None, policy: str | None) -> None:
+              beta: str | None, policy: str | None, ensemble: str | None) -> None:
     """Choose the exit policy, per-exit thresholds and temperatures for an accuracy-drop, MACs-budget or latency-budget
     target and write them into the manifest.
 
@@ -227,7 +237,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
         latency.check_budget(latency_budget)
     x, labels = _load_run_data(runner, data, None, split, data_dir)
     record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress, latency, policy,
-                             search_beta=fixed is None)
+                             search_beta=fixed is None, ensemble=ensemble)
     if fixed is not None and record["policy"] == "exclusion":
         record["chosen"]["betas"] = [p.args["beta"] for p in runner.policies]
     had_graph = runner.manifest.cascade is not None
@@ -235,7 +245,9 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     chosen = record["chosen"]
     status = "met" if chosen["met"] else "NOT met (closest point chosen)"
     click.echo(f"reference accuracy {record['reference_accuracy']:.4f} on {data}/{split}; target {status}")
-    click.echo(f"policy {record['policy']}, temperatures {', '.join(f'{t:.3g}' for t in record['temperatures'])}")
+    mixed = record.get("ensemble", {})
+    weights = f" with {mixed['mode']} ensemble, weights {', '.join(f'{w:.3g}' for w in mixed['weights'])}" if "weights" in mixed else ""
+    click.echo(f"policy {record['policy']}{weights}, temperatures {', '.join(f'{t:.3g}' for t in record['temperatures'])}")
     click.echo(f"operating point: {describe(chosen)}")
     click.echo(f"wrote policy, thresholds, temperatures and calibration curve into {bundle}/manifest.json")
     if had_graph and manifest.cascade is None:
