@@ -77,9 +77,13 @@ def test_run_with_another_policy_applies_the_manifest_temperature(bundle_copy, d
 def test_calibrate_auto_records_policy_thresholds_and_temperatures(bundle_copy, digits_val):
     x, y = digits_val
     record = calibrate(CascadeRunner(bundle_copy, threads=1), x, y, ("target_drop", 1.0), policy="auto")
-    assert set(record["candidates"]) == {"confidence", "max_softmax", "entropy"}
-    assert record["policy"] in record["candidates"] and record["policies"] == [record["policy"]] * 2
-    best = record["candidates"][record["policy"]]
+    # auto tries each score policy, and each policy that reads probabilities with each ensemble at deferral too
+    assert set(record["candidates"]) == {"confidence", "max_softmax", "entropy", "max_softmax+mean", "max_softmax+geometric",
+                                         "entropy+mean", "entropy+geometric"}
+    mode = record["ensemble"]["mode"]
+    label = record["policy"] + ("" if mode == "none" else f"+{mode}")
+    assert label in record["candidates"] and record["policies"] == [record["policy"]] * 2
+    best = record["candidates"][label]
     assert all(c["relative_macs"] >= best["relative_macs"] - 1e-12 for c in record["candidates"].values() if c["met"])
     assert all(t != 1.0 and 0.05 <= t <= 20 for t in record["temperatures"])
     save_calibration(bundle_copy, record)
@@ -87,6 +91,9 @@ def test_calibrate_auto_records_policy_thresholds_and_temperatures(bundle_copy, 
     assert [p.name for p in reloaded.policies] == record["policies"]
     assert [p.temperature for p in reloaded.policies] == pytest.approx(record["temperatures"])
     assert reloaded.thresholds == pytest.approx(record["chosen"]["thresholds"])
+    assert [p.ensemble for p in reloaded.policies] == [mode] * 2
+    if mode != "none":
+        assert list(reloaded.policies[-1].weights) == pytest.approx(record["ensemble"]["weights"])
     result = reloaded.predict(x)  # the real cascade at the recorded policy reproduces the calibrated point
     assert float((result.predictions == y).mean()) == pytest.approx(record["chosen"]["accuracy"])
     assert result.exit_counts() == record["chosen"]["exit_counts"]
@@ -133,3 +140,29 @@ def test_bad_temperature_in_manifest_is_a_bundle_error(bundle_copy):
     (bundle_copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="temperature"):
         load_manifest(bundle_copy)
+
+
+def test_calibrate_fits_an_ensemble_and_cascade_onnx_runs_it(bundle_copy, tmp_path):
+    cli = CliRunner()
+    result = cli.invoke(main, ["calibrate", str(bundle_copy), "--target-drop", "1", "--policy", "max_softmax",
+                               "--ensemble", "geometric"])
+    assert result.exit_code == 0, result.output
+    assert "policy max_softmax with geometric ensemble, weights" in result.output and "rebuilt cascade.onnx" in result.output
+    manifest = load_manifest(bundle_copy)
+    weights = manifest.calibration["ensemble"]["weights"]
+    assert [(e.policy.ensemble, e.policy.weight) for e in manifest.exits] == [("geometric", pytest.approx(w)) for w in weights]
+    assert manifest.cascade.default("weights") == pytest.approx(weights)
+    x, y = load_eval_data("digits", "val", manifest.input_spec)
+    chain = CascadeRunner(bundle_copy, threads=1).predict(x)
+    graph = GraphRunner(bundle_copy, threads=1).predict(x)
+    np.testing.assert_array_equal(graph.exit_index, chain.exit_index)
+    np.testing.assert_array_equal(graph.predictions, chain.predictions)
+    assert chain.exit_counts() == manifest.calibration["chosen"]["exit_counts"]  # the calibrated point, replayed
+    assert float((chain.predictions == y).mean()) == pytest.approx(manifest.calibration["chosen"]["accuracy"])
+    # run --ensemble none: the same policy on each exit alone, on the stage chain
+    report = tmp_path / "r.json"
+    result = cli.invoke(main, ["run", str(bundle_copy), "--ensemble", "none", "--threads", "1", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["engine"] == "chain"
+    bad = cli.invoke(main, ["run", str(bundle_copy), "--ensemble", "median"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output and "none, mean, geometric" in bad.output.replace("'", "")
