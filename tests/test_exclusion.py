@@ -233,6 +233,19 @@ def test_beta_search_is_greedy_cheapest_exit_first_and_backs_off_two_steps():
     assert accuracy([betas[0] + 2 * BETA_STEP, 0.0]) <= floor
 
 
+def test_beta_search_goes_to_one_when_no_step_costs_accuracy():
+    """Exit 0's scores put the true class far ahead of the rest for every input: beta 1 (only the top class left)
+    loses nothing, so the search keeps it instead of backing off from a failure that never came."""
+    from edgeexit.runtime.calibrate import search_betas
+
+    labels = np.arange(40) % 4
+    exit0 = np.where(np.eye(4, dtype=bool)[labels], 6.0, -6.0)
+    final = np.eye(4)[labels] * 5.0
+    record = search_betas([ExclusionPolicy(0.0)], [{"exclusion_logits": exit0}], final, labels, [0.4, 1.0], tolerance=0.5)
+    assert record["chosen"]["betas"] == [1.0]
+    assert record["chosen"]["exit_counts"] == [40, 0] and record["chosen"]["accuracy"] == 1.0
+
+
 def test_per_exit_beta_survives_reload_run_override_and_calibrate(exclusion_bundle, tmp_path):
     from edgeexit.runtime.bundle import save_calibration
     from edgeexit.runtime.calibrate import calibrate

@@ -178,3 +178,72 @@ def test_default_eenet_loss_trains_an_exit_its_confidence_has_given_up():
         grads[name] = exits[0][0].grad.abs().sum().item()
     assert get_method("eenet").loss == "v4"
     assert grads["v2"] < 1e-4 < 0.1 < grads["v4"]
+
+
+def test_distillation_is_alpha_t_squared_kl_from_the_softened_final_on_hand_made_tensors():
+    """Two exits, three classes, one input: alpha T^2 sum_k sum_c q_c log(q_c / p_kc), q = softmax(final / T)."""
+    from edgeexit.train.losses import distillation
+
+    temperature, alpha = 2.0, 0.3
+    final = torch.tensor([[2.0, 0.0, -2.0]], requires_grad=True)
+    exit_logits = [torch.tensor([[0.0, 0.0, 0.0]], requires_grad=True), torch.tensor([[4.0, -2.0, 0.0]], requires_grad=True)]
+    softmax = lambda v: [math.exp(a / temperature) / sum(math.exp(b / temperature) for b in v) for a in v]  # noqa: E731
+    q = softmax([2.0, 0.0, -2.0])
+    expected = alpha * temperature**2 * sum(
+        sum(qc * math.log(qc / pc) for qc, pc in zip(q, softmax(z))) for z in ([0.0, 0.0, 0.0], [4.0, -2.0, 0.0])
+    )
+    got = distillation([(z, torch.zeros(1, 1)) for z in exit_logits], final, temperature, alpha)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    got.backward()
+    assert final.grad is None or float(final.grad.abs().sum()) == 0.0  # the teacher is detached
+    assert all(float(z.grad.abs().sum()) > 0 for z in exit_logits)
+    # an exit that already matches the softened final adds nothing (and no gradient)
+    same = torch.tensor([[2.0, 0.0, -2.0]], requires_grad=True)
+    assert distillation([(same,)], final, temperature, alpha).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("value, expected", [("3,0.5", (3.0, 0.5)), ("off", None), (None, None), ("1, 0", (1.0, 0.0))])
+def test_parse_distill(value, expected):
+    from edgeexit.train.config import parse_distill
+
+    assert parse_distill(value) == expected
+
+
+@pytest.mark.parametrize("value", ["3", "0,0.5", "3,-1", "a,b", "1,2,3", "inf,1"])
+def test_parse_distill_rejects_bad_values(value):
+    from edgeexit.train.config import parse_distill
+
+    with pytest.raises(ConfigError, match="--distill"):
+        parse_distill(value)
+
+
+def test_cli_bad_distill_is_one_line_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "model.pt"
+    result = CliRunner().invoke(main, ["train", "--backbone", "resnet8", "--input-size", "16", "--epochs", "1",
+                                       "--distill", "3", "--out", str(out)])
+    assert result.exit_code == ConfigError.exit_code
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --distill takes T,ALPHA"), result.output
+    assert not out.exists()
+
+
+def test_training_with_distill_records_it_and_moves_the_exits_toward_the_final(tmp_path):
+    """The same tiny run with and without --distill: model.pt records the setting, and the exits' softmax ends closer
+    (lower KL) to the final classifier's with it."""
+    from conftest import tiny_train
+    from edgeexit.train.data import load_data
+    from edgeexit.train.losses import distillation
+    from edgeexit.train.models import load_model, read_checkpoint
+
+    val = load_data("digits", input_size=16).val
+    x = torch.stack([val[i][0] for i in range(64)])
+    kl = {}
+    for setting in ("off", "2,1.0"):
+        run = tmp_path / setting.replace(",", "_")
+        run.mkdir()
+        path = tiny_train(run, distill=setting, epochs=2)
+        assert read_checkpoint(path)["extra"]["train"]["distill"] == setting
+        with torch.no_grad():
+            exits, final = load_model(path)(x)
+        kl[setting] = float(distillation(exits, final, 2.0, 1.0))
+    assert kl["2,1.0"] < kl["off"]

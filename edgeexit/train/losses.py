@@ -51,6 +51,12 @@ def eenet_v0(exit_outputs, final_logits, target, costs, lam):
     return F.cross_entropy(final_logits, target) + sum(F.cross_entropy(outputs[0], target) for outputs in exit_outputs)
 
 
+@LOSSES.register("final")
+def final_only(exit_outputs, final_logits, target, costs, lam):
+    """The final classifier's CE alone: the backbone epochs of EENets' mixed schedule (exits not yet trained)."""
+    return F.cross_entropy(final_logits, target)
+
+
 @LOSSES.register("v1")
 def eenet_v1(exit_outputs, final_logits, target, costs, lam):
     """EENets L_v1 = CE(P_0) + lambda * mean(C_0) on the full mixture only.
@@ -154,6 +160,22 @@ def pteenet_v0(exit_outputs, final_logits, target, costs, lam):
     """
     main = final_logits.detach().argmax(1)
     return sum(F.cross_entropy(outputs[0], main) for outputs in exit_outputs)
+
+
+def distillation(exit_outputs: Sequence[tuple[torch.Tensor, ...]], final_logits: torch.Tensor,
+                 temperature: float, alpha: float) -> torch.Tensor:
+    """Self-distillation ("Be Your Own Teacher", Zhang et al. 2019): every exit learns the final classifier's softened output.
+
+    alpha * T^2 * sum over exits of KL(softmax(final / T) || softmax(exit / T)), averaged over
+    the batch; the final logits are detached (the teacher is not pulled toward its students)
+    and T^2 keeps the gradient's scale independent of T (Hinton et al.). An exit's first
+    output is its class logits (confidence exits) or its per-class exclusion logits, whose
+    softmax ranks the classes the way the exclusion rule does.
+    """
+    teacher = F.log_softmax(final_logits.detach().float() / temperature, dim=1)
+    kl = sum(F.kl_div(F.log_softmax(outputs[0].float() / temperature, dim=1), teacher, log_target=True, reduction="batchmean")
+             for outputs in exit_outputs)
+    return alpha * temperature**2 * kl
 
 
 def get_loss(name: str) -> LossFn:

@@ -20,6 +20,9 @@ class Method:
     frozen_backbone: bool = False
     warmup_loss: str | None = None
     head_lr: float | None = None  # exit heads' learning rate; None: the backbone's
+    distill: str = "off"  # self-distillation "T,ALPHA" (config.parse_distill) unless --distill says otherwise
+    num_exits: int = 2  # unless --num-exits / --exit-at say otherwise
+    placement: str = "pareto"  # unless --placement / --exit-at say otherwise
     summary: str = ""
 
 
@@ -32,7 +35,12 @@ for _method in (
     # v4 gave 0.516 of the MACs for a 0.43-point loss vs v2's 0.598 for 0.28 (max-softmax, calibrated on val).
     Method(name="eenet", exit_type="pool", loss="v4", policy=PolicySpec("confidence", 0.5), warmup_loss="v0", head_lr=1e-3,
            summary="EENets: exit blocks with confidence branches, cost-aware loss"),
+    # Exits spread over the whole depth, as the authors place theirs (after every layer or stage, the last one late):
+    # an exclusion head needs features that can rule classes out, and the early GAP heads of a CIFAR ResNet cannot
+    # (digits, resnet20, 8 epochs, 0.5-point tolerance: pareto 2 exits at 0.24/0.44 of the MACs kept 0.99 of them;
+    # layer1.2/2.1/2.2/3.0 0.68; linear 3 exits, benchmarks/README.md).
     Method(name="exclusion", exit_type="exclusion", loss="exclusion", policy=PolicySpec("exclusion", 0.0, {"beta": ExclusionPolicy.default_beta}),
+           num_exits=3, placement="linear",
            summary="Class exclusion: per-class exclusion heads, exit when one class is left"),
     Method(name="pteenet", exit_type="branch", loss="pteenet", policy=PolicySpec("confidence", 0.5), frozen_backbone=True,
            warmup_loss="pteenet_v0",
