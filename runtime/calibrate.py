@@ -53,6 +53,8 @@ from edgeexit.runtime.latency import cheapest_latency, predict_latency
 from edgeexit.runtime.profiles import DeviceProfile
 from edgeexit.runtime.policies import (ENSEMBLES, NO_ENSEMBLE, ExclusionPolicy, Policy, get_policy, manifest_ensemble,
                                        policies_for, with_ensemble)
+from edgeexit.runtime.drift import drift_reference
+from edgeexit.runtime.robust import CLEAN, OutputSet, RobustSettings, RobustSimulator, corrupted_sets, worst_drop
 from edgeexit.runtime.simulate import CascadeSimulator, Point, fit_ensemble_weights, golden_minimum, grid_points, pareto_front
 
 GRID_SIZE = 41
@@ -211,21 +213,37 @@ def choose_thresholds(
     objective: Objective,
     progress: Callable[[str], None] = lambda message: None,
     latency: LatencyTarget | None = None,
+    shifted: Sequence[OutputSet] = (),
 ) -> dict:
     """The search on stored outputs: chosen point, curve, Pareto front (the record minus its data).
 
-    With `latency`, every point also carries its predicted latency on that profile."""
+    With `latency`, every point also carries its predicted latency on that profile. With `shifted` (the same
+    inputs under corruptions, robust.corrupted_sets), the objective holds on every set (robust.RobustSimulator,
+    grids pooled over the sets); curve, front and chosen point stay the clean data's, and the record's
+    `robust` entry gives the drop, MACs and exits per set at the chosen thresholds."""
     kind, value = check_objective(objective)
     if kind == "latency" and latency is not None:
         latency.check_budget(value)
     reference = float((final_logits.argmax(axis=1) == labels).mean())
-    sim = CascadeSimulator(policies, exit_outputs, final_logits, labels, exit_costs)
-    grids = shared_grids(policies, exit_outputs)
+    sets = [OutputSet(CLEAN, list(exit_outputs), final_logits, labels), *shifted]
+    sim = RobustSimulator(policies, sets, exit_costs) if shifted else CascadeSimulator(
+        policies, exit_outputs, final_logits, labels, exit_costs)
+    pooled = [{role: np.concatenate([s.exit_outputs[k][role] for s in sets]) for role in exit_outputs[k]}
+              for k in range(len(exit_outputs))]
+    grids = shared_grids(policies, pooled)
     key = objective_key(objective, reference, latency)
     chosen, curve = search(sim, grids, key, progress)
     met = key(chosen)[0] == 0.0
     if not met:
         progress("warning: no candidate meets the target; chose the closest point")
+    robust = {}
+    if shifted:
+        per_set = sim.report(chosen.thresholds)
+        robust = {"robust": {"sets": per_set, "worst_drop_points": worst_drop(per_set), "selection_accuracy": chosen.accuracy}}
+        progress("per set at the chosen thresholds: " + "; ".join(
+            f"{name} drop {e['drop_points']:.2f} MACs {e['relative_macs']:.3f}" for name, e in per_set.items()))
+        sim, curve = sim.clean, [sim.clean.evaluate(p.thresholds) for p in curve]
+        chosen = sim.evaluate(chosen.thresholds)
 
     def entry(point: Point) -> dict:
         if latency is None:
@@ -242,6 +260,7 @@ def choose_thresholds(
         "curve": [entry(p) for p in curve],
         "pareto": [entry(p) for p in sim.pareto()],
         "chosen": {**entry(chosen), "met": met},
+        **robust,
     }
 
 
@@ -364,6 +383,7 @@ def calibrate(
     latency: LatencyTarget | None = None,
     policy: str | None = None,
     search_beta: bool = True,
+    robust: RobustSettings | None = None,
     ensemble: str | None = None,
 ) -> dict:
     """Run the bundle once over (x, labels), fit per-exit temperatures, and choose the policy (None: the
@@ -372,6 +392,10 @@ def calibrate(
     Ensembles at deferral (candidate_ensembles; `ensemble` names one) get their per-exit weights fitted
     on (x, labels) first (simulate.fit_ensemble_weights) and compete as candidates "POLICY+ENSEMBLE";
     the record's `ensemble` holds the chosen mode and weights.
+
+    With `robust`, the bundle also runs over x under each corruption family and the objective must hold on
+    every set (see choose_thresholds). The record's `drift_reference` (drift.DriftReference) holds the exit
+    shares and score quantiles on the clean data at the chosen point, for the runtime's drift guard.
 
     Class-exclusion bundles get the authors' per-exit beta search instead (tolerance =
     the target drop) unless `search_beta` is False (beta given by the user): then the
@@ -387,6 +411,8 @@ def calibrate(
     names = candidate_policies(runner, policy)
     candidates = [(name, mode) for name in names for mode in candidate_ensembles(runner, name, policy, ensemble)]
     betas = search_beta and names == [ExclusionPolicy.name] and all(isinstance(p, ExclusionPolicy) for p in runner.policies)
+    if betas and robust is not None:
+        raise ConfigError("--robust searches thresholds; class exclusion's beta search is not robust: fix beta with --beta")
     if betas and kind != "target_drop":
         raise ConfigError("class-exclusion bundles calibrate beta for an accuracy tolerance: use --target-drop "
                           "(or fix beta with --beta to search the thresholds for a budget)")
@@ -396,30 +422,45 @@ def calibrate(
     temperatures = [fit_temperature(o["logits"], labels) if "logits" in o else 1.0 for o in exit_outputs]
     progress(f"exit temperatures (NLL fit): {', '.join(f'{t:.3g}' for t in temperatures)}")
     costs = runner.manifest.exit_costs()
+    shifted = [] if robust is None else corrupted_sets(runner, x, labels, robust, progress)
     if betas:
         best = ExclusionPolicy.name
         records = {best: search_betas(runner.policies, exit_outputs, final_logits, labels, costs, value, progress)}
+        built = {best: with_betas(runner.policies, records[best]["chosen"]["betas"])}
     else:
         key = objective_key(objective, float((final_logits.argmax(axis=1) == labels).mean()), latency)
-        records = {}
+        records, built = {}, {}
         for name, mode in candidates:
             policies = [dataclasses.replace(p, temperature=t) if p.name == name else get_policy(name)(
                 get_policy(name).default_threshold, {}, t) for p, t in zip(runner.policies, temperatures)]
             label = name if mode == NO_ENSEMBLE else f"{name}+{mode}"
             progress(f"policy {label}:")
             weights = None if mode == NO_ENSEMBLE else fit_ensemble_weights(policies, exit_outputs, final_logits, labels, mode, progress)
-            policies = with_ensemble(policies, mode, weights)
-            records[label] = choose_thresholds(policies, exit_outputs, final_logits, labels, costs, objective, progress, latency)
+            built[label] = policies = with_ensemble(policies, mode, weights)
+            records[label] = choose_thresholds(policies, exit_outputs, final_logits, labels, costs, objective, progress, latency,
+                                               shifted)
             records[label]["ensemble"] = {"mode": mode, **({} if weights is None else {"weights": weights})}
-        best = min(records, key=lambda name: key(point_of(records[name]["chosen"])))
+        best = min(records, key=lambda name: key(selection_point(records[name])))
         if len(records) > 1:
             progress(f"chose policy {best}")
     record = records[best]
     record["search"]["seconds"] = round(time.perf_counter() - started, 3)
+    if robust is not None:
+        record["robust"] = {**robust.to_dict(), **record["robust"]}
+    reference = drift_reference(built[best], exit_outputs, runner.manifest.num_classes, record["chosen"]["thresholds"])
     return {"data": {**(data or {}), "samples": int(len(x))}, "policy": record["policies"][0], "temperatures": temperatures,
-            "candidates": {name: r["chosen"] for name, r in records.items()}, **record}
+            "candidates": {name: r["chosen"] for name, r in records.items()}, **record,
+            "drift_reference": reference.to_dict()}
 
 
 def point_of(chosen: dict) -> Point:
     """A Point back from its as_dict() form."""
     return Point(tuple(chosen["thresholds"]), chosen["accuracy"], chosen["relative_macs"], tuple(chosen["exit_counts"]))
+
+
+def selection_point(record: dict) -> Point:
+    """The chosen point as the search ranked it: robust records rank by the clean reference minus the worst drop."""
+    point = point_of(record["chosen"])
+    if "robust" not in record:
+        return point
+    return dataclasses.replace(point, accuracy=record["robust"]["selection_accuracy"])
