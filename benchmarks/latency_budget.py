@@ -37,7 +37,7 @@ from edgeexit.runtime.bundle import save_calibration
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.runtime.graph import auto_engine, open_runner
-from edgeexit.runtime.latency import matching_profile, predict_latency
+from edgeexit.runtime.latency import DEFAULT_PERCENTILE, PERCENTILES, budget_latency, budget_stat, cheapest_latency, matching_profile
 from edgeexit.runtime.manifest import load_manifest
 from edgeexit.runtime.files import write_json_atomic
 from edgeexit.runtime.profile import measure_profile
@@ -58,9 +58,9 @@ def tiled(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]
 
 def prediction_check(bundle: Path, data: str, threads: int, batch: int, samples: int, repeats: int, engine: str) -> dict:
     """Profile `engine` at `batch`, run the calibrated cascade on test, compare predicted and measured mean ms per input."""
-    profile = measure_profile(open_runner(bundle, engine, threads=threads), batch, repeats, stderr_progress)
+    profile = measure_profile(open_runner(bundle, engine, batch_size=batch, threads=threads), batch, repeats, stderr_progress)
     save_profile(str(bundle), profile)
-    runner = open_runner(bundle, engine, threads=threads)
+    runner = open_runner(bundle, engine, batch_size=batch, threads=threads)
     x, y = tiled(*load_eval_data(data, "test", runner.manifest.input_spec), samples)
     report, _ = run_report(runner, x, y, batch)
     predicted, measured = report["predicted_latency_ms"], report["measured_latency_ms"]
@@ -72,28 +72,31 @@ def prediction_check(bundle: Path, data: str, threads: int, batch: int, samples:
             "full_onnx_p50_ms": profile.full.p50}
 
 
-def budget_row(bundle: Path, data: str, threads: int, budget: float, stat: str, val: tuple, test: tuple, engine: str) -> dict:
+def budget_row(bundle: Path, data: str, threads: int, budget: float, percentile: str, val: tuple, test: tuple,
+               engine: str) -> dict:
     """Calibrate by latency and by the MACs proxy at one budget (as `edgeexit calibrate` writes it into the bundle);
-    run both with `engine` on test (batch 1)."""
+    run both with `engine` on test (batch 1). The budget bounds the mean ms per input or a percentile per call."""
     manifest = load_manifest(bundle)
     profile = matching_profile(manifest, "cpu", threads, 1, engine)
-    target = LatencyTarget(profile, stat)
+    target = LatencyTarget(profile, percentile)
+    stat, _ = budget_stat(percentile)
     macs_fraction = min(1.0, budget / profile.full.stat(stat))
     row = {"budget_ms": budget, "macs_budget": macs_fraction}
     for label, objective in (("latency", ("latency", budget)), ("macs", ("budget", macs_fraction))):
         record = calibrate(CascadeRunner(bundle, threads=threads), *val, objective, {"name": data, "split": "val"},
                            latency=target)
         save_calibration(str(bundle), record)
-        report, _ = run_report(open_runner(bundle, engine, threads=threads), *test, 1)
-        p = report["latency_ms"][stat] if stat != "mean" else report["latency_ms"]["mean"]
+        report, _ = run_report(open_runner(bundle, engine, batch_size=1, threads=threads), *test, 1)
+        p = report["latency_ms"][stat]
         row[label] = {
             "thresholds": record["chosen"]["thresholds"], "val_accuracy": record["chosen"]["accuracy"],
             "val_predicted_ms": record["chosen"]["predicted_latency_ms"], "test_accuracy": report["accuracy"],
-            "test_predicted_ms": predict_latency(profile, report["exit_counts"], stat), "test_measured_ms": p,
+            "test_predicted_ms": budget_latency(profile, report["exit_counts"], percentile), "test_measured_ms": p,
             "relative_macs": report["relative_macs"], "exit_counts": report["exit_counts"],
             "meets_budget": p <= budget,
         }
-        stderr_progress(f"budget {budget:.3f} ms by {label}: test accuracy {report['accuracy']:.4f}, measured {stat} {p:.3f} ms")
+        stderr_progress(f"budget {budget:.3f} ms ({target.label}) by {label}: test accuracy {report['accuracy']:.4f}, "
+                        f"measured {p:.3f} ms")
     return row
 
 
@@ -119,7 +122,7 @@ def plot(results: dict, path: Path) -> None:
         for r in rows:
             if not r[label]["meets_budget"]:
                 right.plot(r["budget_ms"], r[label]["test_accuracy"], "rx", markersize=10)
-    right.set_xlabel(f"latency budget, {results['settings']['stat']} ms per input (batch 1); x = over budget on test")
+    right.set_xlabel(f"latency budget, {results['budget_bounds']} (batch 1); x = over budget on test")
     right.set_ylabel("test accuracy")
     right.legend()
     fig.tight_layout()
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1280, help="test inputs (tiled) per prediction check")
     parser.add_argument("--repeats", type=int, default=200, help="profile repeats")
     parser.add_argument("--budgets", type=int, default=6, help="latency budgets between the cheapest exit and full.onnx")
-    parser.add_argument("--stat", default="p50", choices=["p50", "p95"])
+    parser.add_argument("--percentile", default=DEFAULT_PERCENTILE, choices=PERCENTILES, help="what a budget bounds")
     parser.add_argument("--quick", action="store_true", help="small model and data: checks the path in minutes")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgeexit-latency-budget")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -174,13 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     prediction = [prediction_check(bundle, data, args.threads, batch, args.samples, args.repeats, name)
                   for name in dict.fromkeys([engine, "chain"]) for batch in (1, 64)]
     profile = matching_profile(load_manifest(bundle), "cpu", args.threads, 1, engine)
-    low, high = profile.exits[0].stat(args.stat), profile.exits[-1].stat(args.stat)
+    low = cheapest_latency(profile, args.percentile)
+    high = budget_latency(profile, [0] * (len(profile.exits) - 1) + [1], args.percentile)  # every input to the final stage
     budgets = [float(b) for b in np.linspace(low * 1.05, high, args.budgets)]
-    rows = [budget_row(bundle, data, args.threads, b, args.stat, val, test, engine) for b in budgets]
+    rows = [budget_row(bundle, data, args.threads, b, args.percentile, val, test, engine) for b in budgets]
     results = {
         "settings": {**{k: v.name if isinstance(v, Path) else v for k, v in vars(args).items()}, "data": "npz: edgeexit's seeded 70/15/15 split, first N of val/test"},
         "bundle_cuts": [s.exit.cut for s in load_manifest(bundle).stages[:-1]],
         "budget_engine": engine,
+        "budget_bounds": LatencyTarget(profile, args.percentile).label,
         "prediction": prediction,
         "budgets": rows,
         "latency_at_least_as_accurate": sum(r["latency"]["test_accuracy"] >= r["macs"]["test_accuracy"] for r in rows),

@@ -17,7 +17,8 @@ no-exit path, one Gather of the features and three ScatterND of a few bytes; at 
 stage weights must live inside their own subgraph (see _inline_stage). Measured by
 benchmarks/one_graph.py (interleaved with full.onnx and the stage chain).
 
-The batch-1 graph (compact=False; what `static-batch --batch 1` writes) is leaner: If(exits) leaves
+The batch-1 graph (compact=False; export writes it as cascade_b1.onnx, which `run` uses for one input per call,
+and `static-batch --batch 1` as cascade.onnx) is leaner: If(exits) leaves
 through its then-branch, which alone computes what only a leaving input needs (with a confidence
 policy: the exit's class head, the ArgMax, the exit index), and goes on through its else-branch. Per-exit
 scalars (thresholds and their logits, temperatures, beta) are computed once, in a prelude at the top.
@@ -53,6 +54,7 @@ from edgeexit.runtime.cascade import CascadeRunner, manifest_policies
 from edgeexit.runtime.graph import GraphRunner
 from edgeexit.runtime.manifest import (
     BATCH_DIM,
+    CASCADE_B1_NAME,
     CASCADE_NAME,
     CASCADE_OUTPUTS,
     VECTORS_CONSTANT,
@@ -296,36 +298,56 @@ def _describe(values) -> list[dict]:
              "dtype": dtypes[value.type.tensor_type.elem_type]} for value in values]
 
 
-def write_cascade(manifest: Manifest, compact: bool = True) -> CascadeGraph:
-    """Build cascade.onnx into the bundle folder; return its manifest record (file, sha256, inputs, outputs).
+def write_cascade(manifest: Manifest, compact: bool = True, file: str = CASCADE_NAME) -> CascadeGraph:
+    """Build cascade.onnx (or `file`) into the bundle folder; return its manifest record (file, sha256, inputs, outputs).
 
     The record lists the per-exit vectors as inputs after the image, with their defaults, and says that the
     file holds them as constants (the runtime's copy takes them as inputs: graph.tunable_cascade_bytes)."""
     model = build_cascade(manifest, compact)
-    path = manifest.path(CASCADE_NAME)
+    path = manifest.path(file)
     onnx.save(model, str(path))
     vectors = [{"name": init.name, "shape": [len(manifest.exits)], "dtype": "float64", "default": numpy_helper.to_array(init).tolist()}
                for init in model.graph.initializer if init.name in GRAPH_VECTORS]
-    entry = {"file": CASCADE_NAME, "sha256": sha256_file(path), "inputs": _describe(model.graph.input) + vectors,
+    entry = {"file": file, "sha256": sha256_file(path), "inputs": _describe(model.graph.input) + vectors,
              "outputs": _describe(model.graph.output), "vectors": VECTORS_CONSTANT}
-    return CascadeGraph.from_dict(entry, manifest.input_spec, len(manifest.exits))
+    return CascadeGraph.from_dict(entry, manifest.input_spec, len(manifest.exits), file)
+
+
+def write_cascades(manifest: Manifest) -> Manifest:
+    """The manifest with its one-graph cascades (re)built in the bundle folder: cascade.onnx (compacting, any batch)
+    and cascade_b1.onnx (the batch-1 graph, what `run` uses for one input per call: the runtime has no onnx package
+    to build it, so export writes it). A static batch of 1 gets the batch-1 graph as cascade.onnx and no second
+    file; a static batch above 1 neither (compacting survivors needs a symbolic batch): the stage chain runs.
+    Files of graphs the bundle no longer has are removed."""
+    static = manifest.static_batch
+    cascade = write_cascade(manifest, compact=static is None) if static in (None, 1) else None
+    cascade_b1 = write_cascade(manifest, compact=False, file=CASCADE_B1_NAME) if static is None else None
+    written = dataclasses.replace(manifest, cascade=cascade, cascade_b1=cascade_b1)
+    for stale in {g.file for g in manifest.cascades} - {g.file for g in written.cascades}:
+        manifest.path(stale).unlink(missing_ok=True)
+    return written
+
+
+def check_cascades(manifest: Manifest, inputs: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Every one-graph cascade of the bundle against the stage chain on `inputs` (runtime.verify.check_graph_decisions);
+    the report of cascade.onnx."""
+    chain = CascadeRunner(manifest)
+    reports = [check_graph_decisions(GraphRunner(manifest, batch_size=1 if graph is manifest.cascade_b1 else None), chain, inputs)
+               for graph in manifest.cascades]
+    return reports[0]
 
 
 def rebuild_cascade(bundle: str | os.PathLike, x: np.ndarray) -> Manifest:
-    """Write cascade.onnx for a bundle's current stage graphs and policies (after quantize, static-batch or a
-    calibration that changed the policy), check its decisions against the stage chain on x, and save the manifest.
-
-    A static batch of 1 gets the batch-1 graph (If per exit, fixed shapes); a static batch above 1 gets none
-    (compacting survivors needs a symbolic batch): the bundle runs as the stage chain.
-    """
+    """Write the bundle's one-graph cascades (write_cascades) for its current stage graphs and policies (after
+    quantize, static-batch or a calibration that changed the policy), check their decisions against the stage
+    chain on x, and save the manifest."""
     manifest = load_manifest(bundle, check_hashes=False)
-    if manifest.static_batch not in (None, 1):
-        manifest.path(CASCADE_NAME).unlink(missing_ok=True)
-        return save_manifest(bundle, dataclasses.replace(manifest, cascade=None))
     try:
-        manifest = dataclasses.replace(manifest, cascade=write_cascade(manifest, compact=manifest.static_batch is None))
-        check_graph_decisions(GraphRunner(manifest), CascadeRunner(manifest), {"calibration": x[:CHECK_INPUTS]})
+        manifest = write_cascades(manifest)
+        if manifest.cascades:
+            check_cascades(manifest, {"calibration": x[:CHECK_INPUTS]})
     except BaseException:
-        manifest.path(CASCADE_NAME).unlink(missing_ok=True)
+        for file in (CASCADE_NAME, CASCADE_B1_NAME):
+            manifest.path(file).unlink(missing_ok=True)
         raise
     return save_manifest(bundle, manifest)

@@ -14,7 +14,7 @@ import torch
 
 from edgeexit import __version__
 from edgeexit.export.onnx_graphs import DEFAULT_OPSET, FusedStage, SingleOutput, export_graph, graph_io
-from edgeexit.export.cascade_graph import write_cascade
+from edgeexit.export.cascade_graph import write_cascades
 from edgeexit.export.verify import verify_bundle_against_model, verify_cascade
 from edgeexit.train.macs import count_params
 from edgeexit.train.models import EarlyExitModel, load_model
@@ -145,12 +145,12 @@ def export_bundle(
     with staged_bundle(out, progress) as staged:
         stages, full = write_graphs(model, staged, opset, progress)
         manifest = save_manifest(staged, build_manifest(model, staged, stages, full, opset))
-        progress("building cascade.onnx")
-        manifest = save_manifest(staged, dataclasses.replace(manifest, cascade=write_cascade(manifest)))
+        progress("building cascade.onnx and cascade_b1.onnx")
+        manifest = save_manifest(staged, write_cascades(manifest))
         verification = cascade_verification = None
         if verify:
             progress("verifying against PyTorch")
             verification = verify_bundle_against_model(staged, model)
-            progress("verifying cascade.onnx against the stage chain")
+            progress("verifying cascade.onnx and cascade_b1.onnx against the stage chain")
             cascade_verification = verify_cascade(staged, model)
     return ExportResult(dataclasses.replace(manifest, root=Path(out).resolve()), verification, cascade_verification)

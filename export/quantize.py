@@ -112,7 +112,7 @@ def quantize_bundle(
     with staged_bundle(out, progress) as staged:
         # the int8 records: the parent's, with no cascade.onnx (rebuilt below from the int8 stages and the
         # re-chosen thresholds) and no calibration (chosen again below)
-        manifest = dataclasses.replace(parent, root=staged, cascade=None, calibration=None, precision=INT8,
+        manifest = dataclasses.replace(parent, root=staged, cascade=None, cascade_b1=None, calibration=None, precision=INT8,
                                        quantization={**SETTINGS, "parent": _parent_record(parent),
                                                      "data": {**(data or {}), "samples": int(len(x)),
                                                               "range_samples": int(len(ranged))}})

@@ -58,7 +58,7 @@ def static_batch_bundle(
                           f"symbolic-batch original instead")
     with staged_bundle(out, progress) as staged:
         # no cascade graphs: rebuilt below, the batch-1 graph as cascade.onnx for a static batch of 1, none above
-        manifest = with_static_batch(dataclasses.replace(parent, root=staged, cascade=None), batch)
+        manifest = with_static_batch(dataclasses.replace(parent, root=staged, cascade=None, cascade_b1=None), batch)
         for file in [*(stage.file for stage in parent.stages), parent.full.file]:
             progress(f"fixing the batch of {file} to {batch}")
             fix_graph(parent.path(file), staged / file, batch)

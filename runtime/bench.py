@@ -9,15 +9,20 @@ the cost any threshold could reach.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from edgeexit.runtime.calibrate import shared_grids
-from edgeexit.runtime.cascade import CascadeRunner
+from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner
 from edgeexit.errors import ConfigError
-from edgeexit.runtime.report import Progress, cascade_entry, interleaved_timings, logits_entry, runner_info
+from edgeexit.runtime.graph import open_runner
+from edgeexit.runtime.manifest import load_manifest
+from edgeexit.runtime.profiles import ENGINES
+from edgeexit.runtime.drift import drift_entry
+from edgeexit.runtime.report import Progress, cascade_entry, interleaved_timings, logits_entry, merge_results, runner_info
 from edgeexit.runtime.simulate import CascadeSimulator, grid_points
 
 SWEEP_POINTS = 6
@@ -41,8 +46,34 @@ def oracle(exit_outputs: Sequence[dict[str, np.ndarray]], final_logits: np.ndarr
     }
 
 
+BENCH_ENGINES = (*ENGINES, "both")  # both: the engine `run` picks, timed against the other one
+
+
+def bench_runners(bundle: str | os.PathLike, engine: str, batch_size: int = 1, **options) -> list[Runner]:
+    """The runners `bench --engine` times, the one reported as "cascade" first: `run`'s choice for auto (and for
+    both, then the other engine), else the named engine."""
+    if engine not in BENCH_ENGINES:
+        raise ConfigError(f"unknown engine '{engine}'; choose from: {', '.join(BENCH_ENGINES)}")
+    manifest = load_manifest(bundle)
+    first = open_runner(manifest, "auto" if engine == "both" else engine, batch_size=batch_size, **options)
+    if engine != "both":
+        return [first]
+    return [first, open_runner(manifest, "chain" if first.engine == "graph" else "graph", batch_size=batch_size, **options)]
+
+
+def no_exit_call(runner: Runner) -> Callable[[np.ndarray], CascadeResult] | None:
+    """The cascade with every exit closed, on the runner's engine: the chain skips the decisions' exits;
+    cascade.onnx keeps every input through its thresholds (None when a policy has no such threshold)."""
+    if isinstance(runner, CascadeRunner):
+        return lambda batch: runner.predict(batch, use_exits=False)
+    if any(p.forcing is None for p in runner.policies):
+        return None
+    keep = [p.forcing[1] for p in runner.policies]
+    return lambda batch: runner.predict(batch, thresholds=keep)
+
+
 def run_bench(
-    runner: CascadeRunner,
+    runner: Runner,
     x: np.ndarray,
     labels: np.ndarray | None,
     batch_size: int = 1,
@@ -50,26 +81,35 @@ def run_bench(
     sweep_points: int = SWEEP_POINTS,
     warmup: int = 3,
     progress: Progress = lambda m: None,
+    others: Sequence[Runner] = (),
 ) -> dict:
-    """Benchmark full.onnx, the cascade at its thresholds, the cascade without exits and baselines (name -> logits fn)."""
+    """Benchmark full.onnx, the cascade at its thresholds, the cascade without exits and baselines (name -> logits fn).
+
+    `runner` is the engine reported as "cascade" (the one `run` uses); each of `others` (another engine) adds
+    "cascade_ENGINE" and "cascade_ENGINE_no_exit", timed in the same interleaved turns."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     baselines = baselines or {}
     n = len(x)
-    fns: dict[str, Callable] = {
-        "full_onnx": runner.predict_full,
-        "cascade": runner.predict,
-        "cascade_no_exit": lambda b: runner.predict(b, use_exits=False),
-        **baselines,
-    }
+    engines = {"cascade": runner, **{f"cascade_{other.engine}": other for other in others}}
+    fns: dict[str, Callable] = {"full_onnx": runner.predict_full}
+    for name, engine in engines.items():
+        fns[name] = engine.predict
+        no_exit = no_exit_call(engine)
+        if no_exit is not None:
+            fns[f"{name}_no_exit"] = no_exit
+    fns.update(baselines)
     progress(f"benchmark: {n} inputs, batch size {batch_size}, variants {', '.join(fns)}")
     timed = interleaved_timings(fns, x, batch_size, warmup, progress, "main")
     report: dict = {
         "full_onnx": logits_entry(*timed["full_onnx"], labels),
-        "cascade": cascade_entry(runner, *timed["cascade"], labels),
-        "cascade_no_exit": cascade_entry(runner, *timed["cascade_no_exit"], labels),
         **{name: logits_entry(*timed[name], labels) for name in baselines},
     }
+    for name, engine in engines.items():
+        report[name] = cascade_entry(engine, *timed[name], labels)
+        report[name]["drift"] = drift_entry(engine, merge_results(timed[name][0]).exit_index)  # exit shares vs calibration's
+        if f"{name}_no_exit" in timed:
+            report[f"{name}_no_exit"] = cascade_entry(engine, *timed[f"{name}_no_exit"], labels)
     full_mean = report["full_onnx"]["latency_ms"]["mean"]
     cascade = report["cascade"]
     realized = full_mean / cascade["latency_ms"]["mean"]
@@ -78,10 +118,14 @@ def run_bench(
         "realized": realized,
         "macs_predicted": predicted,
         "realized_over_predicted": realized / predicted,
-        "no_exit_over_full": report["cascade_no_exit"]["latency_ms"]["mean"] / full_mean,
+        # cascade_no_exit -> no_exit_over_full, cascade_chain -> chain_over_full, pytorch_eager -> pytorch_eager_over_full_onnx
+        **{f"{name.removeprefix('cascade_')}_over_full": report[name]["latency_ms"]["mean"] / full_mean
+           for name in report if name.startswith("cascade_")},
         **{f"{name}_over_full_onnx": report[name]["latency_ms"]["mean"] / full_mean for name in baselines},
     }
-    exit_outputs, final_logits = runner.stage_outputs(x)
+    chain = next((r for r in engines.values() if isinstance(r, CascadeRunner)), None)
+    chain = chain or CascadeRunner(runner.manifest, runner.device, threads=runner.threads)  # exit outputs for the analysis
+    exit_outputs, final_logits = chain.stage_outputs(x)
     if labels is not None:
         report["oracle"] = oracle(exit_outputs, final_logits, labels, runner.manifest.exit_costs())
     report["sweep"] = threshold_sweep(runner, x, labels, batch_size, exit_outputs, final_logits, sweep_points, progress)
@@ -98,7 +142,7 @@ def run_bench(
     }
 
 
-def threshold_sweep(runner: CascadeRunner, x: np.ndarray, labels: np.ndarray | None, batch_size: int,
+def threshold_sweep(runner: Runner, x: np.ndarray, labels: np.ndarray | None, batch_size: int,
                     exit_outputs: list, final_logits: np.ndarray, points: int, progress: Progress) -> dict:
     """Simulated accuracy/MACs over the whole candidate grid, plus measured latency at `points` shared thresholds."""
     grids = shared_grids(runner.policies, exit_outputs)

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 from edgeexit.errors import BundleError
 from edgeexit.runtime.files import sha256_file, write_json_atomic
 from edgeexit.runtime.graph import with_graph_defaults
-from edgeexit.runtime.manifest import CASCADE_NAME, MANIFEST_NAME, Manifest, TensorSpec, load_manifest
+from edgeexit.runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec, load_manifest
 from edgeexit.runtime.policies import NO_ENSEMBLE, get_policy, manifest_ensemble
 from edgeexit.runtime.profiles import DeviceProfile
 
@@ -131,8 +131,10 @@ def rehash(manifest: Manifest, file: str) -> Manifest:
     digest = sha256_file(manifest.path(file))
     if manifest.full.file == file:
         return dataclasses.replace(manifest, full=dataclasses.replace(manifest.full, sha256=digest))
-    if manifest.cascade is not None and manifest.cascade.file == file:
-        return dataclasses.replace(manifest, cascade=dataclasses.replace(manifest.cascade, sha256=digest))
+    for field in ("cascade", "cascade_b1"):
+        graph = getattr(manifest, field)
+        if graph is not None and graph.file == file:
+            return dataclasses.replace(manifest, **{field: dataclasses.replace(graph, sha256=digest)})
     stages = tuple(dataclasses.replace(s, sha256=digest) if s.file == file else s for s in manifest.stages)
     if stages == manifest.stages and all(s.file != file for s in manifest.stages):
         raise BundleError(f"{file} is not a graph of the bundle at {manifest.root}")
@@ -194,9 +196,11 @@ def save_manifest(root: str | os.PathLike, manifest: Manifest | dict) -> Manifes
 
 
 def drop_cascade(manifest: Manifest) -> Manifest:
-    """Remove cascade.onnx (it compiles in policies the bundle no longer has) and save; the stage chain runs."""
-    saved = save_manifest(manifest.root, dataclasses.replace(manifest, cascade=None))
-    manifest.path(CASCADE_NAME).unlink(missing_ok=True)
+    """Remove cascade.onnx and cascade_b1.onnx (they compile in policies the bundle no longer has) and save; the
+    stage chain runs."""
+    saved = save_manifest(manifest.root, dataclasses.replace(manifest, cascade=None, cascade_b1=None))
+    for graph in manifest.cascades:
+        manifest.path(graph.file).unlink(missing_ok=True)
     return saved
 
 

@@ -7,7 +7,7 @@ every policy in POLICIES (stateful ones such as class exclusion included).
 
 Objectives: an accuracy drop (least MACs within it), a MACs budget (most accurate within
 it) or a latency budget in ms (most accurate whose latency, predicted from the exit
-histogram and a device profile by `latency.predict_latency`, is within it).
+histogram and a device profile by `latency.budget_latency`, is within it).
 
 Search (direction-agnostic: it never assumes whether a policy exits above or below T):
 1. Candidate grid per exit: GRIDS[policy kind] if registered, else quantiles of the
@@ -49,7 +49,7 @@ import numpy as np
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.errors import ConfigError
 from edgeexit.registry import Registry
-from edgeexit.runtime.latency import cheapest_latency, predict_latency
+from edgeexit.runtime.latency import DEFAULT_PERCENTILE, budget_latency, budget_stat, cheapest_latency
 from edgeexit.runtime.profiles import DeviceProfile
 from edgeexit.runtime.policies import (ENSEMBLES, NO_ENSEMBLE, ExclusionPolicy, Policy, get_policy, manifest_ensemble,
                                        policies_for, with_ensemble)
@@ -63,7 +63,6 @@ AUTO = "auto"
 MAX_ROUNDS = 4
 EXHAUSTIVE_POINTS = 70_000  # 41**3 = 68,921: about a second or two of simulation
 Objective = tuple[str, float]  # ("target_drop", points), ("budget", fraction) or ("latency", ms)
-LATENCY_STATS = ("p50", "p95")
 GridFn = Callable[[Policy, Sequence[dict[str, np.ndarray]], int], np.ndarray]
 GRIDS: Registry[GridFn] = Registry("calibration grid")  # policy kind -> its candidate thresholds
 
@@ -90,31 +89,38 @@ def candidate_grid(policy: Policy, outputs: Sequence[dict[str, np.ndarray]]) -> 
 
 @dataclasses.dataclass(frozen=True)
 class LatencyTarget:
-    """The device profile and statistic (p50 or p95) a latency budget is predicted with."""
+    """The device profile a latency budget is predicted with, and what it bounds (latency.PERCENTILES): the mean
+    ms per input, or the 95th / 99th percentile of the ms per call."""
 
     profile: DeviceProfile
-    stat: str = "p50"
+    percentile: str = DEFAULT_PERCENTILE
     _cache: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.stat not in LATENCY_STATS:
-            raise ConfigError(f"--percentile must be one of {', '.join(s[1:] for s in LATENCY_STATS)}, got {self.stat[1:]}")
+        budget_stat(self.percentile)  # ConfigError for an unknown one
+
+    @property
+    def label(self) -> str:
+        """What the budget bounds, in words: 'mean ms per input' or 'p95 ms per call'."""
+        stat, unit = budget_stat(self.percentile)
+        return f"{stat} {unit}"
 
     def predict(self, point: Point) -> float:
-        """Predicted ms per call at the profile's batch size for a point's exit histogram."""
+        """The latency the budget bounds, predicted for a point's exit histogram."""
         if point.exit_counts not in self._cache:
-            self._cache[point.exit_counts] = predict_latency(self.profile, point.exit_counts, self.stat)
+            self._cache[point.exit_counts] = budget_latency(self.profile, point.exit_counts, self.percentile)
         return self._cache[point.exit_counts]
 
     def describe(self) -> dict:
         """The objective's latency entries for the calibration record."""
-        return {"profile": self.profile.key, "percentile": int(self.stat[1:])}
+        percentile = self.percentile if self.percentile == "mean" else int(self.percentile)
+        return {"profile": self.profile.key, "percentile": percentile, "bounds": self.label}
 
     def check_budget(self, budget_ms: float) -> None:
         """ConfigError when no thresholds can meet the budget: it is below the cheapest exit's latency."""
-        least = cheapest_latency(self.profile, self.stat)
+        least = cheapest_latency(self.profile, self.percentile)
         if budget_ms < least:
-            raise ConfigError(f"latency budget {budget_ms:g} ms is below the cheapest exit's {self.stat} latency on profile "
+            raise ConfigError(f"latency budget {budget_ms:g} ms ({self.label}) is below the cheapest exit's on profile "
                               f"{self.profile.key}: every input leaving at exit 0 takes {least:.4g} ms; the minimum budget is "
                               f"{least:.4g} ms")
 
@@ -180,7 +186,8 @@ def describe(point: dict) -> str:
     thresholds = ",".join(f"{t:.4g}" for t in point["thresholds"])
     if "betas" in point:
         thresholds += "  betas " + ",".join(f"{b:.2f}" for b in point["betas"])
-    latency = f"  predicted latency {point['predicted_latency_ms']:.3f} ms" if "predicted_latency_ms" in point else ""
+    bounds = f" ({point['predicted_latency_bounds']})" if "predicted_latency_bounds" in point else ""
+    latency = f"  predicted latency {point['predicted_latency_ms']:.3f} ms{bounds}" if "predicted_latency_ms" in point else ""
     return (f"thresholds {thresholds}  accuracy {point['accuracy']:.4f}  relative MACs {point['relative_macs']:.3f}"
             f"{latency}  exits {point['exit_counts']}")
 
@@ -259,7 +266,7 @@ def choose_thresholds(
         "latency_profile": None if latency is None else latency.describe(),
         "curve": [entry(p) for p in curve],
         "pareto": [entry(p) for p in sim.pareto()],
-        "chosen": {**entry(chosen), "met": met},
+        "chosen": {**entry(chosen), "met": met, **({} if latency is None else {"predicted_latency_bounds": latency.label})},
         **robust,
     }
 

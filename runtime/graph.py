@@ -11,7 +11,7 @@ import numpy as np
 
 from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner, check_batch
 from edgeexit.errors import BundleError, ConfigError, first_line
-from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, Manifest, VECTORS_INPUT, load_manifest
+from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, CascadeGraph, Manifest, VECTORS_INPUT, load_manifest
 from edgeexit.runtime.profiles import ENGINES
 from edgeexit.runtime.files import sha256_file
 from edgeexit.runtime.policies import GRAPH_VECTORS, Policy, manifest_ensemble
@@ -27,13 +27,17 @@ class GraphRunner(Runner):
 
     engine = "graph"
 
-    def __init__(self, bundle: str | os.PathLike | Manifest, device: str = "cpu", **options) -> None:
+    def __init__(self, bundle: str | os.PathLike | Manifest, device: str = "cpu", batch_size: int | None = None,
+                 **options) -> None:
+        """`batch_size` 1 runs cascade_b1.onnx when the bundle has it (the batch-1 graph, cheaper for one input per
+        call); otherwise cascade.onnx, which takes any batch."""
         super().__init__(bundle, device, **options)
-        entry = self.manifest.cascade
+        entry = self.manifest.cascade_for(batch_size)
         if entry is None:
             raise BundleError(f"{self.manifest.root} has no {CASCADE_NAME} (exported by an older edgeexit): re-export it, or use --engine chain")
+        self.graph = entry
         # the per-exit vectors as graph inputs: moved there in memory when the file holds them as constants
-        self.session = self._load(CASCADE_NAME, None if entry.vectors == VECTORS_INPUT else tunable_cascade_bytes(self.manifest))
+        self.session = self._load(entry.file, None if entry.vectors == VECTORS_INPUT else tunable_cascade_bytes(self.manifest, entry))
         # older bundles: the per-exit inputs have defaults, which onnxruntime lists as overridable initializers
         inputs = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
         for kind, declared, actual in (("inputs", entry.inputs, inputs), ("outputs", entry.outputs, self.session.get_outputs())):
@@ -43,8 +47,8 @@ class GraphRunner(Runner):
                 raise BundleError(f"{CASCADE_NAME}: graph {kind} {got} differ from the manifest's {want}")
         self._input_name = entry.inputs[0].name
         self._vector_inputs = [t.name for t in entry.inputs[1:]]
-        if self.manifest.static_batch is not None:  # a fixed-shape graph (only batch 1 has one) takes that many per run
-            self.chunk_size = self.manifest.static_batch
+        if isinstance(entry.inputs[0].shape[0], int):  # a fixed-shape graph (only batch 1 has one) takes that many per run
+            self.chunk_size = entry.inputs[0].shape[0]
 
     @property
     def active_providers(self) -> list[str]:
@@ -81,12 +85,19 @@ class GraphRunner(Runner):
 
 
 def auto_engine(manifest: Manifest) -> str:
-    """The engine `--engine auto` picks for a bundle: graph when it has cascade.onnx, else chain."""
+    """The engine `--engine auto` picks for a bundle: graph when it has cascade.onnx, else chain.
+
+    The graph engine runs cascade_b1.onnx for calls of one input when the bundle has it (GraphRunner,
+    Manifest.cascade_for): export writes that batch-1 graph beside cascade.onnx because the runtime cannot
+    build graphs (it has no onnx package), and at batch 1 it costs a few points of full.onnx less than the
+    compacting graph (benchmarks/README.md). Profiles of the graph engine at batch 1 time it too."""
     return "chain" if manifest.cascade is None else "graph"
 
 
-def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", device: str = "cpu", **options) -> Runner:
-    """A runner for `engine`: graph (cascade.onnx), chain (one session per stage), or auto (graph when the bundle has it)."""
+def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", device: str = "cpu",
+                batch_size: int | None = None, **options) -> Runner:
+    """A runner for `engine`: graph (cascade.onnx, or cascade_b1.onnx when `batch_size` is 1), chain (one session
+    per stage), or auto (graph when the bundle has it)."""
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine '{engine}'; choose from: {', '.join(ENGINES)}")
     manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle)
@@ -99,7 +110,7 @@ def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", devi
             engine = "chain"
     if (auto_engine(manifest) if engine == "auto" else engine) == "chain":
         return CascadeRunner(manifest, device, **options)
-    return GraphRunner(manifest, device, **options)
+    return GraphRunner(manifest, device, batch_size, **options)
 
 
 def _varint(value: int) -> bytes:
@@ -158,17 +169,18 @@ def _double_vector_input(name: str, size: int) -> bytes:
     return _message(11, _message(1, name.encode()) + _message(2, _message(1, tensor)))
 
 
-def tunable_cascade_bytes(manifest: Manifest) -> bytes:
-    """cascade.onnx with its per-exit vectors (thresholds, beta, temperature) as required float64 graph inputs.
+def tunable_cascade_bytes(manifest: Manifest, entry: CascadeGraph | None = None) -> bytes:
+    """cascade.onnx (or `entry`'s graph) with its per-exit vectors (thresholds, beta, temperature) as required float64
+    graph inputs.
 
     The file stores them as constants (so a bare session loads without warnings and runs on the image alone);
     this copy, made without the onnx package by editing the protobuf fields of the model's graph (drop those
     initializers, append a graph input per vector after the image), is what GraphRunner and the web page run
     and feed. Files of older bundles already take them as inputs and come back unchanged."""
-    entry = manifest.cascade
+    entry = manifest.cascade if entry is None else entry
     if entry is None:
         raise BundleError(f"{manifest.root} has no {CASCADE_NAME} (exported by an older edgeexit): re-export it")
-    path = manifest.path(CASCADE_NAME)
+    path = manifest.path(entry.file)
     content = path.read_bytes()
     if entry.vectors == VECTORS_INPUT:
         return content
@@ -205,31 +217,33 @@ def _initializer_bytes(name: str, values: Sequence[float]) -> bytes:
 
 
 def with_graph_defaults(manifest: Manifest, name: str, values: Sequence[float]) -> Manifest:
-    """Rewrite the default of cascade.onnx's per-exit input `name` (thresholds, beta, temperature) in the
-    file; returns the manifest with the new default and sha256 (the caller saves it). Unchanged for
-    bundles without cascade.onnx or without that input.
+    """Rewrite the default of per-exit input `name` (thresholds, beta, temperature) in every cascade graph file
+    (cascade.onnx, cascade_b1.onnx); returns the manifest with the new defaults and sha256s (the caller saves it).
+    Unchanged for bundles without those graphs or without that input.
 
     Runs without the onnx package: the default is a float64 initializer stored as name + raw
     little-endian bytes, replaced where that byte sequence occurs exactly once (else BundleError)."""
-    entry = manifest.cascade
-    default = None if entry is None else entry.default(name)
-    if default is None:
-        return manifest
-    if len(values) != len(default):
-        raise ConfigError(f"{CASCADE_NAME} input '{name}' takes {len(default)} values, got {len(values)}")
-    old, new = _initializer_bytes(name, default), _initializer_bytes(name, values)
-    path = manifest.path(CASCADE_NAME)
-    content = path.read_bytes()
-    if content.count(old) != 1:
-        raise BundleError(f"cannot locate the default {name} in {path}; re-export the bundle")
-    fd, tmp = tempfile.mkstemp(prefix=f".{CASCADE_NAME}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content.replace(old, new))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    inputs = tuple(dataclasses.replace(t, default=tuple(float(v) for v in values)) if t.name == name else t for t in entry.inputs)
-    return dataclasses.replace(manifest, cascade=dataclasses.replace(entry, inputs=inputs, sha256=sha256_file(path)))
+    for field in ("cascade", "cascade_b1"):
+        entry = getattr(manifest, field)
+        default = None if entry is None else entry.default(name)
+        if default is None:
+            continue
+        if len(values) != len(default):
+            raise ConfigError(f"{entry.file} input '{name}' takes {len(default)} values, got {len(values)}")
+        old, new = _initializer_bytes(name, default), _initializer_bytes(name, values)
+        path = manifest.path(entry.file)
+        content = path.read_bytes()
+        if content.count(old) != 1:
+            raise BundleError(f"cannot locate the default {name} in {path}; re-export the bundle")
+        fd, tmp = tempfile.mkstemp(prefix=f".{entry.file}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content.replace(old, new))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        inputs = tuple(dataclasses.replace(t, default=tuple(float(v) for v in values)) if t.name == name else t for t in entry.inputs)
+        manifest = dataclasses.replace(manifest, **{field: dataclasses.replace(entry, inputs=inputs, sha256=sha256_file(path))})
+    return manifest

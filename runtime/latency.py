@@ -14,8 +14,14 @@ entry = the final stage), in ms per call at the profile's batch size B:
   with s_j the fraction reaching stage j. Stage j's marginal cost m_j(n) is taken affine in
   n through its batch-1 cost (from `exits_at_one`) and its batch-B cost (difference of
   consecutive `exits`), and 0 when no input reaches it; the prediction is
-  exits[0] + sum_j E[m_j(N_j)]. For p50/p95 the same sum uses the exits' p50/p95 at batch
-  B: a sum of per-stage percentiles, an upper estimate of the percentile of the sum.
+  exits[0] + sum_j E[m_j(N_j)]. For p50/p95/p99 the same sum uses the exits' percentiles at
+  batch B: a sum of per-stage percentiles, an upper estimate of the percentile of the sum.
+
+A latency budget (`calibrate --latency-budget MS --percentile P`) bounds one of two things:
+`mean`, the mean ms per input (what throughput sees: the mean per call over the batch size),
+or `95` / `99`, that percentile of the ms per call (the tail a caller waits). The p50 of a
+two-mode mixture is no target: it jumps from one exit's time to the next as the exit shares
+cross one half.
 """
 from __future__ import annotations
 
@@ -28,7 +34,9 @@ from edgeexit.errors import ConfigError
 from edgeexit.runtime.profiles import DeviceProfile, Timing, profile_key
 from edgeexit.runtime.manifest import Manifest
 
-STATS = ("mean", "p50", "p95")
+STATS = ("mean", "p50", "p95", "p99")
+PERCENTILES = ("mean", "95", "99")  # what a latency budget bounds (see the module doc)
+DEFAULT_PERCENTILE = "mean"
 
 
 def current_host() -> str:
@@ -51,6 +59,34 @@ def matching_profile(manifest: Manifest, device: str, threads: int | None, batch
                      engine: str) -> DeviceProfile | None:
     """The profile measured on this host for this device, thread count, batch size and engine, if any."""
     return manifest.profiles.get(profile_key(current_host(), device, threads or 0, batch_size, engine))
+
+
+def select_profile(manifest: Manifest, name: str | None, engine: str, threads: int | None = None) -> DeviceProfile:
+    """The profile named `name`, or else the one measured on this host for `engine` (and `threads` when given):
+    a ConfigError listing the candidates when none or several match."""
+    if name is not None:
+        return find_profile(manifest, name)
+    host = current_host()
+    found = [p for p in manifest.profiles.values()
+             if p.host == host and p.engine == engine and (threads is None or p.threads == (threads or 0))]
+    if len(found) == 1:
+        return found[0]
+    wanted = f"this host ({host}) and the {engine} engine" + ("" if threads is None else f" at {threads} threads")
+    if not found:
+        has = f"; it has: {', '.join(manifest.profiles)}" if manifest.profiles else ""
+        raise ConfigError(f"bundle {manifest.root} has no latency profile of {wanted}{has}; measure one with "
+                          f"`edgeexit profile BUNDLE --threads N --batch-size B`, or name one with --profile NAME")
+    raise ConfigError(f"{len(found)} profiles of {wanted} match: {', '.join(p.key for p in found)}; "
+                      "choose one with --profile NAME")
+
+
+def calibration_profile(manifest: Manifest, name: str | None, for_budget: bool, engine: str,
+                        threads: int | None = None, device: str = "cpu") -> DeviceProfile | None:
+    """The profile `calibrate` predicts with: `name`; else, for a latency budget, this host's one profile for
+    `engine` (select_profile); else the one matching `run` at batch 1 on this device and threads, if any."""
+    if name is not None or for_budget:
+        return select_profile(manifest, name, engine, threads)
+    return matching_profile(manifest, device, threads, 1, engine)
 
 
 def exit_fractions(exit_counts: Sequence[int]) -> np.ndarray:
@@ -79,7 +115,7 @@ def mixture_quantile(timings: Sequence[Timing], fractions: np.ndarray, q: float)
 
 
 def predict_latency(profile: DeviceProfile, exit_counts: Sequence[int], stat: str = "mean") -> float:
-    """Predicted ms per call at the profile's batch size for this exit histogram (`stat`: mean, p50, p95)."""
+    """Predicted ms per call at the profile's batch size for this exit histogram (`stat`: mean, p50, p95, p99)."""
     if stat not in STATS:
         raise ConfigError(f"unknown latency statistic '{stat}'; choose from: {', '.join(STATS)}")
     f = exit_fractions(exit_counts)
@@ -99,9 +135,26 @@ def predict_latency(profile: DeviceProfile, exit_counts: Sequence[int], stat: st
     return float(total)
 
 
-def cheapest_latency(profile: DeviceProfile, stat: str) -> float:
-    """The least latency any thresholds can give: every input leaving at the first exit."""
-    return profile.exits[0].stat(stat)
+def budget_stat(percentile: str) -> tuple[str, str]:
+    """(profile statistic, unit) a budget at `percentile` (mean, 95, 99) is predicted in; ConfigError otherwise."""
+    if percentile not in PERCENTILES:
+        raise ConfigError(f"unknown latency percentile '{percentile}'; choose from: {', '.join(PERCENTILES)}")
+    return ("mean", "ms per input") if percentile == "mean" else (f"p{percentile}", "ms per call")
+
+
+def budget_latency(profile: DeviceProfile, exit_counts: Sequence[int], percentile: str) -> float:
+    """The latency a budget at `percentile` bounds, predicted for this exit histogram: mean ms per input, or
+    the percentile of ms per call."""
+    stat, _ = budget_stat(percentile)
+    value = predict_latency(profile, exit_counts, stat)
+    return value / profile.batch_size if stat == "mean" else value
+
+
+def cheapest_latency(profile: DeviceProfile, percentile: str) -> float:
+    """The least latency a budget at `percentile` can reach: every input leaving at the first exit."""
+    stat, _ = budget_stat(percentile)
+    value = profile.exits[0].stat(stat)
+    return value / profile.batch_size if stat == "mean" else value
 
 
 def latency_prediction(profile: DeviceProfile, exit_counts: Sequence[int]) -> dict:

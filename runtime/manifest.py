@@ -33,6 +33,7 @@ FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FULL_NAME = "full.onnx"
 CASCADE_NAME = "cascade.onnx"
+CASCADE_B1_NAME = "cascade_b1.onnx"  # the batch-1 graph: no survivor compaction, shapes fixed at 1
 CASCADE_OUTPUTS = ("scores", "prediction", "exit_index")
 CASCADE_DTYPES = ("float32", "float64", "int64")
 # where cascade.onnx stores its per-exit vectors: plain constants (bare sessions take the image alone), or
@@ -340,10 +341,11 @@ class CascadeGraph:
         return next((t.default for t in self.inputs[1:] if t.name == name), None)
 
     @classmethod
-    def from_dict(cls, data: Any, input_spec: "InputSpec", num_exits: int) -> "CascadeGraph":
-        where = "cascade"
-        if require(data, "file", str, where) != CASCADE_NAME:
-            raise invalid(f"{where}.file", f"expected '{CASCADE_NAME}'")
+    def from_dict(cls, data: Any, input_spec: "InputSpec", num_exits: int, file: str = CASCADE_NAME) -> "CascadeGraph":
+        """`file`: the graph this entry must name (cascade.onnx, or cascade_b1.onnx for the batch-1 graph)."""
+        where = file.removesuffix(".onnx")
+        if require(data, "file", str, where) != file:
+            raise invalid(f"{where}.file", f"expected '{file}'")
         sha = sha256_of(data, where)
         tensors = {}
         for kind in ("inputs", "outputs"):
@@ -360,7 +362,7 @@ class CascadeGraph:
         vectors = data.get("vectors", VECTORS_INPUT)
         if vectors not in CASCADE_VECTORS:
             raise invalid(f"{where}.vectors", f"must be one of {', '.join(CASCADE_VECTORS)}")
-        return cls(sha, inputs, outputs, vectors=vectors)
+        return cls(sha, inputs, outputs, file=file, vectors=vectors)
 
     def to_dict(self) -> dict:
         return {"file": self.file, "sha256": self.sha256, "inputs": [t.to_dict() for t in self.inputs],
@@ -426,6 +428,7 @@ class Manifest:
     precision: str = FP32  # int8 for a bundle written by `edgeexit quantize`
     quantization: dict | None = None  # int8: settings, calibration data and `parent` (fp32 folder name, manifest sha256)
     static_batch: int | None = None  # `edgeexit static-batch`: every tensor's first dim is this int, not "batch"
+    cascade_b1: CascadeGraph | None = None  # cascade_b1.onnx, what `run` uses at batch 1; None in older or static bundles
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -450,8 +453,17 @@ class Manifest:
         return [stage.macs.cumulative / self.full_macs for stage in self.stages]
 
     def files(self) -> list[StageSpec | FullGraph | CascadeGraph]:
-        """Entries (file, sha256) of every graph: the stages, full.onnx, then cascade.onnx if present."""
-        return [*self.stages, self.full, *([self.cascade] if self.cascade else [])]
+        """Entries (file, sha256) of every graph: the stages, full.onnx, then the cascade graphs present."""
+        return [*self.stages, self.full, *self.cascades]
+
+    @property
+    def cascades(self) -> list[CascadeGraph]:
+        """The one-graph cascades present: cascade.onnx, then cascade_b1.onnx."""
+        return [graph for graph in (self.cascade, self.cascade_b1) if graph is not None]
+
+    def cascade_for(self, batch_size: int | None) -> CascadeGraph | None:
+        """The graph for calls of `batch_size` inputs: cascade_b1.onnx at 1 when the bundle has it, else cascade.onnx."""
+        return self.cascade_b1 if batch_size == 1 and self.cascade_b1 is not None else self.cascade
 
     def full_tensors(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """What full.onnx must look like: the bundle's input in, [batch, num_classes] logits out."""
@@ -505,11 +517,10 @@ class Manifest:
         tensors = [(f"stages[{s.index}]", t.shape) for s in stages for t in (*s.inputs, *s.outputs)]
         for where, shape in tensors:
             _check_batch_dim(where, shape, static_batch)
-        cascade = data.get("cascade")
-        if cascade is not None:
-            cascade = CascadeGraph.from_dict(cascade, input_spec, len(stages) - 1)
+        cascade, cascade_b1 = (None if data.get(key) is None else CascadeGraph.from_dict(data[key], input_spec, len(stages) - 1, file)
+                               for key, file in (("cascade", CASCADE_NAME), ("cascade_b1", CASCADE_B1_NAME)))
         return cls(Path(root), producer, model, num_classes, input_spec, full, tuple(stages), calibration,
-                   read_profiles(data.get("profiles"), len(stages)), cascade, precision, quantization, static_batch)
+                   read_profiles(data.get("profiles"), len(stages)), cascade, precision, quantization, static_batch, cascade_b1)
 
     def to_dict(self) -> dict:
         return {
@@ -524,6 +535,7 @@ class Manifest:
             "calibration": self.calibration,
             "profiles": {key: profile.to_dict() for key, profile in self.profiles.items()},
             **({"cascade": self.cascade.to_dict()} if self.cascade else {}),
+            **({"cascade_b1": self.cascade_b1.to_dict()} if self.cascade_b1 else {}),
             "precision": self.precision,
             "quantization": self.quantization,
             "static_batch": self.static_batch,

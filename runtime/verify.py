@@ -16,7 +16,7 @@ import numpy as np
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.errors import ConfigError, EdgeExitError, VerificationError, first_line
 from edgeexit.runtime.graph import GraphRunner
-from edgeexit.runtime.manifest import FORMAT_VERSION, Manifest, check_file_hash, load_manifest
+from edgeexit.runtime.manifest import CASCADE_NAME, FORMAT_VERSION, Manifest, check_file_hash, load_manifest
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
 TOLERANCE = 1e-4
@@ -57,20 +57,22 @@ def check_graph_decisions(graph: GraphRunner, chain: CascadeRunner, inputs: dict
                     if differ.size:
                         i = int(differ[0])
                         raise VerificationError(
-                            f"cascade.onnx differs from the stage chain on {kind} input {start + i} at batch {batch}: "
+                            f"{graph.graph.file} differs from the stage chain on {kind} input {start + i} at batch {batch}: "
                             f"{field} {getattr(got, field)[i]} vs {getattr(want, field)[i]}"
                         )
         report[kind] = {"samples": len(x), "batches": [len(x), 1], "exit_counts": chain.predict(x).exit_counts()}
     return report
 
 
-def cascade_check(manifest: Manifest, chain: CascadeRunner, x: np.ndarray) -> Check:
-    """cascade.onnx makes the chain's decisions (batch and one by one), or a skip for bundles without it."""
-    name = "cascade.onnx vs chain decisions"
-    if manifest.cascade is None:
-        return Check(name, SKIP, "the bundle has no cascade.onnx (exported by an older edgeexit)")
+def cascade_check(manifest: Manifest, chain: CascadeRunner, x: np.ndarray, batch_size: int | None = None) -> Check:
+    """The graph `run` uses at `batch_size` (cascade.onnx, or cascade_b1.onnx at 1) makes the chain's decisions
+    (batch and one by one), or a skip for bundles without it."""
+    graph = manifest.cascade_for(batch_size)
+    name = f"{CASCADE_NAME if graph is None else graph.file} vs chain decisions"
+    if graph is None:
+        return Check(name, SKIP, f"the bundle has no {CASCADE_NAME} (exported by an older edgeexit)")
     try:
-        check_graph_decisions(GraphRunner(manifest, device=chain.device), chain, {"random": x})
+        check_graph_decisions(GraphRunner(manifest, device=chain.device, batch_size=batch_size), chain, {"random": x})
     except EdgeExitError as exc:
         return Check(name, FAIL, str(exc))
     except Exception as exc:  # onnxruntime's own error types
@@ -150,7 +152,7 @@ def runtime_checks(manifest: Manifest, device: str, samples: int, seed: int, tol
         checks.append(Check("chain vs full.onnx", FAIL, str(exc)))
     except Exception as exc:  # a graph that loads but fails to run raises onnxruntime's own types
         checks.append(Check("chain vs full.onnx", FAIL, f"onnxruntime failed: {_first_line(exc)}"))
-    return checks + [cascade_check(manifest, runner, x)]
+    return checks + [cascade_check(manifest, runner, x), *([cascade_check(manifest, runner, x, 1)] if manifest.cascade_b1 else [])]
 
 
 def verify_bundle(

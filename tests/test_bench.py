@@ -77,3 +77,27 @@ def test_cli_bench_without_matplotlib_still_writes_json(tiny_bundle, monkeypatch
     assert "warning: no plots" in result.output and "Traceback" not in result.output
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert report["full_onnx"]["accuracy"] is not None and not list((tmp_path / "b").glob("*.png"))
+
+
+def test_bench_times_the_engine_run_uses_and_both_engines(tiny_bundle, tmp_path):
+    import shutil
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    profiled = CliRunner().invoke(main, ["profile", str(bundle), "--threads", "1", "--repeats", "4"])
+    assert profiled.exit_code == 0 and "/t1/b1/graph" in profiled.output  # auto at batch 1: the graph engine
+    args = ["bench", str(bundle), "--threads", "1", "--batch-size", "1", "--limit", "16", "--sweep-points", "2"]
+    result = CliRunner().invoke(main, [*args, "--engine", "both", "--out", str(tmp_path / "both")])
+    assert result.exit_code == 0, result.output
+    assert "cascade engine: graph" in result.stdout.splitlines()
+    report = json.loads((tmp_path / "both" / "bench.json").read_text())
+    assert report["engine"] == "graph" and report["predicted_latency_ms"] > 0  # the profile of the engine it timed
+    assert report["cascade"]["expected_latency"]["profile"].endswith("/cpu/t1/b1/graph")
+    assert report["cascade_chain"]["predicted_latency_ms"] is None  # no chain profile in the bundle
+    assert report["cascade"]["exit_counts"] == report["cascade_chain"]["exit_counts"]  # the engines decide alike
+    for name in ("cascade_no_exit", "cascade_chain_no_exit"):
+        assert sum(report[name]["exit_counts"][:-1]) == 0 and report[name]["exit_counts"][-1] == 16
+    assert {"no_exit_over_full", "chain_over_full", "chain_no_exit_over_full"} <= set(report["speedup"])
+    result = CliRunner().invoke(main, [*args, "--engine", "chain", "--out", str(tmp_path / "chain")])
+    assert result.exit_code == 0, result.output
+    chain = json.loads((tmp_path / "chain" / "bench.json").read_text())
+    assert chain["engine"] == "chain" and chain["predicted_latency_ms"] is None and "cascade_chain" not in chain

@@ -25,7 +25,7 @@ from edgeexit.runtime.files import sha256_file
 
 EXAMPLES = int(os.environ.get("EDGEEXIT_FUZZ_EXAMPLES", "60"))  # raise it for a long hunt
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-GRAPHS = ["stage_0.onnx", "stage_1.onnx", "stage_2.onnx", "full.onnx", "cascade.onnx"]
+GRAPHS = ["stage_0.onnx", "stage_1.onnx", "stage_2.onnx", "full.onnx", "cascade.onnx", "cascade_b1.onnx"]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=12),
@@ -46,9 +46,9 @@ def paths(node, prefix=()) -> list[tuple]:
 def exercise(bundle: Path) -> int:
     """Load and run a possibly broken bundle as a device would (full.onnx too); only EdgeExitError
     may escape. Returns the exit code `edgeexit run` must give (run never loads full.onnx; it runs
-    the engine open_runner picks)."""
+    the engine open_runner picks at its default batch size of 1)."""
     try:
-        runner = open_runner(bundle, threads=1)
+        runner = open_runner(bundle, threads=1, batch_size=1)
     except EdgeExitError as exc:
         return exc.exit_code
     x = np.zeros((2, *runner.manifest.input_shape), np.float32)
@@ -137,7 +137,7 @@ def test_garbled_graphs(tiny_bundle, work, name, how, where, noise, update_hash)
         changed = sha256_file(path) != sha256_file(tiny_bundle / name)
         if update_hash:
             manifest = json.loads((bundle / MANIFEST_NAME).read_text())
-            entries = {"full.onnx": manifest["full"], "cascade.onnx": manifest["cascade"]}
+            entries = {"full.onnx": manifest["full"], "cascade.onnx": manifest["cascade"], "cascade_b1.onnx": manifest["cascade_b1"]}
             entry = entries[name] if name in entries else manifest["stages"][int(name[6])]
             entry["sha256"] = sha256_file(path)
             (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))

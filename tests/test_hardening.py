@@ -175,10 +175,11 @@ def test_verify_passes_a_good_bundle(tiny_bundle):
     result = cli("verify", tiny_bundle, "--samples", "4")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert sum(line.startswith("ok   sha256") for line in lines) == 5  # 3 stages, full.onnx, cascade.onnx
+    assert sum(line.startswith("ok   sha256") for line in lines) == 6  # 3 stages, full.onnx, cascade.onnx, cascade_b1.onnx
     assert any(line.startswith("ok   onnx checker stage_0.onnx") for line in lines)
     assert any(line.startswith("ok   chain vs full.onnx") for line in lines)
     assert any(line.startswith("ok   cascade.onnx vs chain decisions") for line in lines)
+    assert any(line.startswith("ok   cascade_b1.onnx vs chain decisions") for line in lines)
 
 
 def test_verify_without_onnx_skips_the_checker(tiny_bundle, monkeypatch):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from edgeexit.cli import main
 from edgeexit.runtime.calibrate import LatencyTarget, choose_thresholds, shared_grids
 from edgeexit.errors import BundleError, ConfigError
-from edgeexit.runtime.latency import current_host, mixture_quantile, predict_latency
+from edgeexit.runtime.latency import budget_latency, current_host, mixture_quantile, predict_latency
 from edgeexit.runtime.profiles import DeviceProfile, Timing
 from edgeexit.runtime.manifest import load_manifest, read_manifest
 from edgeexit.runtime.policies import ConfidencePolicy, logit
@@ -125,11 +125,11 @@ def synthetic_cascade(n: int = 400, classes: int = 4, seed: int = 0):
     return outputs, final, labels
 
 
-@pytest.mark.parametrize("budget,stat", [(1.6, "p50"), (2.2, "p50"), (3.0, "p95"), (3.9, "p95")])
-def test_latency_budget_calibration_matches_brute_force(budget, stat):
+@pytest.mark.parametrize("budget,percentile", [(1.6, "mean"), (2.2, "mean"), (3.0, "95"), (3.9, "95"), (4.2, "99")])
+def test_latency_budget_calibration_matches_brute_force(budget, percentile):
     outputs, final, labels = synthetic_cascade()
     policies = [ConfidencePolicy(0.5), ConfidencePolicy(0.5)]
-    target = LatencyTarget(synthetic_profile([1.0, 2.0, 4.0]), stat)
+    target = LatencyTarget(synthetic_profile([1.0, 2.0, 4.0]), percentile)
     record = choose_thresholds(policies, outputs, final, labels, [0.3, 0.6, 1.0], ("latency", budget), latency=target)
     best = -1.0
     for thresholds in itertools.product(*shared_grids(policies, outputs)):
@@ -140,18 +140,37 @@ def test_latency_budget_calibration_matches_brute_force(budget, stat):
             exit_index[leave] = k
             predictions = np.where(leave, outputs[k]["logits"].argmax(axis=1), predictions)
         counts = np.bincount(exit_index, minlength=3)
-        if predict_latency(target.profile, counts, stat) <= budget:
+        if predict_latency(target.profile, counts, "mean" if percentile == "mean" else f"p{percentile}") <= budget:
             best = max(best, float((predictions == labels).mean()))
     chosen = record["chosen"]
     assert chosen["met"] and chosen["predicted_latency_ms"] <= budget
     assert chosen["accuracy"] == pytest.approx(best)
-    assert record["objective"] == {"latency": budget, "profile": "board/cpu/t1/b1/chain", "percentile": int(stat[1:])}
+    bounds = "mean ms per input" if percentile == "mean" else f"p{percentile} ms per call"
+    assert record["objective"] == {"latency": budget, "profile": "board/cpu/t1/b1/chain",
+                                   "percentile": percentile if percentile == "mean" else int(percentile), "bounds": bounds}
+    assert chosen["predicted_latency_bounds"] == bounds
+
+
+def test_budget_bounds_the_mean_per_input_or_the_tail_per_call():
+    profile = synthetic_profile([10.0, 20.0, 40.0], batch_size=8, at_one_ms=[2.0, 4.0, 8.0])
+    counts = [4, 2, 2]
+    assert budget_latency(profile, counts, "mean") == pytest.approx(predict_latency(profile, counts, "mean") / 8)
+    assert budget_latency(profile, counts, "99") == pytest.approx(predict_latency(profile, counts, "p99"))
+    assert budget_latency(profile, counts, "99") > budget_latency(profile, counts, "95")
+    # at batch 1 a two-mode mixture's tail is the slow mode's, its mean in between
+    one = synthetic_profile([1.0, 2.0, 4.0])
+    assert budget_latency(one, [5, 0, 5], "95") > 4.0 > budget_latency(one, [5, 0, 5], "mean") == pytest.approx(2.5)
+    with pytest.raises(ConfigError, match="choose from: mean, 95, 99"):
+        LatencyTarget(one, "50")
 
 
 def test_budget_below_the_cheapest_exit_names_the_minimum():
-    target = LatencyTarget(synthetic_profile([1.0, 2.0, 4.0]), "p95")
-    with pytest.raises(ConfigError, match=r"below the cheapest exit.*minimum budget is 1\.1 ms"):
+    target = LatencyTarget(synthetic_profile([1.0, 2.0, 4.0]), "95")
+    with pytest.raises(ConfigError, match=r"p95 ms per call\) is below the cheapest exit.*minimum budget is 1\.1 ms"):
         target.check_budget(1.05)
+    per_input = LatencyTarget(synthetic_profile([10.0, 20.0, 40.0], batch_size=8), "mean")
+    with pytest.raises(ConfigError, match=r"minimum budget is 1\.25 ms"):
+        per_input.check_budget(1.2)
 
 
 def test_corrupt_profile_is_a_bundle_error(bundle_copy):
@@ -177,7 +196,6 @@ def test_latency_budget_errors_via_cli(profiled_bundle):
         (["--latency-budget", 5, "--profile", "pi/cpu/t4/b1/chain"], f"has profiles for: {name}, "),
         (["--latency-budget", 0, "--profile", name], "must be a positive number of milliseconds, got 0.0"),
         (["--latency-budget", -2, "--profile", name], "must be a positive number of milliseconds, got -2.0"),
-        (["--latency-budget", 5], "--latency-budget needs --profile NAME"),
         (["--latency-budget", 5, "--target-drop", 1, "--profile", name], "give exactly one of"),
     ]
     for args, message in cases:
@@ -185,6 +203,29 @@ def test_latency_budget_errors_via_cli(profiled_bundle):
         assert result.exit_code == 2, (args, result.output)
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.output)
+
+
+def test_latency_budget_without_profile_uses_this_hosts_profile_of_the_engine_run_picks(profiled_bundle, tmp_path):
+    import shutil
+
+    # the bundle holds chain profiles at batch 1 and 4 and one graph profile: `run` picks the graph
+    result = cli("calibrate", profiled_bundle, "--latency-budget", 1000, "--percentile", 99)
+    assert result.exit_code == 0, result.output
+    record = load_manifest(profiled_bundle).calibration
+    assert record["objective"]["profile"] == f"{current_host()}/cpu/t1/b1/graph" and record["objective"]["percentile"] == 99
+    assert "(p99 ms per call)" in result.output
+    # two graph profiles of this host: ambiguous, so it names both and asks for --profile
+    two = shutil.copytree(profiled_bundle, tmp_path / "two")
+    assert cli("profile", two, "--threads", 2, "--repeats", 4).exit_code == 0
+    result = cli("calibrate", two, "--latency-budget", 1000)
+    assert result.exit_code == 2 and "2 profiles of this host" in result.output and "choose one with --profile" in result.output
+    assert cli("calibrate", two, "--latency-budget", 1000, "--threads", 2).exit_code == 0  # --threads narrows it to one
+
+
+def test_latency_budget_without_any_profile_says_how_to_measure_one(bundle_copy):
+    result = cli("calibrate", bundle_copy, "--latency-budget", 5)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "has no latency profile of this host" in result.output and "edgeexit profile BUNDLE" in result.output
 
 
 def test_latency_budget_calibration_via_cli(profiled_bundle):
@@ -199,7 +240,7 @@ def test_latency_budget_calibration_via_cli(profiled_bundle):
 
 
 def test_latency_placement_reads_measured_fractions():
-    from edgeexit.train.cut_latency import latency_candidates
+    from edgeexit.export.cut_latency import latency_candidates
     from edgeexit.train.cuts import CutPoint
     from edgeexit.train.placement import place_exits
 
@@ -222,7 +263,7 @@ def test_cuts_profile_times_every_cut_via_cli():
 
 
 def test_placement_cost_is_checked():
-    from edgeexit.train.cut_latency import check_placement_cost
+    from edgeexit.train.config import TrainSpec
 
     with pytest.raises(ConfigError, match="choose from: macs, latency"):
-        check_placement_cost("flops")
+        TrainSpec(placement_cost="flops").check()
