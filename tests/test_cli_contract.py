@@ -20,6 +20,7 @@ from edgeexit.cli import main
 from edgeexit.cli.common import DEBUG_ENV
 from edgeexit.runtime import BundleError, CascadeRunner, DeviceError
 from edgeexit.runtime.providers import CPU, CUDA, TENSORRT, resolve_providers
+from edgeexit.runtime.manifest import load_manifest
 
 
 def invoke(*args):
@@ -47,10 +48,15 @@ def check_demo(result, out: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["model", "accuracy", "rel.", "MACs", "exits", "p50", "ms", "p95", "ms"]
-    rows = {line[:18].split()[0]: line[18:].split() for line in lines[1:3]}  # model name, then the columns
-    assert set(rows) == {"full.onnx", "cascade"}
+    rows = {line[:18].split()[0]: line[18:].split() for line in lines[1:4]}  # model name, then the columns
+    assert set(rows) == {"full.onnx", "cascade", "calibrated"}
     report = json.loads((out / "report.json").read_text())
     assert float(rows["cascade"][0]) == pytest.approx(report["accuracy"], abs=1e-4)
+    calibrated = report["calibrated"]  # thresholds chosen on val for a 0.5-point drop, written into the bundle
+    assert float(rows["calibrated"][0]) == pytest.approx(calibrated["accuracy"], abs=1e-4)
+    assert calibrated["target_drop"] == 0.5
+    assert calibrated["thresholds"] == pytest.approx(load_manifest(out / "bundle").calibration["chosen"]["thresholds"])
+    assert lines[4].startswith("calibrated: thresholds ") and "0.5 points below" in lines[4]
     assert float(rows["full.onnx"][0]) == pytest.approx(report["full_onnx"]["accuracy"], abs=1e-4)
     assert float(rows["cascade"][1]) == pytest.approx(report["relative_macs"], abs=1e-3)
     assert rows["cascade"][2] == "/".join(map(str, report["exit_counts"]))
