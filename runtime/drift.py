@@ -149,6 +149,7 @@ class GuardSettings:
 
 
 def stderr_line(message: str) -> None:
+    """The guard's lines go to stderr, beside the report on stdout."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -196,9 +197,10 @@ class DriftGuard:
         self.probe_inputs = 0
         self.events: list[str] = []
         self.last: dict | None = None
+        self.why = why
+        self._monitoring = True  # whether the runner's current call feeds the window (False for fallback calls)
         if settings.mode != "off" and self.reference is None:
             self._event(f"drift guard: {why}")
-        self.why = why
         if self.reference is not None and isinstance(runner, CascadeRunner):
             runner.observer = self._observe_scores
 
@@ -212,8 +214,6 @@ class DriftGuard:
             scores = policy_scores(policy, outputs)
             if scores is not None:
                 self.window.add_scores(index, scores)
-
-    _monitoring = True  # whether the runner's current call feeds the window
 
     def fallback_thresholds(self, level: int) -> list[float] | None:
         """Thresholds `level` steps of FALLBACK_STEPS toward keeping every input; None: run full.onnx instead."""
