@@ -2,14 +2,14 @@
 exit heads and policy, put together into an untrained EarlyExitModel."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from edgeexit.errors import ConfigError
-from edgeexit.train.backbones import build_backbone
+from edgeexit.train.backbones import create_backbone, resolve_backbone
 from edgeexit.train.config import ModelConfig
-from edgeexit.train.cuts import CutGraph
+from edgeexit.train.cuts import CutGraph, CutPoint
 from edgeexit.train.data import DataSplits
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import EarlyExitModel
@@ -19,18 +19,19 @@ from edgeexit.train.pretrained import load_backbone_weights
 
 def choose_cuts(
     backbone: torch.nn.Module, input_shape: Sequence[int], placement: str, num_exits: int, exit_at: Sequence[str] | None,
-    placement_cost: str = "macs",
+    measure: Callable[[CutGraph], list[CutPoint]] | None = None, num_classes: int | None = None,
 ) -> list[str]:
-    """Cut names: explicit `exit_at`, or picked by a placement scheme on the cumulative MACs or measured latency curve."""
-    from edgeexit.train.cut_latency import check_placement_cost, cut_latencies, latency_candidates  # onnx only when asked
-
+    """Cut names: explicit `exit_at`, or picked by a placement scheme on the cumulative MACs curve, or on the
+    candidates `measure` returns (the export side's measured latency: export.cut_latency.measured_candidates)."""
     graph = CutGraph(backbone, input_shape)
+    if num_classes is not None:
+        graph.check_logits(num_classes)
     if exit_at:
         return [graph.resolve(name).name for name in exit_at]
     candidates = graph.candidates
-    if check_placement_cost(placement_cost) == "latency":
+    if measure is not None:
         was_training = backbone.training  # exporting the prefixes puts the backbone in eval mode
-        candidates = latency_candidates(candidates, *cut_latencies(graph))
+        candidates = measure(graph)
         backbone.train(was_training)
     return [point.name for point in place_exits(placement, num_exits, candidates)]
 
@@ -48,18 +49,20 @@ def build_model(
     exit_args: dict | None = None,
     weights: str | None = None,
     policy_args: dict | None = None,
-    placement_cost: str = "macs",
+    measure_cuts: Callable[[CutGraph], list[CutPoint]] | None = None,
 ) -> EarlyExitModel:
     """Construct an untrained exit-augmented model sized for `data`, its backbone loaded from `weights` if given."""
     spec = get_method(method)
     info = data.info
-    net = build_backbone(backbone, info.num_classes, info.input_shape[0], **(backbone_args or {}))
+    resolved = resolve_backbone(backbone)
+    net = create_backbone(resolved, backbone, info.num_classes, info.input_shape[0], **(backbone_args or {}))
     if weights:
         load_backbone_weights(net, weights, backbone)
-    cuts = choose_cuts(net, info.input_shape, placement, num_exits, exit_at, placement_cost)
+    cuts = choose_cuts(net, info.input_shape, placement, num_exits, exit_at, measure_cuts, info.num_classes)
     config = ModelConfig(
         backbone=backbone,
         backbone_args=backbone_args or {},
+        backbone_source=resolved.source,
         method=method,
         exit_type=exit_type,
         exit_args=exit_args or {},

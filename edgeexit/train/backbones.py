@@ -20,7 +20,8 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from edgeexit.errors import ConfigError, InputError, MissingExtraError, first_line
+from edgeexit.errors import ConfigError, InputError, first_line
+from edgeexit.extras import require
 from edgeexit.registry import Registry
 
 Constructor = Callable[..., nn.Module]
@@ -195,14 +196,6 @@ def adapt_input_channels(net: nn.Module, in_channels: int) -> nn.Module:
     return net
 
 
-def optional_import(module: str, purpose: str, install: str) -> Any:
-    """Import an optional dependency, or MissingExtraError saying what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingExtraError(f"{purpose} needs the {module} package ({first_line(exc)}): pip install {install}") from None
-
-
 @register_backbone_source("torchvision", "NAME")
 def torchvision_backbone(name: str, recorded: dict[str, Any]) -> Backbone:
     """Any torchvision classification model, built with weights=None: nothing is ever downloaded."""
@@ -224,7 +217,7 @@ def torchvision_backbone(name: str, recorded: dict[str, Any]) -> Backbone:
 def timm_backbone(name: str, recorded: dict[str, Any]) -> Backbone:
     """Any timm model, built with pretrained=False (nothing downloaded); weights come from --weights."""
     pin = f"timm=={recorded['version']}" if recorded.get("version") else '"edgeexit[timm]"'
-    timm = optional_import("timm", f"backbone 'timm:{name}'", pin)
+    timm = require("timm", f"backbone 'timm:{name}'", f"pip install {pin}")
     if not timm.is_model(name):
         raise ConfigError(f"unknown timm model '{name}' (e.g. resnet18, mobilenetv3_small_100, efficientnet_b0; "
                           f"see timm.list_models())")

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from edgeexit import __version__
-from edgeexit.train.backbones import build_backbone
+from edgeexit.train.backbones import create_backbone, resolve_backbone
 from edgeexit.train.config import ModelConfig
 from edgeexit.train.cuts import CutGraph
 from edgeexit.train.exits import build_exit
 from edgeexit.train.macs import count_macs
-from edgeexit.errors import ConfigError, InputError, first_line
+from edgeexit.errors import InputError, first_line
 from edgeexit.runtime.files import atomic_write
 
 MODEL_FORMAT = "edgeexit-model"
@@ -27,6 +27,8 @@ MODEL_VERSION = 1
 class EarlyExitModel(nn.Module):
     """Backbone segments with exit heads; `forward` returns every exit's outputs and the final logits.
 
+    No cuts is a static network (`edgeexit pretrain`): one segment, the whole backbone, and no exit.
+
     The segments are fx graphs that share the backbone's modules, so `backbone` holds the
     single copy of its weights and its state_dict keys are the plain backbone's.
     """
@@ -35,12 +37,12 @@ class EarlyExitModel(nn.Module):
         super().__init__()
         self.config = config
         channels = config.input_shape[0]
-        self.backbone = backbone if backbone is not None else build_backbone(
-            config.backbone, config.num_classes, channels, **config.backbone_args
-        )
+        if backbone is None:  # rebuilt from model.pt: the recorded source is checked (a pt2 file's hash, versions)
+            resolved = resolve_backbone(config.backbone, config.backbone_source)
+            backbone = create_backbone(resolved, config.backbone, config.num_classes, channels, **config.backbone_args)
+        self.backbone = backbone
         self.cut_graph = CutGraph(self.backbone, config.input_shape)
-        if not config.cuts:
-            raise ConfigError("a model needs at least one exit (cut point)")
+        self.cut_graph.check_logits(config.num_classes)
         self._segments = self.cut_graph.split(config.cuts)
         self.cut_shapes = [self.cut_graph.resolve(name).shape for name in config.cuts]
         self.exits = nn.ModuleList(

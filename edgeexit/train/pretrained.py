@@ -8,6 +8,8 @@ so tests and the digits demo have a real pre-trained model to post-train.
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -18,31 +20,57 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from edgeexit.train.backbones import build_backbone, first_conv_name
-from edgeexit.train.data import load_data
-from edgeexit.errors import ConfigError, InputError, first_line
-from edgeexit.train.config import TrainConfig
-from edgeexit.train.hardware import TrainEnv, optimizer_step, seed_everything, training_env
-from edgeexit.train.models import atomic_save
+from edgeexit.train.backbones import create_backbone, first_conv_name, resolve_backbone
+from edgeexit.train.data import training_splits
+from edgeexit.errors import ConfigError, EdgeExitError, InputError, first_line
+from edgeexit.extras import require
+from edgeexit.train.config import PRETRAIN, TrainSpec
+from edgeexit.train.hardware import TrainEnv, make_optimizer, optimizer_step, seed_everything, training_env
+from edgeexit.train.config import ModelConfig
+from edgeexit.train.models import MODEL_FORMAT, EarlyExitModel, atomic_save, save_model
 
 CHECKPOINT_KEYS = ("state_dict", "model")
+STATIC_METHOD = "static"  # model.pt's method for a network with no exits (`edgeexit pretrain`)
 SHOWN = 3  # keys named per problem in an error line
 
 
+def _read_file(path: Path) -> Any:
+    """A weights file's content: .safetensors through safetensors, else torch.load with the weights-only unpickler.
+
+    argparse.Namespace is allowed: timm's and torchvision's training scripts store their
+    arguments in their checkpoints as one (plain values only).
+    """
+    if path.suffix == ".safetensors":
+        safetensors = require("safetensors.torch", "reading .safetensors weights", "pip install safetensors")
+        return safetensors.load_file(str(path), device="cpu")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file (plain tensors only, weights_only), 'module.' prefixes stripped."""
+    """The tensors of a weights file (.pth, .pt, .safetensors; plain tensors only), wrapper prefixes stripped;
+    of an edgeexit model.pt (`pretrain`, `train`), its backbone's tensors.
+
+    A state_dict, or a training checkpoint holding one under 'state_dict' (timm's train.py) or
+    'model' (torchvision's reference scripts); 'module.' (DataParallel) and '_orig_mod.'
+    (torch.compile) prefixes are removed.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"weights file not found: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
+        data = _read_file(path)
+    except EdgeExitError:
+        raise
+    except Exception as exc:  # unpickling and safetensors errors come in many types
         raise InputError(f"cannot read weights {path}: not a plain tensor file ({first_line(exc)})") from None
-    if isinstance(data, dict):
+    if isinstance(data, dict) and data.get("format") == MODEL_FORMAT and isinstance(data.get("state_dict"), dict):
+        data = {k.removeprefix("backbone."): v for k, v in data["state_dict"].items() if k.startswith("backbone.")}
+    elif isinstance(data, dict):
         data = next((data[k] for k in CHECKPOINT_KEYS if isinstance(data.get(k), dict)), data)
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise InputError(f"{path} holds no state_dict (a dict of tensors, or a checkpoint with 'state_dict' or 'model')")
-    return {key.removeprefix("module."): value for key, value in data.items()}
+    return {key.removeprefix("module.").removeprefix("_orig_mod."): value for key, value in data.items()}
 
 
 def _adapt_stem(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -96,58 +124,44 @@ def accuracy(net: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
     return correct / max(total, 1)
 
 
-def fit_backbone(net: nn.Module, train: Dataset, env: TrainEnv, epochs: int, batch_size: int = 64, lr: float = 0.05,
-                 seed: int = 0, progress: bool = True, num_workers: int = 0) -> nn.Module:
-    """Train a plain backbone (already on env.device) in place with cross-entropy, SGD (Nesterov) and a one-cycle schedule."""
-
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    loader = env.train_loader(train, batch_size, seed, num_workers)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
+def fit_backbone(net: nn.Module, train: Dataset, env: TrainEnv, spec: TrainSpec = PRETRAIN, progress: bool = True) -> nn.Module:
+    """Train a plain backbone (already on env.device) in place: cross-entropy (label-smoothed as the spec says),
+    the spec's optimizer (pretraining's default: SGD, Nesterov) and a one-cycle schedule."""
+    optimizer = make_optimizer(net.parameters(), spec)
+    loader = env.train_loader(train, spec.batch_size, spec.seed, spec.num_workers)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.learning_rate, total_steps=spec.epochs * len(loader))
     scaler = env.grad_scaler()
     wrapped = env.wrap(net)
-    for epoch in tqdm(range(epochs), desc="pretrain", unit="epoch", disable=not (progress and env.is_main)):
+    for epoch in tqdm(range(spec.epochs), desc="pretrain", unit="epoch", disable=not (progress and env.is_main)):
         env.begin_epoch(loader, epoch)
         wrapped.train()
         for x, y in loader:
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             with env.autocast():
-                loss = F.cross_entropy(wrapped(x), y)
+                loss = F.cross_entropy(wrapped(x), y, label_smoothing=spec.label_smoothing)
             optimizer_step(loss, optimizer, scaler, scheduler)
     return net.eval()
 
 
-def pretrain_backbone(
-    backbone: str,
-    out: str | os.PathLike,
-    data: str = "digits",
-    data_dir: str | None = None,
-    download: bool = False,
-    input_size: int | None = None,
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 0.05,
-    seed: int = 0,
-    progress: bool = True,
-    device: str = TrainConfig.device,
-    precision: str = TrainConfig.precision,
-    num_workers: int = TrainConfig.num_workers,
-) -> dict[str, Any]:
-    """Train the plain backbone (cross-entropy, SGD + one-cycle) and write its state_dict to `out`.
+def pretrain_backbone(spec: TrainSpec, out: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    """Train the plain backbone spec.backbone (cross-entropy, one-cycle) and write it to `out` as a model.pt with no
+    exits: `export` makes it a one-stage bundle (or a stage of a model cascade), `train --weights` reads its backbone.
 
-    Device, precision and torchrun launches work as in `edgeexit train`; rank 0 writes `out`.
+    Data, augmentation, optimizer, device, precision and torchrun launches work as in `edgeexit
+    train`; rank 0 writes `out`. The summary holds the resolved spec (what `pretrain` prints).
     """
-
-    if epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
-    if num_workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {num_workers}")
-    with training_env(device, precision) as env:
-        seed_everything(seed)
-        splits = load_data(data, data_dir=data_dir, download=download, input_size=input_size)
+    spec.check()
+    with training_env(spec.device, spec.precision) as env:
+        seed_everything(spec.seed)
+        splits, spec = training_splits(spec)
         info = splits.info
-        net = build_backbone(backbone, info.num_classes, info.input_shape[0]).to(env.device)
-        fit_backbone(net, splits.train, env, epochs, batch_size, lr, seed, progress, num_workers)
+        resolved = resolve_backbone(spec.backbone)
+        net = create_backbone(resolved, spec.backbone, info.num_classes, info.input_shape[0], **spec.backbone_args)
+        fit_backbone(net.to(env.device), splits.training_set(), env, spec, progress)
         if env.is_main:
-            save_state_dict(net, out)
+            config = ModelConfig(backbone=spec.backbone, backbone_args=spec.backbone_args, backbone_source=resolved.source,
+                                 method=STATIC_METHOD, cuts=[], num_classes=info.num_classes, input_shape=info.input_shape,
+                                 mean=info.mean, std=info.std, class_names=info.class_names)
+            save_model(EarlyExitModel(config, backbone=copy.deepcopy(net).cpu().eval()), out, {"train": spec.to_dict()})
         summary = {"val_accuracy": accuracy(net, splits.val), "test_accuracy": accuracy(net, splits.test)}
-    return {**summary, "input_shape": info.input_shape, "rank": env.rank}
+    return {**summary, "input_shape": info.input_shape, "rank": env.rank, "spec": spec}
