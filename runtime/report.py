@@ -136,7 +136,7 @@ def run_report(
     warmup: int = 3,
     guard: GuardSettings | None = None,
 ) -> tuple[dict, CascadeResult]:
-    """Run the cascade over x in batches and build the report dict of DESIGN.md.
+    """Run the cascade over x in batches and build the run report (the entries `run --json` writes).
 
     `drift`: the run's exit shares against the calibration's (drift.drift_entry). With `guard`, every call goes
     through a drift.DriftGuard (warm-up calls bypass it) and `guard` reports what it saw and did."""

@@ -15,6 +15,7 @@ import handmade
 from edgeexit.cli import main
 from edgeexit.runtime.calibrate import CascadeSimulator, calibrate, choose_thresholds, shared_grids
 from edgeexit.runtime.bundle import save_calibration
+from edgeexit.runtime.calibration import CalibrationOptions, calibrate_bundle, parse_objective
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.errors import ConfigError
@@ -68,6 +69,38 @@ def test_calibration_reloads_from_manifest(bundle_copy, digits_val):
     assert stored["data"] == {"name": "digits", "split": "val", "samples": len(x)}
     assert len(stored["curve"]) > 2 and stored["pareto"]
     assert CascadeRunner(bundle_copy).thresholds == pytest.approx(record["chosen"]["thresholds"])
+
+
+def test_calibrate_bundle_writes_what_its_typed_record_says(bundle_copy, digits_val):
+    """calibrate_bundle (what `edgeexit calibrate` calls): the Calibration it returns is the stored record, and
+    the bundle then runs at its thresholds with its measured accuracy."""
+    x, y = digits_val
+    options = CalibrationOptions(objective=parse_objective(budget=0.8), data={"name": "digits", "split": "val"}, threads=1)
+    result = calibrate_bundle(bundle_copy, x, y, options)
+    stored = load_manifest(bundle_copy).calibration
+    assert stored == json.loads(json.dumps(result.record)) and stored["objective"] == {"budget": 0.8}
+    assert result.objective == {"budget": 0.8} and result.policy == stored["policy"]
+    assert list(result.thresholds) == stored["chosen"]["thresholds"] and list(result.temperatures) == stored["temperatures"]
+    assert result.met == stored["chosen"]["met"] and result.betas is None
+    accuracy, macs, runner = measured(bundle_copy, x, y)
+    assert runner.thresholds == pytest.approx(result.thresholds)
+    assert accuracy == pytest.approx(result.chosen["accuracy"]) and macs == pytest.approx(result.chosen["relative_macs"])
+    assert macs <= 0.8 + 1e-9
+    assert result.needs_rebuild is False and result.manifest.cascade is not None  # same policy: cascade.onnx kept, retuned
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "give exactly one of --target-drop POINTS, --budget FRACTION or --latency-budget MS"),
+    ({"target_drop": 1.0, "latency_budget": 2.0}, "give exactly one of"),
+    ({"budget": 1.5}, "--budget must be a fraction"),
+    ({"latency_budget": -1.0}, "--latency-budget must be a positive number"),
+    ({"latency_budget": 1.0, "required": False, "allowed": ("target_drop", "budget")},
+     "give at most one of --target-drop POINTS or --budget FRACTION"),
+])
+def test_the_one_objective_parser_refuses_in_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_objective(**kwargs)
+    assert parse_objective(required=False) is None and parse_objective(target_drop=0.5) == ("target_drop", 0.5)
 
 
 def test_bad_objectives_are_config_errors(bundle_copy, digits_val):

@@ -76,12 +76,3 @@ def labeled_data_options(command: Any) -> Any:
     """--data and --data-dir, for the commands that need labels (calibrate, bench, quantize)."""
     data = click.option("--data", default=DEFAULT_DATA, show_default=True, help=f"Labeled data: {DATASETS.choices()}.")
     return data(DATA_DIR_OPTION(command))
-
-
-def calibration_objective(target_drop: float | None, budget: float | None, required: bool = True) -> tuple[str, float] | None:
-    """("target_drop", points) or ("budget", fraction) from the two options; None if neither and not required."""
-    if target_drop is not None and budget is not None or (required and target_drop is None and budget is None):
-        raise ConfigError("give exactly one of --target-drop POINTS or --budget FRACTION")
-    if target_drop is not None:
-        return ("target_drop", target_drop)
-    return None if budget is None else ("budget", budget)

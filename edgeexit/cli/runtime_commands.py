@@ -18,12 +18,11 @@ from edgeexit.runtime.files import write_json_atomic
 from edgeexit.runtime.policies import ensemble_choices, ensemble_policies
 
 
-def _load_run_data(runner: Any, data: str | None, input_path: str | None, split: str,
+def _load_run_data(spec: Any, data: str | None, input_path: str | None, split: str,
                    data_dir: str | None = None) -> tuple[Any, Any]:
-    """Model-ready inputs and labels: --input (no labels), digits / npz:PATH / folder:PATH (torch-free), or a torchvision set."""
+    """Model-ready inputs and labels for a bundle's InputSpec: --input (no labels), digits / npz:PATH / folder:PATH (torch-free), or a torchvision set."""
     from edgeexit.runtime.datasets import load_eval_data, load_input
 
-    spec = runner.manifest.input_spec
     if input_path is not None:
         x, _ = load_input(input_path, spec)
         return x, None
@@ -70,7 +69,7 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     runner = open_runner(bundle, engine, device=device, threads=threads, thresholds=parse_numbers(threshold),
                          policy_args=beta_args(beta), policy=policy, ensemble=ensemble)
-    x, labels = _load_run_data(runner, data, input_path, split, data_dir)
+    x, labels = _load_run_data(runner.manifest.input_spec, data, input_path, split, data_dir)
     report, result = run_report(runner, x, labels, batch_size)
     if labels is None:
         report["predictions"] = result.predictions.tolist()
@@ -207,50 +206,21 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     Latency: edgeexit profile bundle/ --threads 1 --batch-size 1, then
       edgeexit calibrate bundle/ --latency-budget 0.5 --percentile 95 --profile HOST/cpu/t1/b1/chain
     """
-    from edgeexit.runtime.calibrate import (
-        LatencyTarget,
-        calibrate as run_calibration,
-        check_objective,
-        describe,
-        stderr_progress,
-    )
-    from edgeexit.runtime.bundle import save_calibration
-    from edgeexit.runtime.cascade import CascadeRunner
-    from edgeexit.runtime.graph import auto_engine
-    from edgeexit.runtime.latency import find_profile, matching_profile
+    from edgeexit.runtime.calibrate import describe, stderr_progress
+    from edgeexit.runtime.calibration import CalibrationOptions, calibrate_bundle, parse_objective
+    from edgeexit.runtime.manifest import load_manifest
 
-    given = [(kind, value) for kind, value in (("target_drop", target_drop), ("budget", budget), ("latency", latency_budget))
-             if value is not None]
-    if len(given) != 1:
-        raise ConfigError("give exactly one of --target-drop POINTS, --budget FRACTION or --latency-budget MS")
-    objective = check_objective(given[0])
-    fixed = beta_args(beta)
-    runner = CascadeRunner(bundle, threads=threads, policy_args=fixed)
-    if profile_name is not None:
-        profile = find_profile(runner.manifest, profile_name)
-    elif latency_budget is not None:
-        raise ConfigError("--latency-budget needs --profile NAME (measure one with `edgeexit profile`)")
-    else:
-        profile = matching_profile(runner.manifest, runner.device, threads, 1, auto_engine(runner.manifest))  # as `run` picks
-    latency = None if profile is None else LatencyTarget(profile, f"p{percentile}")
-    if latency_budget is not None:
-        latency.check_budget(latency_budget)
-    x, labels = _load_run_data(runner, data, None, split, data_dir)
-    record = run_calibration(runner, x, labels, objective, {"name": data, "split": split}, stderr_progress, latency, policy,
-                             search_beta=fixed is None, ensemble=ensemble)
-    if fixed is not None and record["policy"] == "exclusion":
-        record["chosen"]["betas"] = [p.args["beta"] for p in runner.policies]
-    had_graph = runner.manifest.cascade is not None
-    manifest = save_calibration(bundle, record)
-    chosen = record["chosen"]
-    status = "met" if chosen["met"] else "NOT met (closest point chosen)"
-    click.echo(f"reference accuracy {record['reference_accuracy']:.4f} on {data}/{split}; target {status}")
-    mixed = record.get("ensemble", {})
-    weights = f" with {mixed['mode']} ensemble, weights {', '.join(f'{w:.3g}' for w in mixed['weights'])}" if "weights" in mixed else ""
-    click.echo(f"policy {record['policy']}{weights}, temperatures {', '.join(f'{t:.3g}' for t in record['temperatures'])}")
-    click.echo(f"operating point: {describe(chosen)}")
+    options = CalibrationOptions(
+        objective=parse_objective(target_drop, budget, latency_budget), data={"name": data, "split": split},
+        profile=profile_name, percentile=percentile, threads=threads, beta=beta_args(beta), policy=policy)
+    x, labels = _load_run_data(load_manifest(bundle, check_hashes=False).input_spec, data, None, split, data_dir)
+    result = calibrate_bundle(bundle, x, labels, options, stderr_progress)
+    status = "met" if result.met else "NOT met (closest point chosen)"
+    click.echo(f"reference accuracy {result.reference_accuracy:.4f} on {data}/{split}; target {status}")
+    click.echo(f"policy {result.policy}, temperatures {', '.join(f'{t:.3g}' for t in result.temperatures)}")
+    click.echo(f"operating point: {describe(result.chosen)}")
     click.echo(f"wrote policy, thresholds, temperatures and calibration curve into {bundle}/manifest.json")
-    if had_graph and manifest.cascade is None:
+    if result.needs_rebuild:
         click.echo(_rebuild_graph(bundle, x))
 
 
@@ -293,7 +263,7 @@ def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str,
     if sweep_points < 2:
         raise ConfigError(f"--sweep-points must be >= 2, got {sweep_points}")
     runner = CascadeRunner(bundle, device=device, threads=threads)
-    x, labels = _load_run_data(runner, data, None, split, data_dir)
+    x, labels = _load_run_data(runner.manifest.input_spec, data, None, split, data_dir)
     if limit is not None:
         x, labels = x[:limit], labels[:limit]
     baselines = {}
