@@ -10,7 +10,9 @@ name every graph with its sha256. Every command that writes a bundle goes throug
   functions from records to records (`with_exits`, `with_static_batch`, `with_profile`,
   `with_calibration`), never edits of `to_dict()` output;
 - cascade.onnx's per-exit defaults (thresholds, beta, temperature) are rewritten in place by
-  `with_graph_defaults` (the graph builder itself needs onnx: export/cascade_graph.py);
+  `with_graph_defaults` (a byte-level edit without the onnx package, kept in runtime/graph.py beside the
+  protobuf helpers that load the tunable copy; writers reach it here); building cascade.onnx itself
+  needs onnx (export/cascade_graph.py);
   `drop_cascade` removes a cascade.onnx that no longer matches the policies;
 - `save_manifest` validates and atomically rewrites manifest.json; in-place edits
   (`save_profile`, `save_calibration`) load, edit and save in one call.
