@@ -7,6 +7,9 @@ Layout, for stage k of a batch of n inputs (level 0 is the top graph, level k+1 
     If Size(idx) > 0:  Gather(features_k, idx) -> level k+1 -> ScatterND its results into level k's
     else:              level k's results as they are
 
+A stage that reads the input (each whole model of a model cascade) reads the graph input's rows of the
+inputs still in: the compacting graph gathers those rows at each exit while a later stage reads them.
+
 So each input leaves at its first accepted exit for any batch size, with one session run and no
 Loop: survivors are compacted as the stage chain compacts them. Why not the alternatives: a Loop
 over the batch with per-input Ifs runs every stage at batch 1 (at batch 64 that gives up batched
@@ -212,15 +215,17 @@ def _branch(graph: _Graph, nodes: list, initializers: list, results: list[str], 
                              initializer=initializers)
 
 
-def _level(graph: _Graph, manifest: Manifest, policies: list[Policy], stages: list[onnx.ModelProto], index: int, x: str,
-           state: str | None) -> tuple[list, list, list[str]]:
-    """Level `index` (stage `index` on input `x`, the rest under an If): nodes, initializers, (scores, prediction, exit).
+def _level(graph: _Graph, manifest: Manifest, policies: list[Policy], stages: list[onnx.ModelProto], index: int, x: str | None,
+           state: str | None, image: str) -> tuple[list, list, list[str]]:
+    """Level `index` (stage `index` on `x`, the previous stage's features, or on `image`, the graph input's rows of the
+    inputs still in; the rest under an If): nodes, initializers, (scores, prediction, exit).
 
     Each exit's decision, and the final stage's prediction, are its policy's own ONNX rule (Policy.emit...)."""
-    nodes, initializers, outputs = _inline_stage(stages[index], index, x)
-    ops = _Ops(graph, nodes)
     spec = manifest.stages[index]
+    nodes, initializers, outputs = _inline_stage(stages[index], index, image if spec.reads_input else x)
+    ops = _Ops(graph, nodes)
     names = spec.output_names
+    features = None if spec.features is None else outputs[spec.features.name]
     if spec.exit is None:
         logits = outputs[names[0]]
         prediction = policies[-1].emit_final(ops, logits, state, index - 1) if policies else ops.argmax(logits)
@@ -234,10 +239,10 @@ def _level(graph: _Graph, manifest: Manifest, policies: list[Policy], stages: li
     exit_index = graph.node(nodes, "Expand", [graph.const("exit", np.array(index, dtype=np.int64)), graph.node(nodes, "Shape", [prediction], "n")], "exit_index")
     types = [TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT64]
     if not graph.compact:  # batch 1: the input leaves here (then) or goes on (else)
-        nodes, later = _split_lazy(nodes, [outputs[names[0]], exits] + ([state] if state else []))
+        nodes, later = _split_lazy(nodes, [name for name in (features, exits, state) if name])
         initializers, later_inits = _split_initializers(initializers, nodes, later)
         leave = _branch(graph, later, later_inits, [scores, prediction, exit_index], types)
-        inner, inner_inits, results = _level(graph, manifest, policies, stages, index + 1, outputs[names[0]], state)
+        inner, inner_inits, results = _level(graph, manifest, policies, stages, index + 1, features, state, image)
         go_on = _branch(graph, inner, inner_inits, results, types)
         return nodes, initializers, graph.node(nodes, "If", [exits], "level", outputs=3, then_branch=leave, else_branch=go_on)
     else_graph = _branch(graph, [], [], [scores, prediction, exit_index], types)
@@ -246,9 +251,11 @@ def _level(graph: _Graph, manifest: Manifest, policies: list[Policy], stages: li
 
     rows = []
     flat = graph.node(rows, "Reshape", [survivors, graph.const("flat", np.array([-1], dtype=np.int64))], "rows")
-    sub_x = graph.node(rows, "Gather", [outputs[names[0]], flat], "sub_x", axis=0)
+    sub_x = None if features is None else graph.node(rows, "Gather", [features, flat], "sub_x", axis=0)
     sub_state = None if state is None else graph.node(rows, "Gather", [state, flat], "sub_state", axis=0)
-    inner, inner_inits, results = _level(graph, manifest, policies, stages, index + 1, sub_x, sub_state)
+    image_later = any(stage.reads_input for stage in manifest.stages[index + 1 :])
+    sub_image = graph.node(rows, "Gather", [image, flat], "sub_image", axis=0) if image_later else image
+    inner, inner_inits, results = _level(graph, manifest, policies, stages, index + 1, sub_x, sub_state, sub_image)
     rows += inner
     at = graph.node(rows, "Transpose", [survivors], "at", perm=[1, 0])
     merged = [graph.node(rows, "ScatterND", [base, at, sub], "merged") for base, sub in zip([scores, prediction, exit_index], results)]
@@ -267,7 +274,7 @@ def build_cascade(manifest: Manifest, compact: bool = True) -> onnx.ModelProto:
     graph = _Graph(opset, compact, len(manifest.exits))
     spec = manifest.input_spec
     policies = manifest_policies(manifest)
-    nodes, initializers, (scores, prediction, exit_index) = _level(graph, manifest, policies, stages, 0, spec.name, None)
+    nodes, initializers, (scores, prediction, exit_index) = _level(graph, manifest, policies, stages, 0, None, None, spec.name)
     graph.initializers += initializers
     nodes = graph.prelude + nodes
     for name, value in graph_vectors(policies).items():
@@ -318,10 +325,10 @@ def write_cascades(manifest: Manifest) -> Manifest:
     and cascade_b1.onnx (the batch-1 graph, what `run` uses for one input per call: the runtime has no onnx package
     to build it, so export writes it). A static batch of 1 gets the batch-1 graph as cascade.onnx and no second
     file; a static batch above 1 neither (compacting survivors needs a symbolic batch): the stage chain runs.
-    Files of graphs the bundle no longer has are removed."""
-    static = manifest.static_batch
-    cascade = write_cascade(manifest, compact=static is None) if static in (None, 1) else None
-    cascade_b1 = write_cascade(manifest, compact=False, file=CASCADE_B1_NAME) if static is None else None
+    Files of graphs the bundle no longer has are removed, and a bundle with no exit (a static network) has none."""
+    static, exits = manifest.static_batch, bool(manifest.exits)
+    cascade = write_cascade(manifest, compact=static is None) if exits and static in (None, 1) else None
+    cascade_b1 = write_cascade(manifest, compact=False, file=CASCADE_B1_NAME) if exits and static is None else None
     written = dataclasses.replace(manifest, cascade=cascade, cascade_b1=cascade_b1)
     for stale in {g.file for g in manifest.cascades} - {g.file for g in written.cascades}:
         manifest.path(stale).unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,23 +40,31 @@ def torch_stage_outputs(model: EarlyExitModel, x: np.ndarray) -> list[list[np.nd
     return stages
 
 
-def verify_bundle_against_model(bundle: Path, model: EarlyExitModel, tolerance: float = TOLERANCE) -> dict:
-    """Compare each stage and full.onnx with PyTorch, then the chain with full.onnx; raise on mismatch."""
+def verify_bundle_against_model(bundle: Path, models: EarlyExitModel | Sequence[EarlyExitModel],
+                                tolerance: float = TOLERANCE) -> dict:
+    """Compare each stage and full.onnx with PyTorch, then the chain with full.onnx; raise on mismatch.
+
+    `models`: the bundle's model, or the models of a model cascade in stage order (full.onnx is the last)."""
+    models = [models] if isinstance(models, EarlyExitModel) else list(models)
     runner = CascadeRunner(bundle, device="cpu")
     report: dict[str, dict[str, float]] = {}
-    for kind, x in verification_inputs(model).items():
-        expected = torch_stage_outputs(model, x)
+    for kind, x in verification_inputs(models[0]).items():
         diffs = {}
-        for index, reference in enumerate(expected):
-            stage_input = x if index == 0 else expected[index - 1][0]
-            got = runner.run_stage(index, stage_input)
-            for name, a, b in zip(runner.output_names[index], got, reference):
-                diff = max_abs_diff(a, b)
-                diffs[name] = diff
-                if diff > tolerance:
-                    raise VerificationError(f"stage_{index}.onnx output '{name}' differs from PyTorch by {diff:.2e} on {kind} inputs")
+        offset = 0
+        for model in models:
+            expected = torch_stage_outputs(model, x)
+            for position, reference in enumerate(expected):
+                index = offset + position
+                stage_input = x if position == 0 else expected[position - 1][0]
+                got = runner.run_stage(index, stage_input)
+                for name, a, b in zip(runner.output_names[index], got, reference):
+                    diff = max_abs_diff(a, b)
+                    diffs[name] = diff
+                    if diff > tolerance:
+                        raise VerificationError(f"stage_{index}.onnx output '{name}' differs from PyTorch by {diff:.2e} on {kind} inputs")
+            offset += len(expected)
         with torch.no_grad():
-            full_ref = model.backbone.eval()(torch.from_numpy(x)).numpy()
+            full_ref = models[-1].backbone.eval()(torch.from_numpy(x)).numpy()
         diffs["full"] = max_abs_diff(runner.predict_full(x), full_ref)
         if diffs["full"] > tolerance:
             raise VerificationError(f"full.onnx differs from PyTorch by {diffs['full']:.2e} on {kind} inputs")

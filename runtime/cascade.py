@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -236,7 +236,11 @@ class CascadeRunner(Runner):
         self.sessions = [self._session(stage.file, stage.inputs, stage.outputs) for stage in self.manifest.stages]
         self.output_names = [stage.output_names for stage in self.manifest.stages]
         self._input_names = [stage.inputs[0].name for stage in self.manifest.stages]
-        self._roles = [list(exit_spec.outputs) for exit_spec in self.manifest.exits]
+        self._reads_input = [stage.reads_input for stage in self.manifest.stages]
+        self._positions = [list(stage.exit_positions.items()) for stage in self.manifest.stages[:-1]]
+        # the no-exit path starts at the last stage that reads the input (earlier whole models cannot change it)
+        self._no_exit_start = max(i for i, reads in enumerate(self._reads_input) if reads)
+        self._input_later = [any(self._reads_input[index + 1 :]) for index in range(len(self._reads_input))]
         # called with (exit index, policy, outputs of the inputs reaching that exit) on every chunk: the drift guard's hook
         self.observer: Callable[[int, Policy, dict[str, np.ndarray]], None] | None = None
 
@@ -249,7 +253,20 @@ class CascadeRunner(Runner):
         return self._run(self.sessions[index], self.output_names[index], self._input_names[index], x)
 
     def _exit_outputs(self, index: int, outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
-        return {role: outputs[1 + i] for i, role in enumerate(self._roles[index])}
+        return {role: outputs[position] for role, position in self._positions[index]}
+
+    def feed(self, index: int, x: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        """What stage `index` reads: the rows `x` of the input, or `features`, the previous stage's first output."""
+        return x if self._reads_input[index] else features
+
+    def stage_feeds(self, x: np.ndarray) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """Every stage on all of `x` (no exiting), in order: (what the stage reads, its outputs)."""
+        features = None
+        for index in range(len(self.sessions)):
+            stage_input = self.feed(index, x, features)
+            outputs = self.run_stage(index, stage_input)
+            yield stage_input, outputs
+            features = outputs[0]
 
     def predict(self, x: np.ndarray, use_exits: bool = True,
                 thresholds: float | Sequence[float] | None = None) -> CascadeResult:
@@ -274,17 +291,17 @@ class CascadeRunner(Runner):
         n = len(x)
         last = len(self.sessions) - 1
         exit_index = np.full(n, last, dtype=np.int64)
-        features = x
+        features = rows = x  # rows: the input rows of the inputs still in the cascade
         if not policies:
-            for index in range(last):
-                features = self.run_stage(index, features)[0]
-            logits = self.run_stage(last, features)[0]
+            for index in range(self._no_exit_start, last):
+                features = self.run_stage(index, self.feed(index, x, features))[0]
+            logits = self.run_stage(last, self.feed(last, x, features))[0]
             return CascadeResult(logits.argmax(axis=1), exit_index, last + 1)
         predictions = np.empty(n, dtype=np.int64)
         alive: np.ndarray | None = None  # indices of the survivors once some input has left
         state = policies[0].start(n, self.manifest.num_classes)
         for index, policy in enumerate(policies):
-            outputs = self.run_stage(index, features)
+            outputs = self.run_stage(index, self.feed(index, rows, features))
             exit_outputs = self._exit_outputs(index, outputs)
             if self.observer is not None:
                 self.observer(index, policy, exit_outputs)
@@ -299,9 +316,10 @@ class CascadeRunner(Runner):
             if not keep.any():
                 return CascadeResult(predictions, exit_index, last + 1)
             alive = np.flatnonzero(keep) if alive is None else alive[keep]
-            features = features[keep]
+            features = features[keep]  # a whole model's logits when its stage has no features: never read
+            rows = x[alive] if self._input_later[index] else rows
             state = None if state is None else state[keep]
-        final = policies[-1].final(self.run_stage(last, features)[0], state)
+        final = policies[-1].final(self.run_stage(last, self.feed(last, rows, features))[0], state)
         if alive is None:
             return CascadeResult(final, exit_index, last + 1)
         predictions[alive] = final
@@ -313,11 +331,9 @@ class CascadeRunner(Runner):
         exits: list[list[dict[str, np.ndarray]]] = [[] for _ in self.policies]
         finals = []
         for start in range(0, len(x), self.chunk_size):
-            features = x[start : start + self.chunk_size]
-            for index in range(len(self.policies)):
-                outputs = self.run_stage(index, features)
-                features = outputs[0]
+            *early, (_, final) = self.stage_feeds(x[start : start + self.chunk_size])
+            for index, (_, outputs) in enumerate(early):
                 exits[index].append(self._exit_outputs(index, outputs))
-            finals.append(self.run_stage(len(self.sessions) - 1, features)[0])
+            finals.append(final[0])
         merged = [{role: np.concatenate([part[role] for part in parts]) for role in parts[0]} for parts in exits]
         return merged, np.concatenate(finals)

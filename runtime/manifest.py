@@ -42,6 +42,10 @@ VECTORS_CONSTANT, VECTORS_INPUT = "constant", "input"
 CASCADE_VECTORS = (VECTORS_CONSTANT, VECTORS_INPUT)
 FP32, INT8 = "fp32", "int8"
 PRECISIONS = (FP32, INT8)
+# what a stage reads: the bundle's input (stage 0; every whole model of a model cascade), or the previous stage's
+# features; manifests written before the field: stage 0 the input, the others the features
+READS_INPUT, READS_FEATURES = "input", "features"
+STAGE_READS = (READS_INPUT, READS_FEATURES)
 
 
 def stage_file(index: int) -> str:
@@ -225,7 +229,11 @@ class StageMacs:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage graph: a backbone segment fused with its exit head (exit None for the final stage)."""
+    """One stage graph: a backbone segment fused with its exit head (exit None for the final stage), or in a model
+    cascade a whole model whose exit is its classifier.
+
+    `reads`: READS_INPUT (the bundle's input) or READS_FEATURES (the previous stage's first output). An early
+    stage outputs [features, *exit outputs], or only its exit outputs when a whole model ends there."""
 
     index: int
     file: str
@@ -235,14 +243,34 @@ class StageSpec:
     macs: StageMacs
     params: int
     exit: ExitSpec | None
+    reads: str = READS_FEATURES
 
     @property
     def output_names(self) -> list[str]:
         return [tensor.name for tensor in self.outputs]
 
+    @property
+    def reads_input(self) -> bool:
+        return self.reads == READS_INPUT
+
+    @property
+    def features(self) -> TensorSpec | None:
+        """The features the next stage may read: the first output of an early stage whose model goes on, else None."""
+        if self.exit is None or self.outputs[0].name in self.exit.outputs.values():
+            return None
+        return self.outputs[0]
+
+    @property
+    def exit_positions(self) -> dict[str, int]:
+        """Role -> position in the stage's outputs of each exit output."""
+        names = self.output_names
+        return {role: names.index(name) for role, name in self.exit.outputs.items()}
+
     @classmethod
-    def from_dict(cls, data: Any, index: int, final: bool, num_classes: int, previous: TensorSpec) -> "StageSpec":
-        """One stage, checked against its place in the chain (`previous` = the tensor it consumes)."""
+    def from_dict(cls, data: Any, index: int, final: bool, num_classes: int, source: TensorSpec,
+                  previous: TensorSpec | None) -> "StageSpec":
+        """One stage, checked against its place in the chain (`source`: the bundle's input; `previous`: the previous
+        stage's features, None when it has none)."""
         where = f"stages[{index}]"
         if require(data, "index", int, where) != index:
             raise invalid(f"{where}.index", f"expected {index}")
@@ -251,6 +279,12 @@ class StageSpec:
         sha = sha256_of(data, where)
         inputs = _tensors(require(data, "inputs", list, where), f"{where}.inputs")
         outputs = _tensors(require(data, "outputs", list, where), f"{where}.outputs")
+        reads = data.get("reads", READS_INPUT if index == 0 else READS_FEATURES)
+        if reads not in STAGE_READS:
+            raise invalid(f"{where}.reads", f"must be one of {', '.join(STAGE_READS)}")
+        if reads == READS_FEATURES and previous is None:
+            raise invalid(f"{where}.reads", "the previous stage has no features output: it must read the input")
+        previous = source if reads == READS_INPUT else previous
         if len(inputs) != 1 or inputs[0] != previous:
             raise invalid(f"{where}.inputs", f"must be the single tensor '{previous.name}' {list(previous.shape)}")
         macs = StageMacs.from_dict(require(data, "macs", dict, where), f"{where}.macs")
@@ -262,11 +296,14 @@ class StageSpec:
             if len(outputs) != 1 or outputs[0].shape[1:] != (num_classes,):
                 raise invalid(f"{where}.outputs", f"final stage must output logits [batch, {num_classes}]")
         else:
-            exit_spec = ExitSpec.from_dict(data.get("exit"), f"{where}.exit", [t.name for t in outputs[1:]])
-        return cls(index, data["file"], sha, inputs, outputs, macs, params, exit_spec)
+            names = [t.name for t in outputs]
+            roles = data["exit"].get("outputs") if isinstance(data.get("exit"), dict) else None
+            ends = isinstance(roles, dict) and all(isinstance(v, str) for v in roles.values()) and sorted(roles.values()) == sorted(names)
+            exit_spec = ExitSpec.from_dict(data.get("exit"), f"{where}.exit", names if ends else names[1:])
+        return cls(index, data["file"], sha, inputs, outputs, macs, params, exit_spec, reads)
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "file": self.file, "sha256": self.sha256,
+        return {"index": self.index, "file": self.file, "sha256": self.sha256, "reads": self.reads,
                 "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
                 "macs": self.macs.to_dict(), "params": self.params,
                 "exit": None if self.exit is None else self.exit.to_dict()}
@@ -370,13 +407,33 @@ class CascadeGraph:
 
 
 @dataclass(frozen=True)
+class MemberInfo:
+    """One model of a model cascade: its backbone, training method, model.pt's sha256 and how many stages it spans."""
+
+    backbone: str
+    method: str
+    sha256: str
+    stages: int
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "MemberInfo":
+        backbone, method = (require(data, key, str, where) for key in ("backbone", "method"))
+        return cls(backbone, method, sha256_of(data, where), count(data, "stages", where, minimum=1))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
-    """How the bundle's model was built (informational: the runtime never needs it)."""
+    """How the bundle's model was built (informational: the runtime never needs it); `members`: the models of a
+    model cascade in stage order (empty for a single model)."""
 
     method: str
     backbone: str
     exit_type: str
     cuts: tuple[str, ...]
+    members: tuple[MemberInfo, ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelInfo":
@@ -384,10 +441,14 @@ class ModelInfo:
         cuts = require(data, "cuts", list, "model")
         if not all(isinstance(c, str) for c in cuts):
             raise invalid("model.cuts", "must be a list of strings")
-        return cls(*values, tuple(cuts))
+        members = data.get("members", [])
+        if not isinstance(members, list):
+            raise invalid("model.members", "must be a list")
+        return cls(*values, tuple(cuts), tuple(MemberInfo.from_dict(m, f"model.members[{i}]") for i, m in enumerate(members)))
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "backbone": self.backbone, "exit_type": self.exit_type, "cuts": list(self.cuts)}
+        entry = {"method": self.method, "backbone": self.backbone, "exit_type": self.exit_type, "cuts": list(self.cuts)}
+        return {**entry, "members": [m.to_dict() for m in self.members]} if self.members else entry
 
 
 @dataclass(frozen=True)
@@ -503,13 +564,13 @@ class Manifest:
         _check_batch_dim("input.shape", input_spec.shape, static_batch)
         full = FullGraph.from_dict(require(data, "full", dict, "manifest"))
         raw_stages = require(data, "stages", list, "manifest")
-        if len(raw_stages) < 2:
-            raise invalid("stages", "need at least one early stage and the final stage")
-        previous = TensorSpec(input_spec.name, input_spec.shape)
+        if not raw_stages:
+            raise invalid("stages", "need at least the final stage")
+        source, previous = TensorSpec(input_spec.name, input_spec.shape), None
         stages = []
         for index, stage in enumerate(raw_stages):
-            stages.append(StageSpec.from_dict(stage, index, index == len(raw_stages) - 1, num_classes, previous))
-            previous = stages[-1].outputs[0]
+            stages.append(StageSpec.from_dict(stage, index, index == len(raw_stages) - 1, num_classes, source, previous))
+            previous = stages[-1].features
         calibration = data.get("calibration")
         if calibration is not None and not isinstance(calibration, dict):
             raise invalid("calibration", "must be an object or null")

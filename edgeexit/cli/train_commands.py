@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from edgeexit.cli.common import BETA_HELP, labeled_data_options, parse_numbers, training_extra
+from edgeexit.cli.common import BETA_HELP, calibration_objective, labeled_data_options, parse_numbers, training_extra
 from edgeexit.cli.runtime_commands import _load_run_data as load_run_data
 from edgeexit.errors import ConfigError
 from edgeexit.runtime.datasets import DATASETS
@@ -142,10 +142,12 @@ def train(**opts: Any) -> None:
 @click.command()
 @click.option("--backbone", required=True, help="Backbone name, e.g. resnet20 or torchvision:resnet18.")
 @data_options(PRETRAIN)
-@click.option("--out", default="backbone.pt", show_default=True, type=click.Path(dir_okay=False), help="Output state_dict.")
+@click.option("--out", default="backbone.pt", show_default=True, type=click.Path(dir_okay=False),
+              help="Output model.pt (a static network: `export` takes it, `train --weights` reads its backbone).")
 @hardware_options
 def pretrain(**opts: Any) -> None:
-    """Train a plain backbone (no exits) and write its state_dict, the input of `train --weights`.
+    """Train a plain backbone (no exits) and write it as a model.pt: `export` makes it a one-stage bundle or a
+    stage of a model cascade (export SMALL.pt BIG.pt OUT/), and `train --weights` reads its backbone.
 
     Example: edgeexit pretrain --backbone torchvision:resnet18 --data digits --input-size 32 --out backbone.pt
     """
@@ -162,17 +164,20 @@ def pretrain(**opts: Any) -> None:
 
 
 @click.command("export")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path())
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--no-verify", is_flag=True, help="Skip the PyTorch parity checks (not recommended).")
 @click.option("--static-batch", type=int, default=None,
               help="Fix every graph's batch dim to N (NNAPI/CoreML need fixed shapes); same as `edgeexit static-batch`.")
-def export_cmd(model: str, out: str, opset: int, no_verify: bool, static_batch: int | None) -> None:
-    """Export model.pt to a bundle of per-stage ONNX graphs plus manifest.json.
+def export_cmd(models: tuple[str, ...], out: str, opset: int, no_verify: bool, static_batch: int | None) -> None:
+    """Export model.pt to a bundle of per-stage ONNX graphs plus manifest.json; several model.pt files (smallest first)
+    make one model cascade whose stages are the whole models, each reading the input.
 
     Example: edgeexit export model.pt bundle/   (for a phone NPU: --static-batch 1)
+             edgeexit export small.pt big.pt bundle/   (a model cascade)
     """
+    model = models[0] if len(models) == 1 else list(models)
     with training_extra():
         from edgeexit.export import export_bundle
         from edgeexit.export.static_batch import static_batch_bundle
@@ -184,8 +189,10 @@ def export_cmd(model: str, out: str, opset: int, no_verify: bool, static_batch: 
             result = export_bundle(model, Path(tmp) / "bundle", opset=opset, verify=not no_verify, progress=echo_err)
             static_batch_bundle(Path(tmp) / "bundle", out, static_batch, echo_err)
     worst = result.worst_diff
-    checked = "not verified" if worst is None else f"verified, max diff {worst:.1e}; cascade.onnx decides as the chain"
-    click.echo(f"wrote {out}: {len(result.manifest.stages)} stages + full.onnx + cascade.onnx ({checked})")
+    graphs = "".join(f" + {graph.file}" for graph in result.manifest.cascades)
+    checked = "not verified" if worst is None else f"verified, max diff {worst:.1e}" + (
+        "; cascade.onnx decides as the chain" if result.manifest.cascades else "")
+    click.echo(f"wrote {out}: {len(result.manifest.stages)} stages + full.onnx{graphs} ({checked})")
 
 
 
@@ -281,13 +288,13 @@ def quantize(bundle: str, out: str, data: str, data_dir: str | None, split: str,
     Example: edgeexit quantize bundle/ bundle-int8/ --data digits --split val
     """
     from edgeexit.runtime.calibrate import describe, stderr_progress
-    from edgeexit.runtime.calibration import parse_objective
-    from edgeexit.runtime.manifest import load_manifest
+    from edgeexit.runtime.cascade import CascadeRunner
 
-    objective = parse_objective(target_drop, budget, required=False, allowed=("target_drop", "budget"))
+    objective = calibration_objective(target_drop, budget, required=False)
     with training_extra():
         from edgeexit.export.quantize import quantize_bundle
-    x, labels = load_run_data(load_manifest(bundle).input_spec, data, None, split, data_dir)
+    runner = CascadeRunner(bundle)
+    x, labels = load_run_data(runner, data, None, split, data_dir)
     manifest = quantize_bundle(bundle, out, x, labels, objective, {"name": data, "split": split}, stderr_progress)
     chosen = manifest.calibration["chosen"]
     click.echo(f"wrote {out}: int8 ({len(manifest.stages)} stages + full.onnx); operating point on {data}/{split}: {describe(chosen)}")
