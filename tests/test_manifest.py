@@ -165,3 +165,18 @@ def test_graph_io_check_refuses_fixed_batch_and_other_dtypes():
         check_graph_io("g.onnx", declared, declared, [arg(["N", 3], "tensor(double)")], [arg(["N", 3])])
     with pytest.raises(BundleError, match="has 2 outputs"):
         check_graph_io("g.onnx", declared, declared, [arg(["N", 3])], [arg(["N", 3]), arg(["N", 3])])
+
+
+def test_bundles_have_one_writer():
+    """Only runtime/bundle.py saves a manifest or writes manifest.json, and no producer edits `to_dict()` output:
+    export, quantize, static-batch, calibrate and profile all go through its typed record edits."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    writes = re.compile(r"def save_manifest|(write_json_atomic|write_text|write_bytes)\([^)]*MANIFEST_NAME|"
+                        r"\w+ = \w+\.to_dict\(\)")
+    sources = [*root.glob("runtime/*.py"), *root.glob("export/*.py"), *root.glob("edgeexit/**/*.py")]
+    assert len(sources) > 20
+    offenders = [str(p.relative_to(root)) for p in sources if p != root / "runtime" / "bundle.py" and writes.search(p.read_text())]
+    assert offenders == []
+    assert writes.search((root / "runtime" / "bundle.py").read_text())  # the pattern does find the one writer
