@@ -24,8 +24,9 @@ from edgeexit.runtime.bundle import save_calibration
 from edgeexit.runtime.calibrate import LatencyTarget, Objective, calibrate, check_objective
 from edgeexit.runtime.cascade import CascadeRunner
 from edgeexit.runtime.graph import auto_engine
-from edgeexit.runtime.latency import find_profile, matching_profile
+from edgeexit.runtime.latency import DEFAULT_PERCENTILE, calibration_profile
 from edgeexit.runtime.manifest import Manifest
+from edgeexit.runtime.robust import RobustSettings
 
 OBJECTIVE_OPTIONS = (("target_drop", "--target-drop POINTS"), ("budget", "--budget FRACTION"), ("latency", "--latency-budget MS"))
 
@@ -48,11 +49,13 @@ class CalibrationOptions:
 
     objective: Objective
     data: dict = dataclasses.field(default_factory=dict)  # what the data was ({"name", "split"}), for the record
-    profile: str | None = None  # device profile name (None: the one matching `run` at batch 1, if any)
-    percentile: str = "50"  # the latency percentile a budget applies to
+    profile: str | None = None  # device profile name (None: this host's, see latency.calibration_profile)
+    percentile: str = DEFAULT_PERCENTILE  # what a latency budget bounds (latency.PERCENTILES)
     threads: int | None = None
     beta: dict | None = None  # class exclusion: fixed policy args ({"beta": B or [B1, ...]}) instead of searching beta
     policy: str | None = None  # None: the bundle's own; a name; or "auto"
+    ensemble: str | None = None  # ensemble at deferral (policies.ensemble_choices); None: as `policy` decides
+    robust: RobustSettings | None = None  # hold the target under these corruptions too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,17 +96,13 @@ def calibrate_bundle(bundle: str | os.PathLike, x: np.ndarray, labels: np.ndarra
     """Choose the bundle's exit policy, thresholds and temperatures for `options` on (x, labels) and write them in."""
     runner = CascadeRunner(bundle, threads=options.threads, policy_args=options.beta)
     kind, value = options.objective
-    if options.profile is not None:
-        profile = find_profile(runner.manifest, options.profile)
-    elif kind == "latency":
-        raise ConfigError("--latency-budget needs --profile NAME (measure one with `edgeexit profile`)")
-    else:
-        profile = matching_profile(runner.manifest, runner.device, options.threads, 1, auto_engine(runner.manifest))  # as `run` picks
-    latency = None if profile is None else LatencyTarget(profile, f"p{options.percentile}")
+    profile = calibration_profile(runner.manifest, options.profile, kind == "latency", auto_engine(runner.manifest),
+                                  options.threads, runner.device)  # the engine `run` picks
+    latency = None if profile is None else LatencyTarget(profile, options.percentile)
     if kind == "latency":
         latency.check_budget(value)
     record = calibrate(runner, x, labels, options.objective, options.data, progress, latency, options.policy,
-                       search_beta=options.beta is None)
+                       search_beta=options.beta is None, robust=options.robust, ensemble=options.ensemble)
     if options.beta is not None and record["policy"] == "exclusion":
         record["chosen"]["betas"] = [p.args["beta"] for p in runner.policies]
     had_graph = runner.manifest.cascade is not None

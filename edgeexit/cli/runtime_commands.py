@@ -212,12 +212,15 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
 
     options = CalibrationOptions(
         objective=parse_objective(target_drop, budget, latency_budget), data={"name": data, "split": split},
-        profile=profile_name, percentile=percentile, threads=threads, beta=beta_args(beta), policy=policy)
+        profile=profile_name, percentile=percentile, threads=threads, beta=beta_args(beta), policy=policy,
+        ensemble=ensemble)
     x, labels = _load_run_data(load_manifest(bundle, check_hashes=False).input_spec, data, None, split, data_dir)
     result = calibrate_bundle(bundle, x, labels, options, stderr_progress)
     status = "met" if result.met else "NOT met (closest point chosen)"
     click.echo(f"reference accuracy {result.reference_accuracy:.4f} on {data}/{split}; target {status}")
-    click.echo(f"policy {result.policy}, temperatures {', '.join(f'{t:.3g}' for t in result.temperatures)}")
+    mixed = result.record.get("ensemble", {})
+    weights = f" with {mixed['mode']} ensemble, weights {', '.join(f'{w:.3g}' for w in mixed['weights'])}" if "weights" in mixed else ""
+    click.echo(f"policy {result.policy}{weights}, temperatures {', '.join(f'{t:.3g}' for t in result.temperatures)}")
     click.echo(f"operating point: {describe(result.chosen)}")
     click.echo(f"wrote policy, thresholds, temperatures and calibration curve into {bundle}/manifest.json")
     if result.needs_rebuild:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from edgeexit.cli.common import BETA_HELP, calibration_objective, labeled_data_options, parse_numbers, training_extra
+from edgeexit.cli.common import BETA_HELP, labeled_data_options, parse_numbers, training_extra
 from edgeexit.cli.runtime_commands import _load_run_data as load_run_data
 from edgeexit.errors import ConfigError
 from edgeexit.runtime.datasets import DATASETS
@@ -288,13 +288,13 @@ def quantize(bundle: str, out: str, data: str, data_dir: str | None, split: str,
     Example: edgeexit quantize bundle/ bundle-int8/ --data digits --split val
     """
     from edgeexit.runtime.calibrate import describe, stderr_progress
-    from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.calibration import parse_objective
+    from edgeexit.runtime.manifest import load_manifest
 
-    objective = calibration_objective(target_drop, budget, required=False)
+    objective = parse_objective(target_drop, budget, required=False, allowed=("target_drop", "budget"))
     with training_extra():
         from edgeexit.export.quantize import quantize_bundle
-    runner = CascadeRunner(bundle)
-    x, labels = load_run_data(runner, data, None, split, data_dir)
+    x, labels = load_run_data(load_manifest(bundle).input_spec, data, None, split, data_dir)
     manifest = quantize_bundle(bundle, out, x, labels, objective, {"name": data, "split": split}, stderr_progress)
     chosen = manifest.calibration["chosen"]
     click.echo(f"wrote {out}: int8 ({len(manifest.stages)} stages + full.onnx); operating point on {data}/{split}: {describe(chosen)}")
