@@ -12,7 +12,9 @@ from edgeexit.cli.common import (
     BETA_HELP, DATA_DIR_OPTION, DEVICE_HELP, beta_args, labeled_data_options, parse_numbers, training_extra,
 )
 from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
+from edgeexit.runtime.corruptions import CORRUPTIONS, DEFAULT_SEVERITY, MAX_SEVERITY
 from edgeexit.runtime.datasets import DATASETS
+from edgeexit.runtime.drift import DEFAULT_WINDOW, GUARD_MODES
 from edgeexit.runtime.profiles import ENGINES
 from edgeexit.runtime.files import write_json_atomic
 from edgeexit.runtime.policies import ensemble_choices, ensemble_policies
@@ -55,14 +57,19 @@ def _load_run_data(spec: Any, data: str | None, input_path: str | None, split: s
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="graph: cascade.onnx, one session run per batch; chain: one session per stage; auto: graph when the bundle has cascade.onnx.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
+@click.option("--guard", type=click.Choice(GUARD_MODES), default="off", show_default=True,
+              help="Drift guard: compare exit shares per window with the calibration's; warn: one line per window out of "
+                   "range; fallback: also raise the thresholds toward full.onnx while out of range.")
+@click.option("--guard-window", type=int, default=DEFAULT_WINDOW, show_default=True, help="Inputs per drift-guard window.")
 def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_path: str | None, split: str, threshold: str | None,
         beta: str | None, policy: str | None, ensemble: str | None, batch_size: int, threads: int | None, engine: str,
-        json_path: str | None) -> None:
+        json_path: str | None, guard: str, guard_window: int) -> None:
     """Run a bundle as an early-exit cascade and report accuracy, MACs, exits and latency.
 
     Example: edgeexit run bundle/ --device cpu --data digits --json report.json
     """
     from edgeexit.runtime.graph import open_runner
+    from edgeexit.runtime.drift import GuardSettings
     from edgeexit.runtime.report import run_report
 
     if batch_size < 1:
@@ -70,7 +77,7 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
     runner = open_runner(bundle, engine, device=device, threads=threads, thresholds=parse_numbers(threshold),
                          policy_args=beta_args(beta), policy=policy, ensemble=ensemble)
     x, labels = _load_run_data(runner.manifest.input_spec, data, input_path, split, data_dir)
-    report, result = run_report(runner, x, labels, batch_size)
+    report, result = run_report(runner, x, labels, batch_size, guard=GuardSettings(guard, guard_window))
     if labels is None:
         report["predictions"] = result.predictions.tolist()
         report["exit_index"] = result.exit_index.tolist()
@@ -192,9 +199,16 @@ def verify(bundle: str, device: str, samples: int) -> None:
               help="Ensemble at deferral (weighted arithmetic or geometric mean of the class probabilities of every exit "
                    "so far, weights fitted by NLL on the data): none or one (default: with --policy auto each is tried, "
                    "else the bundle's own).")
+@click.option("--robust", is_flag=True,
+              help="Meet the target on the data and on it under each corruption of --families (drop against full.onnx on "
+                   "the same corrupted inputs); the record reports drop and MACs per family.")
+@click.option("--families", default=None, help=f"Corruption families for --robust, comma-separated (default: all): {CORRUPTIONS.choices()}.")
+@click.option("--severity", type=click.IntRange(1, MAX_SEVERITY), default=DEFAULT_SEVERITY, show_default=True,
+              help="Corruption severity for --robust.")
 def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_drop: float | None, budget: float | None,
               latency_budget: float | None, percentile: str, profile_name: str | None, threads: int | None,
-              beta: str | None, policy: str | None, ensemble: str | None) -> None:
+              beta: str | None, policy: str | None, ensemble: str | None, robust: bool, families: str | None,
+              severity: int) -> None:
     """Choose the exit policy, per-exit thresholds and temperatures for an accuracy-drop, MACs-budget or latency-budget
     target and write them into the manifest.
 
@@ -208,12 +222,16 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     """
     from edgeexit.runtime.calibrate import describe, stderr_progress
     from edgeexit.runtime.calibration import CalibrationOptions, calibrate_bundle, parse_objective
+    from edgeexit.runtime.corruptions import parse_families
     from edgeexit.runtime.manifest import load_manifest
+    from edgeexit.runtime.robust import RobustSettings
 
+    if families is not None and not robust:
+        raise ConfigError("--families chooses the corruptions of --robust: add --robust")
     options = CalibrationOptions(
         objective=parse_objective(target_drop, budget, latency_budget), data={"name": data, "split": split},
         profile=profile_name, percentile=percentile, threads=threads, beta=beta_args(beta), policy=policy,
-        ensemble=ensemble)
+        ensemble=ensemble, robust=RobustSettings(tuple(parse_families(families)), severity) if robust else None)
     x, labels = _load_run_data(load_manifest(bundle, check_hashes=False).input_spec, data, None, split, data_dir)
     result = calibrate_bundle(bundle, x, labels, options, stderr_progress)
     status = "met" if result.met else "NOT met (closest point chosen)"
@@ -222,6 +240,9 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     weights = f" with {mixed['mode']} ensemble, weights {', '.join(f'{w:.3g}' for w in mixed['weights'])}" if "weights" in mixed else ""
     click.echo(f"policy {result.policy}{weights}, temperatures {', '.join(f'{t:.3g}' for t in result.temperatures)}")
     click.echo(f"operating point: {describe(result.chosen)}")
+    for name, entry in result.record.get("robust", {}).get("sets", {}).items():
+        click.echo(f"  {name:<12} full.onnx {entry['reference_accuracy']:.4f}  cascade {entry['accuracy']:.4f}  "
+                   f"drop {entry['drop_points']:.2f} points  relative MACs {entry['relative_macs']:.3f}")
     click.echo(f"wrote policy, thresholds, temperatures and calibration curve into {bundle}/manifest.json")
     if result.needs_rebuild:
         click.echo(_rebuild_graph(bundle, x))
