@@ -1,5 +1,5 @@
 """Runtime commands (torch-free; a torchvision --data set or --model baseline needs the [train] extra):
-run, info, verify, calibrate, bench."""
+run, info, verify, calibrate, bench, profile."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,10 @@ from edgeexit.cli.common import (
 )
 from edgeexit.errors import ConfigError, MissingExtraError, VerificationError
 from edgeexit.runtime.corruptions import CORRUPTIONS, DEFAULT_SEVERITY, MAX_SEVERITY
-from edgeexit.runtime.datasets import DATASETS
+from edgeexit.runtime.datasets import DATASETS, DEFAULT_DATA
 from edgeexit.runtime.drift import DEFAULT_WINDOW, GUARD_MODES
+from edgeexit.runtime.latency import DEFAULT_PERCENTILE, PERCENTILES
+from edgeexit.runtime.bench import BENCH_ENGINES
 from edgeexit.runtime.profiles import ENGINES
 from edgeexit.runtime.files import write_json_atomic
 from edgeexit.runtime.policies import ensemble_choices, ensemble_policies
@@ -28,19 +30,18 @@ def _load_run_data(spec: Any, data: str | None, input_path: str | None, split: s
     if input_path is not None:
         x, _ = load_input(input_path, spec)
         return x, None
-    name = data or "digits"
-    if DATASETS.resolve(name)[0].torchvision is None:
-        return load_eval_data(name, split, spec)
-    with training_extra():
-        from edgeexit import workflows
-    return workflows.eval_arrays(name, split, spec, data_dir)
+    name = data or DEFAULT_DATA
+    if DATASETS.resolve(name)[0].needs_torch:
+        with training_extra():
+            import edgeexit.train.data  # noqa: F401  (attaches the torchvision sets' loaders to DATASETS)
+    return load_eval_data(name, split, spec, data_dir)
 
 
 
 @click.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
-@click.option("--data", default=None, help=f"Labeled data (default digits): {DATASETS.choices()}.")
+@click.option("--data", default=None, help=f"Labeled data (default {DEFAULT_DATA}): {DATASETS.choices()}.")
 @DATA_DIR_OPTION
 @click.option("--input", "input_path", default=None, help="An image, a folder of images or a .npy array.")
 @click.option("--split", default="test", show_default=True, help="Data split to evaluate: train, val, test or all.")
@@ -55,7 +56,8 @@ def _load_run_data(spec: Any, data: str | None, input_path: str | None, split: s
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
-              help="graph: cascade.onnx, one session run per batch; chain: one session per stage; auto: graph when the bundle has cascade.onnx.")
+              help="graph: cascade.onnx (cascade_b1.onnx at batch size 1), one session run per batch; chain: one session "
+                   "per stage; auto: graph when the bundle has cascade.onnx.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report here.")
 @click.option("--guard", type=click.Choice(GUARD_MODES), default="off", show_default=True,
               help="Drift guard: compare exit shares per window with the calibration's; warn: one line per window out of "
@@ -74,8 +76,8 @@ def run(bundle: str, device: str, data: str | None, data_dir: str | None, input_
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    runner = open_runner(bundle, engine, device=device, threads=threads, thresholds=parse_numbers(threshold),
-                         policy_args=beta_args(beta), policy=policy, ensemble=ensemble)
+    runner = open_runner(bundle, engine, device=device, batch_size=batch_size, threads=threads,
+                         thresholds=parse_numbers(threshold), policy_args=beta_args(beta), policy=policy, ensemble=ensemble)
     x, labels = _load_run_data(runner.manifest.input_spec, data, input_path, split, data_dir)
     report, result = run_report(runner, x, labels, batch_size, guard=GuardSettings(guard, guard_window))
     if labels is None:
@@ -110,14 +112,19 @@ def format_expected(entry: dict) -> str:
 
 @click.command()
 @click.argument("bundle", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest (model.pt: its records) as JSON.")
 def info(bundle: str, as_json: bool) -> None:
-    """Describe a bundle: input, stages, MACs, exit policies.
+    """Describe a bundle: input, stages, MACs, exit policies; or a model.pt: the model and its training recipe.
 
-    Example: edgeexit info bundle/
+    Example: edgeexit info bundle/   (or: edgeexit info model.pt, which needs the [train] extra)
     """
     from edgeexit.runtime.manifest import load_manifest
 
+    if Path(bundle).is_file():
+        with training_extra():
+            from edgeexit.workflows import describe_model, model_record
+        click.echo(json.dumps(model_record(bundle), indent=2) if as_json else "\n".join(describe_model(bundle)))
+        return
     manifest = load_manifest(bundle)
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
@@ -146,6 +153,8 @@ def describe_bundle(manifest: Any, name: str) -> list[str]:
     if manifest.cascade:
         vectors = ", ".join(f"{t.name} {list(t.default)}" for t in manifest.cascade.inputs[1:])
         lines.append(f"{manifest.cascade.file}: the whole cascade in one graph; per-exit vectors ({manifest.cascade.vectors}): {vectors}")
+    if manifest.cascade_b1:
+        lines.append(f"{manifest.cascade_b1.file}: the same at batch 1 without survivor compaction (`run` uses it for one input per call)")
     for key, profile in manifest.profiles.items():
         lines.append(f"profile {key}: full.onnx p50 {profile.full.p50:.3f} ms; leaving at each exit p50 "
                      + ", ".join(f"{t.p50:.3f}" for t in profile.exits) + " ms")
@@ -185,11 +194,11 @@ def verify(bundle: str, device: str, samples: int) -> None:
 @click.option("--target-drop", type=float, default=None, help="Lowest MACs within this accuracy drop (percentage points vs the final classifier).")
 @click.option("--budget", type=float, default=None, help="Best accuracy within this fraction of the full model's MACs.")
 @click.option("--latency-budget", type=float, default=None,
-              help="Best accuracy whose predicted latency (ms per call, on --profile) is within this budget.")
-@click.option("--percentile", type=click.Choice(["50", "95"]), default="50", show_default=True,
-              help="Latency percentile the budget applies to.")
+              help="Best accuracy whose predicted latency (ms, see --percentile) is within this budget.")
+@click.option("--percentile", type=click.Choice(PERCENTILES), default=DEFAULT_PERCENTILE, show_default=True,
+              help="What the budget bounds: mean (ms per input) or the 95th/99th percentile of ms per call.")
 @click.option("--profile", "profile_name", default=None,
-              help="Device profile (see `edgeexit info`) for --latency-budget and for predicted latencies.")
+              help="Device profile (see `edgeexit info`; default: this host's one profile of the engine `run` picks).")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
 @click.option("--beta", default=None, help=BETA_HELP + " Fixes beta instead of searching it.")
 @click.option("--policy", default=None,
@@ -218,7 +227,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     \b
     Example: edgeexit calibrate bundle/ --data digits --split val --target-drop 1.0 --policy auto
     Latency: edgeexit profile bundle/ --threads 1 --batch-size 1, then
-      edgeexit calibrate bundle/ --latency-budget 0.5 --percentile 95 --profile HOST/cpu/t1/b1/chain
+      edgeexit calibrate bundle/ --latency-budget 0.5 --percentile 95
     """
     from edgeexit.runtime.calibrate import describe, stderr_progress
     from edgeexit.runtime.calibration import CalibrationOptions, calibrate_bundle, parse_objective
@@ -230,8 +239,8 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
         raise ConfigError("--families chooses the corruptions of --robust: add --robust")
     options = CalibrationOptions(
         objective=parse_objective(target_drop, budget, latency_budget), data={"name": data, "split": split},
-        profile=profile_name, percentile=percentile, threads=threads, beta=beta_args(beta), policy=policy,
-        ensemble=ensemble, robust=RobustSettings(tuple(parse_families(families)), severity) if robust else None)
+        profile=profile_name, percentile=percentile, threads=threads, beta=beta_args(beta), policy=policy, ensemble=ensemble,
+        robust=RobustSettings(tuple(parse_families(families)), severity) if robust else None)
     x, labels = _load_run_data(load_manifest(bundle, check_hashes=False).input_spec, data, None, split, data_dir)
     result = calibrate_bundle(bundle, x, labels, options, stderr_progress)
     status = "met" if result.met else "NOT met (closest point chosen)"
@@ -272,21 +281,26 @@ def _rebuild_graph(bundle: str, x: Any) -> str:
               help="torch device of the --model eager baseline: auto, cpu, cuda, cuda:N or mps.")
 @click.option("--limit", type=int, default=None, help="Use only the first N inputs.")
 @click.option("--sweep-points", type=int, default=6, show_default=True, help="Thresholds timed in the sweep.")
+@click.option("--engine", type=click.Choice(BENCH_ENGINES), default="auto", show_default=True,
+              help="Cascade engine to time: auto (the one `run` picks), graph, chain, or both (run's first).")
 @click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json and PNGs.")
 def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str, threads: int | None, batch_size: int,
-          model_path: str | None, eager_device: str, limit: int | None, sweep_points: int, out: str) -> None:
+          model_path: str | None, eager_device: str, limit: int | None, sweep_points: int, engine: str, out: str) -> None:
     """Measure full.onnx vs the cascade (and PyTorch eager) on the same inputs; write bench.json and plots.
+
+    The cascade runs on the engine `run` would use (--engine both: that one and the other, interleaved).
 
     Example: edgeexit bench bundle/ --data digits --threads 1 --batch-size 1 --model model.pt --out bench/
     """
-    from edgeexit.runtime.bench import run_bench
+    from edgeexit.runtime.bench import bench_runners, run_bench
     from edgeexit.runtime.bench_plots import write_plots
     from edgeexit.runtime.calibrate import stderr_progress
-    from edgeexit.runtime.cascade import CascadeRunner
 
     if sweep_points < 2:
         raise ConfigError(f"--sweep-points must be >= 2, got {sweep_points}")
-    runner = CascadeRunner(bundle, device=device, threads=threads)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    runner, *others = bench_runners(bundle, engine, batch_size, device=device, threads=threads)
     x, labels = _load_run_data(runner.manifest.input_spec, data, None, split, data_dir)
     if limit is not None:
         x, labels = x[:limit], labels[:limit]
@@ -295,7 +309,7 @@ def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str,
         with training_extra():
             from edgeexit.train.eager import eager_predictor
         baselines["pytorch_eager"] = eager_predictor(model_path, threads, eager_device)
-    report = run_bench(runner, x, labels, batch_size, baselines, sweep_points, progress=stderr_progress)
+    report = run_bench(runner, x, labels, batch_size, baselines, sweep_points, progress=stderr_progress, others=others)
     write_json_atomic(Path(out) / "bench.json", report)
     click.echo(format_bench(report))
     try:
@@ -313,13 +327,16 @@ def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str,
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Inputs per call.")
 @click.option("--repeats", type=int, default=100, show_default=True, help="Timed calls per stage and exit (after warm-up).")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
-              help="Engine to profile: graph (cascade.onnx), chain (one session per stage), auto: the one `run` picks.")
+              help="Engine to profile: graph (cascade.onnx; cascade_b1.onnx at batch size 1), chain (one session per "
+                   "stage), auto: the one `run` picks.")
 def profile(bundle: str, device: str, threads: int | None, batch_size: int, repeats: int, engine: str) -> None:
     """Measure each stage's and exit's latency and full.onnx on this machine; store a device profile in the manifest.
 
     Profiles are keyed HOST/DEVICE/tTHREADS/bBATCH/ENGINE; several live side by side (one bundle,
     profiled on a workstation and again on the board). run, bench and calibrate then report the
-    latency a profile predicts; `calibrate --latency-budget MS --profile NAME` targets it.
+    latency a profile predicts; `calibrate --latency-budget MS` targets this host's profile of the
+    engine `run` picks (or --profile NAME). The graph engine at batch 1 is cascade_b1.onnx when the
+    bundle has it, as in `run`.
 
     Example: edgeexit profile bundle/ --device cpu --threads 1 --batch-size 1
     """
@@ -329,7 +346,7 @@ def profile(bundle: str, device: str, threads: int | None, batch_size: int, repe
     from edgeexit.runtime.profile import measure_profile
     from edgeexit.runtime.bundle import save_profile
 
-    runner = open_runner(bundle, engine, device=device, threads=threads)
+    runner = open_runner(bundle, engine, device=device, batch_size=batch_size, threads=threads)
     measured = measure_profile(runner, batch_size, repeats, stderr_progress)
     save_profile(bundle, measured)
     for line in describe_profile(measured):
@@ -339,19 +356,22 @@ def profile(bundle: str, device: str, threads: int | None, batch_size: int, repe
 
 def format_bench(report: dict) -> str:
     """A small table of a bench report."""
-    rows = [name for name in ("full_onnx", "cascade", "cascade_no_exit", "pytorch_eager") if name in report]
-    lines = [f"{'variant':<17}{'accuracy':>9}{'rel. MACs':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'inputs/s':>10}"]
+    rows = ["full_onnx", *(name for name in report if name.startswith("cascade")), *(["pytorch_eager"] if "pytorch_eager" in report else [])]
+    lines = [f"cascade engine: {report['engine']}",
+             f"{'variant':<23}{'accuracy':>9}{'rel. MACs':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'inputs/s':>10}"]
     for name in rows:
         row, lat = report[name], report[name]["latency_ms"]
         acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-        lines.append(f"{name:<17}{acc:>9}{row['relative_macs']:>10.3f}{lat['p50']:>9.3f}{lat['p95']:>9.3f}"
+        lines.append(f"{name:<23}{acc:>9}{row['relative_macs']:>10.3f}{lat['p50']:>9.3f}{lat['p95']:>9.3f}"
                      f"{lat['p99']:>9.3f}{row['throughput_per_s']:>10.0f}")
     speed = report["speedup"]
-    if report["cascade"]["predicted_latency_ms"] is not None:
-        lines.append(f"cascade latency per input: predicted {report['predicted_latency_ms']:.4f} ms, measured "
-                     f"{report['measured_latency_ms']:.4f} ms (profile {report['cascade']['expected_latency']['profile']})")
+    for name in (name for name in rows if name.startswith("cascade") and not name.endswith("no_exit")):
+        if report[name]["predicted_latency_ms"] is not None:
+            lines.append(f"{name} latency per input: predicted {report[name]['predicted_latency_ms']:.4f} ms, measured "
+                         f"{report[name]['measured_latency_ms']:.4f} ms (profile {report[name]['expected_latency']['profile']})")
+    no_exit = f"; no-exit/full {speed['no_exit_over_full']:.3f}" if "no_exit_over_full" in speed else ""
     lines.append(f"speedup realized {speed['realized']:.2f}x vs MACs-predicted {speed['macs_predicted']:.2f}x "
-                 f"(ratio {speed['realized_over_predicted']:.2f}); no-exit/full {speed['no_exit_over_full']:.3f}")
+                 f"(ratio {speed['realized_over_predicted']:.2f}){no_exit}")
     if "oracle" in report:
         lines.append(f"oracle: accuracy {report['oracle']['accuracy']:.4f} at relative MACs {report['oracle']['relative_macs']:.3f}")
     return "\n".join(lines)
