@@ -29,22 +29,20 @@ from edgeexit.runtime.manifest import (
     READS_INPUT,
     InputSpec,
     Manifest,
-    MemberInfo,
-    ModelInfo,
     PolicySpec,
-    Producer,
     StageMacs,
     StageSpec,
     TensorSpec,
     stage_file,
 )
+from edgeexit.runtime.provenance import MemberInfo, ModelInfo, Producer
 from edgeexit.runtime.bundle import save_manifest, staged_bundle
 from edgeexit.runtime.files import sha256_file
 from edgeexit.runtime.policies import get_policy
 
 INPUT_NAME = "input"
 CASCADE_METHOD = "cascade"  # the model record's method for a bundle of several models
-WHOLE_MODEL_POLICY = "max_softmax"  # the exit of a whole model that is not the last
+CASCADE_POLICY = "max_softmax"  # the policy of every exit of a model cascade (calibrate may choose another)
 
 
 def _features_name(index: int) -> str:
@@ -88,12 +86,17 @@ def load_members(paths: Sequence[str | os.PathLike]) -> list[Member]:
             if value(member.model.config) != value(first.model.config):
                 raise ConfigError(f"model.pt files disagree on {what}: {first.path.name} has {value(first.model.config)}, "
                                   f"{member.path.name} has {value(member.model.config)}; a model cascade needs one input")
+    for member in members if len(members) > 1 else []:  # a single model keeps its own exit policy
+        if any("logits" not in head.outputs for head in member.model.exits):
+            raise ConfigError(f"{member.path.name}: a model cascade's exits need class logits ({CASCADE_POLICY}); "
+                              f"its {member.model.config.exit_type} exits have none")
     return members
 
 
-def _whole_model_exit(name: str) -> ExitSpec:
-    """The exit of a stage where a whole model (not the last) ends: its classifier's logits, read by max-softmax."""
-    return ExitSpec({"logits": name}, PolicySpec(WHOLE_MODEL_POLICY, get_policy(WHOLE_MODEL_POLICY).default_threshold))
+def _cascade_policy() -> PolicySpec:
+    """Every exit's policy in a model cascade (one kind on every exit, as calibrate expects): max-softmax, which
+    reads the class logits that every exit, a whole model's classifier included, has."""
+    return PolicySpec(CASCADE_POLICY, get_policy(CASCADE_POLICY).default_threshold)
 
 
 def write_graphs(members: Sequence[EarlyExitModel], folder: Path, opset: int,
@@ -117,13 +120,14 @@ def write_graphs(members: Sequence[EarlyExitModel], folder: Path, opset: int,
                 module, outputs, exit_spec = SingleOutput(segment), ["logits"], None
             elif ends:
                 module, outputs = SingleOutput(segment), _exit_names(index, ("logits",))
-                exit_spec = _whole_model_exit(outputs[0])
+                exit_spec = ExitSpec({"logits": outputs[0]}, _cascade_policy())
             else:
                 head = heads[position]
                 roles = tuple(head.outputs)
                 module = FusedStage(segment, head)
                 outputs = [_features_name(index), *_exit_names(index, roles)]
-                exit_spec = ExitSpec(dict(zip(roles, outputs[1:])), config.exit_policy(position), config.cuts[position])
+                policy = config.exit_policy(position) if len(members) == 1 else _cascade_policy()
+                exit_spec = ExitSpec(dict(zip(roles, outputs[1:])), policy, config.cuts[position])
             progress(f"exporting {stage_file(index)}")
             graph = export_graph(module, example, folder / stage_file(index), previous.name, outputs, opset)
             inputs, outs = graph_io(graph)
