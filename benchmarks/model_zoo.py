@@ -72,22 +72,22 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build(name: str, work: Path) -> tuple[Path, dict[str, Any]]:
-    """Steps 1-2: trace, place two exits (pareto), write model.pt; returns it and what was learned."""
+def build(name: str, work: Path, row: dict[str, Any]) -> Path:
+    """Steps 1-2: trace, place two exits (pareto), write model.pt; `row` gets the cut points, MACs and cuts as found."""
     method = get_method("eenet")
     resolved = resolve_backbone(name)
     torch.manual_seed(0)
     net = build_backbone(name, NUM_CLASSES, INPUT_SHAPE[0])
     graph = CutGraph(net, INPUT_SHAPE)
-    cuts = [point.name for point in place_exits("pareto", 2, graph.candidates)]
+    row.update(cut_points=len(graph.candidates), full_mmacs=graph.full_macs / 1e6,
+               params_m=sum(p.numel() for p in net.parameters()) / 1e6)
+    cuts = row["cuts"] = [point.name for point in place_exits("pareto", 2, graph.candidates)]
     config = ModelConfig(backbone=name, backbone_source=resolved.source, method="eenet", exit_type=method.exit_type,
                          cuts=cuts, num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE, mean=IMAGENET_MEAN,
                          std=IMAGENET_STD, policy=method.policy, frozen_backbone=method.frozen_backbone)
     model = EarlyExitModel(config, backbone=net).eval()
     save_model(model, work / "model.pt")
-    params = sum(p.numel() for p in net.parameters())
-    return work / "model.pt", {"cut_points": len(graph.candidates), "cuts": cuts, "full_mmacs": graph.full_macs / 1e6,
-                               "params_m": params / 1e6}
+    return work / "model.pt"
 
 
 def session(source: Path | bytes, threads: int = 1) -> ort.InferenceSession:
@@ -138,8 +138,7 @@ def run_one(name: str, work: Path, timing: bool, samples: int) -> dict[str, Any]
     step = "build"
     start = time.perf_counter()
     try:
-        model_pt, row_build = build(name, work)
-        row.update(row_build)
+        model_pt = build(name, work, row)
         step = "export"
         progress(f"{name}: exporting (cuts {', '.join(row['cuts'])})")
         started = time.perf_counter()
