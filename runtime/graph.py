@@ -63,7 +63,7 @@ class GraphRunner(Runner):
     def _call_feeds(self, thresholds: float | Sequence[float] | None) -> dict[str, np.ndarray]:
         """feeds() for a predict call (the runner's policies, or copies at `thresholds`), reused while calls repeat
         the same thresholds on the same policies (run, a profile, a sweep): building them costs tens of
-        microseconds, a tenth of a small model's batch-1 call. One tuple, swapped whole: safe across threads."""
+        microseconds, several points of a small model's batch-1 call. One tuple, swapped whole: safe across threads."""
         policies, key = self.policies, thresholds if thresholds is None or np.isscalar(thresholds) else tuple(thresholds)
         last = self._last_feeds
         if last is None or last[0] is not policies or last[1] != key:
