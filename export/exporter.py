@@ -120,7 +120,7 @@ def write_graphs(members: Sequence[EarlyExitModel], folder: Path, opset: int,
                 module, outputs, exit_spec = SingleOutput(segment), ["logits"], None
             elif ends:
                 module, outputs = SingleOutput(segment), _exit_names(index, ("logits",))
-                exit_spec = ExitSpec({"logits": outputs[0]}, _cascade_policy())
+                exit_spec = ExitSpec({"logits": outputs[0]}, _cascade_policy(), f"{config.backbone} logits")
             else:
                 head = heads[position]
                 roles = tuple(head.outputs)

@@ -41,12 +41,11 @@ def _quantization_module() -> ModuleType:
 
 
 def chain_inputs(runner: CascadeRunner, x: np.ndarray) -> list[np.ndarray]:
-    """What each stage receives in the fp32 chain for inputs x: x itself, then each early stage's features."""
-    inputs = [x]
-    for index in range(len(runner.sessions) - 1):
-        inputs.append(np.concatenate([runner.run_stage(index, inputs[-1][i : i + runner.chunk_size])[0]
-                                      for i in range(0, len(x), runner.chunk_size)]))
-    return inputs
+    """What each stage receives in the fp32 chain for inputs x: x itself for a stage that reads the input, else the
+    previous stage's features."""
+    chunks = [[stage_input for stage_input, _ in runner.stage_feeds(x[i : i + runner.chunk_size])]
+              for i in range(0, len(x), runner.chunk_size)]
+    return [np.concatenate(parts) for parts in zip(*chunks)]
 
 
 def _batches(name: str, data: np.ndarray) -> Iterator[dict[str, np.ndarray]]:

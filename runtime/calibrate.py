@@ -197,13 +197,14 @@ def stderr_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def check_objective(objective: Objective) -> Objective:
-    """ConfigError unless the objective is a drop >= 0 points or a MACs budget in (0, 1]."""
+def check_objective(objective: Objective, max_budget: float = 1.0) -> Objective:
+    """ConfigError unless the objective is a drop >= 0 points or a MACs budget in (0, max_budget] (relative to
+    full.onnx; a model cascade's stages add up to more than its last model, so calibrate allows its full cost)."""
     kind, value = objective
     if kind == "target_drop" and not value >= 0:
         raise ConfigError(f"--target-drop must be >= 0 percentage points, got {value}")
-    if kind == "budget" and not 0 < value <= 1:
-        raise ConfigError(f"--budget must be a fraction of the full model's MACs in (0, 1], got {value}")
+    if kind == "budget" and not (0 < value <= max_budget or math.isclose(value, max_budget)):
+        raise ConfigError(f"--budget must be a fraction of the full model's MACs in (0, {max_budget:g}], got {value}")
     if kind == "latency" and not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"--latency-budget must be a positive number of milliseconds, got {value}")
     if kind not in ("target_drop", "budget", "latency"):
@@ -228,7 +229,7 @@ def choose_thresholds(
     inputs under corruptions, robust.corrupted_sets), the objective holds on every set (robust.RobustSimulator,
     grids pooled over the sets); curve, front and chosen point stay the clean data's, and the record's
     `robust` entry gives the drop, MACs and exits per set at the chosen thresholds."""
-    kind, value = check_objective(objective)
+    kind, value = check_objective(objective, max(1.0, exit_costs[-1]))
     if kind == "latency" and latency is not None:
         latency.check_budget(value)
     reference = float((final_logits.argmax(axis=1) == labels).mean())
@@ -410,7 +411,9 @@ def calibrate(
     """
     if len(x) != len(labels):
         raise ConfigError(f"calibration data has {len(x)} inputs but {len(labels)} labels")
-    kind, value = check_objective(objective)
+    if not runner.manifest.exits:
+        raise ConfigError("this bundle has no exit (a static network): there is nothing to calibrate")
+    kind, value = check_objective(objective, max(1.0, runner.manifest.exit_costs()[-1]))
     if kind == "latency":
         if latency is None:
             raise ConfigError("a latency budget needs a device profile (--profile NAME)")

@@ -61,18 +61,21 @@ def leaving_at(runner: CascadeRunner, exit_index: int) -> CascadeRunner:
 def _stage_calls(runner: CascadeRunner, x: np.ndarray) -> list[Callable[[], object]]:
     """One callable per stage: its session run on its real input plus its exit decision."""
     calls = []
-    features, state = x, runner.policies[0].start(len(x), runner.manifest.num_classes)
+    features, state = None, runner.policies[0].start(len(x), runner.manifest.num_classes) if runner.policies else None
     for index, policy in enumerate(runner.policies):
-        def call(index=index, policy=policy, features=features, state=state):
-            return policy.decide(runner._exit_outputs(index, runner.run_stage(index, features)), state)
+        stage_input = runner.feed(index, x, features)
+
+        def call(index=index, policy=policy, stage_input=stage_input, state=state):
+            return policy.decide(runner._exit_outputs(index, runner.run_stage(index, stage_input)), state)
 
         calls.append(call)
-        outputs = runner.run_stage(index, features)
+        outputs = runner.run_stage(index, stage_input)
         state = policy.decide(runner._exit_outputs(index, outputs), state)[2]
         features = outputs[0]
     last = runner.num_exits
-    final = runner.policies[-1].final
-    calls.append(lambda features=features, state=state: final(runner.run_stage(last, features)[0], state))
+    final = runner.policies[-1].final if runner.policies else lambda logits, state: logits.argmax(axis=1)
+    stage_input = runner.feed(last, x, features)
+    calls.append(lambda stage_input=stage_input, state=state: final(runner.run_stage(last, stage_input)[0], state))
     return calls
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,22 @@ def test_decisions_equal_chain_graphs_and_reference(tuned):
                 np.testing.assert_array_equal(where, exit_index[part])
 
 
+@pytest.mark.slow
+def test_node_client_runs_the_model_cascade(tuned, tmp_path):
+    node, example = shutil.which("node"), Path(__file__).resolve().parent.parent / "examples" / "node"
+    if node is None or not (example / "node_modules" / "onnxruntime-node").is_dir():
+        pytest.skip("node or onnxruntime-node is not installed: cd examples/node && npm install --ignore-scripts")
+    bundle, x, (prediction, exit_index) = tuned
+    np.save(tmp_path / "x.npy", x)
+    done = subprocess.run([node, str(example / "run_cascade.js"), str(bundle), str(tmp_path / "x.npy")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = invoke("run", bundle, "--engine", "chain", "--input", tmp_path / "x.npy")
+    expected = [line for line in result.output.splitlines() if "\texit " in line]
+    assert done.stdout.splitlines() == expected and len(expected) == len(x)
+    assert [int(line.rsplit(" ", 1)[1]) for line in expected] == exit_index.tolist()
+
+
 def test_verify_and_no_exit_chain_is_full(bundle, data):
     result = invoke("verify", bundle)
     assert result.exit_code == 0, result.output
@@ -186,6 +203,23 @@ def test_quantize_and_static_batch(bundle, tmp_path):
     assert result.exit_code == 0, result.output
     x = np.random.default_rng(0).standard_normal((5, *load_manifest(fixed).input_shape)).astype(np.float32)
     np.testing.assert_array_equal(CascadeRunner(fixed).predict(x).predictions, CascadeRunner(bundle).predict(x).predictions)
+
+
+@pytest.mark.slow
+def test_profile_latency_budget_and_bench(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    for engine in ("chain", "graph"):
+        result = invoke("profile", copy, "--engine", engine, "--repeats", "4", "--threads", "1")
+        assert result.exit_code == 0, result.output
+    profiles = {p.engine: p for p in load_manifest(copy).profiles.values()}
+    assert len(profiles["chain"].stages) == len(profiles["graph"].exits) == 5
+    result = invoke("calibrate", copy, "--data", "digits", "--split", "val", "--latency-budget", "1000", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    result = invoke("bench", copy, "--data", "digits", "--limit", "32", "--sweep-points", "2", "--threads", "1",
+                    "--out", tmp_path / "bench")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bench" / "bench.json").is_file()
 
 
 @pytest.mark.parametrize("changes, named", [
