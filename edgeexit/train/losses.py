@@ -105,6 +105,17 @@ def eenet_v4(exit_outputs, final_logits, target, costs, lam, tags):
     which trains only the tagged exit's classifier, every classifier gets its own CE, so an exit
     few examples are tagged for still learns to classify. The targets are bounded (0 or 1 per
     example, balanced), so nothing pushes a confidence logit to grow without end.
+
+    What the tags teach is not "this exit is right": a middle exit is tagged only where every
+    earlier exit is worse by more than the cost gap, so its confidence is trained toward 0 on
+    the inputs an earlier exit also gets right (the issue's Fashion bundle: exit 1's confidence
+    ranked its own correctness at AUROC 0.24, max-softmax 0.90). Training the confidence toward
+    "this exit's prediction is right" (balanced BCE, features detached) did not help either:
+    digits, resnet20, 8 epochs, val AUROC of the confidence 0.52/0.51 (v4) and 0.53/0.47 (that
+    target) at exits 0/1, max-softmax 0.75/0.79 and 0.74/0.77 (runtime.metrics.ranking_auroc).
+    The branch is one linear map of the pooled features, and whether an exit is right depends on
+    the margin between its top logits, which no single linear map of the features gives and
+    max-softmax reads directly; `calibrate --policy auto` picks a softmax score for these exits.
     """
     loss = F.cross_entropy(final_logits, target) + sum(F.cross_entropy(outputs[0], target) for outputs in exit_outputs)
     for i, (_, z) in enumerate(exit_outputs):
