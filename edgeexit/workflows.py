@@ -54,7 +54,8 @@ def train(spec: TrainSpec, out: str = "model.pt", progress: bool = True) -> Trai
     if method.frozen_backbone and spec.schedule == "mixed":
         raise ConfigError(f"--schedule mixed trains the backbone first; --method {spec.method} keeps it frozen: use joint")
     spec = replace(spec, exit_type=spec.exit_type or method.exit_type, loss=spec.loss or method.loss,
-                   distill=method.distill if spec.distill is None else spec.distill, lr=spec.learning_rate,
+                   distill=method.distill if spec.distill is None else spec.distill,
+                   num_exits=spec.num_exits or method.num_exits, placement=spec.placement or method.placement, lr=spec.learning_rate,
                    warmup_loss=method.warmup_loss, head_lr=spec.head_lr if spec.head_lr is not None else method.head_lr)
     exit_args = {k: v for k, v in (("channels", spec.branch_channels), ("depth", spec.branch_depth)) if v is not None}
     with training_env(spec.device, spec.precision) as env:

@@ -296,7 +296,8 @@ def search_betas(
     the final classifier's accuracy is the start). For each exit in turn, the others fixed,
     beta rises from 0.01 in steps of 0.01 while accuracy on the calibration data stays
     above start - tolerance (points); then it backs off BETA_BACKOFF steps from the first
-    failing value. The thresholds (static floors) are kept as they are.
+    failing value (when none fails up to 1, beta_k is 1: only the top class survives that exit).
+    The thresholds (static floors) are kept as they are.
     """
     if not tolerance >= 0:
         raise ConfigError(f"--target-drop must be >= 0 percentage points, got {tolerance}")
@@ -318,7 +319,7 @@ def search_betas(
         step = 1
         while step <= steps and measure([*betas[:k], step * BETA_STEP, *betas[k + 1 :]]).accuracy > floor:
             step += 1
-        betas[k] = max(0, step - BETA_BACKOFF) * BETA_STEP
+        betas[k] = 1.0 if step > steps else max(0, step - BETA_BACKOFF) * BETA_STEP  # no step failed: nothing to back off from
         progress(f"exit {k}: beta {betas[k]:.2f} ({step - 1} steps kept accuracy above {floor:.4f})")
     chosen = measure(betas)
     return {

@@ -90,8 +90,10 @@ def data_options(defaults: TrainSpec) -> Any:
               help='Keyword arguments of the backbone constructor as a JSON object, e.g. \'{"width": 4}\' (model.pt records them).')
 @click.option("--method", default=D.method, show_default=True, help="Training method: eenet, ...")
 @click.option("--exit-type", default=D.exit_type, help="Exit head type (default: the method's).")
-@click.option("--num-exits", type=int, default=D.num_exits, show_default=True, help="Number of early exits.")
-@click.option("--placement", default=D.placement, show_default=True, help="Exit placement scheme.")
+@click.option("--num-exits", type=int, default=D.num_exits,
+              help="Number of early exits (default: the method's: 3 for exclusion, else 2).")
+@click.option("--placement", default=D.placement,
+              help="Exit placement scheme (default: the method's: linear for exclusion, else pareto).")
 @click.option("--placement-cost", type=click.Choice(PLACEMENT_COSTS), default=D.placement_cost, show_default=True,
               help="What placement targets: cumulative MACs, or prefix latency measured on this machine (onnxruntime CPU, 1 thread, batch 1).")
 @click.option("--exit-at", default=D.exit_at, help="Explicit cut points, comma separated (overrides --placement).")

@@ -96,13 +96,13 @@ class TrainSpec:
     backbone_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its constructor
     method: str = "eenet"
     exit_type: str | None = None
-    num_exits: int = 2
-    placement: str = "pareto"
+    num_exits: int | None = None  # None: the method's (Method.num_exits)
+    placement: str | None = None  # None: the method's (Method.placement)
     placement_cost: str = "macs"
     exit_at: str | None = None  # comma-separated cut names (overrides placement)
     loss: str | None = None
     lam: float = 1.0
-    distill: str | None = None  # "T,ALPHA" or "off" (edgeexit.train.losses.parse_distill); None: the method's
+    distill: str | None = None  # "T,ALPHA" or "off" (parse_distill); None: the method's
     epochs: int = 10
     batch_size: int = 64
     optimizer: str = "adamw"
