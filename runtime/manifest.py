@@ -24,8 +24,9 @@ from edgeexit.runtime.files import sha256_file
 from edgeexit.runtime.policies import NO_ENSEMBLE, Policy, ensemble_choices, get_policy, per_exit_args
 from edgeexit.runtime.preprocess import normalize, preprocess
 from edgeexit.runtime.profiles import DeviceProfile, read_profiles
+from edgeexit.runtime.provenance import ModelInfo, Producer
 from edgeexit.runtime.schema import (
-    BATCH_DIM, Shape, count, invalid, is_batch_size, is_number, require, sha256_of, shape_of,
+    BATCH_DIM, Shape, check_batch_dim, count, invalid, is_batch_size, is_number, require, sha256_of, shape_of,
 )
 
 FORMAT = "edgeexit-bundle"
@@ -407,72 +408,6 @@ class CascadeGraph:
 
 
 @dataclass(frozen=True)
-class MemberInfo:
-    """One model of a model cascade: its backbone, training method, model.pt's sha256 and how many stages it spans."""
-
-    backbone: str
-    method: str
-    sha256: str
-    stages: int
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> "MemberInfo":
-        backbone, method = (require(data, key, str, where) for key in ("backbone", "method"))
-        return cls(backbone, method, sha256_of(data, where), count(data, "stages", where, minimum=1))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """How the bundle's model was built (informational: the runtime never needs it); `members`: the models of a
-    model cascade in stage order (empty for a single model)."""
-
-    method: str
-    backbone: str
-    exit_type: str
-    cuts: tuple[str, ...]
-    members: tuple[MemberInfo, ...] = ()
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelInfo":
-        values = [require(data, key, str, "model") for key in ("method", "backbone", "exit_type")]
-        cuts = require(data, "cuts", list, "model")
-        if not all(isinstance(c, str) for c in cuts):
-            raise invalid("model.cuts", "must be a list of strings")
-        members = data.get("members", [])
-        if not isinstance(members, list):
-            raise invalid("model.members", "must be a list")
-        return cls(*values, tuple(cuts), tuple(MemberInfo.from_dict(m, f"model.members[{i}]") for i, m in enumerate(members)))
-
-    def to_dict(self) -> dict:
-        entry = {"method": self.method, "backbone": self.backbone, "exit_type": self.exit_type, "cuts": list(self.cuts)}
-        return {**entry, "members": [m.to_dict() for m in self.members]} if self.members else entry
-
-
-@dataclass(frozen=True)
-class Producer:
-    """Who wrote the bundle: edgeexit's version and the ONNX opset, plus (when exported from PyTorch)
-    the torch, onnx and onnxruntime versions and the exporting host's machine type."""
-
-    edgeexit: str
-    opset: int
-    torch: str | None = None
-    onnx: str | None = None
-    onnxruntime: str | None = None
-    host: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Producer":
-        optional = {k: require(data, k, str, "producer") for k in ("torch", "onnx", "onnxruntime", "host") if k in data}
-        return cls(require(data, "edgeexit", str, "producer"), require(data, "opset", int, "producer"), **optional)
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-@dataclass(frozen=True)
 class Manifest:
     """A validated manifest plus the folder it came from."""
 
@@ -561,7 +496,7 @@ class Manifest:
         static_batch = data.get("static_batch")
         if static_batch is not None and not is_batch_size(static_batch):
             raise invalid("static_batch", f"must be a positive int or null, got {static_batch!r}")
-        _check_batch_dim("input.shape", input_spec.shape, static_batch)
+        check_batch_dim("input.shape", input_spec.shape, static_batch)
         full = FullGraph.from_dict(require(data, "full", dict, "manifest"))
         raw_stages = require(data, "stages", list, "manifest")
         if not raw_stages:
@@ -577,7 +512,7 @@ class Manifest:
         precision, quantization = _precision(data)
         tensors = [(f"stages[{s.index}]", t.shape) for s in stages for t in (*s.inputs, *s.outputs)]
         for where, shape in tensors:
-            _check_batch_dim(where, shape, static_batch)
+            check_batch_dim(where, shape, static_batch)
         cascade, cascade_b1 = (None if data.get(key) is None else CascadeGraph.from_dict(data[key], input_spec, len(stages) - 1, file)
                                for key, file in (("cascade", CASCADE_NAME), ("cascade_b1", CASCADE_B1_NAME)))
         return cls(Path(root), producer, model, num_classes, input_spec, full, tuple(stages), calibration,
@@ -601,14 +536,6 @@ class Manifest:
             "quantization": self.quantization,
             "static_batch": self.static_batch,
         }
-
-
-def _check_batch_dim(where: str, shape: Shape, static_batch: int | None) -> None:
-    """Every tensor's first dim is the symbolic 'batch', or the static batch of a static-batch bundle."""
-    batch = BATCH_DIM if static_batch is None else static_batch
-    if shape[0] != batch:
-        expected = f"the symbolic '{BATCH_DIM}'" if static_batch is None else f"the static batch {static_batch}"
-        raise invalid(where, f"first dim must be {expected}, got {shape[0]!r}")
 
 
 def _precision(data: dict) -> tuple[str, dict | None]:

@@ -68,3 +68,11 @@ def shape_of(shape: Any, where: str) -> Shape:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise invalid(where, f"dims after the batch must be positive ints, got {dim!r}")
     return tuple(shape)
+
+
+def check_batch_dim(where: str, shape: Shape, static_batch: int | None) -> None:
+    """Every tensor's first dim is the symbolic 'batch', or the static batch of a static-batch bundle."""
+    batch = BATCH_DIM if static_batch is None else static_batch
+    if shape[0] != batch:
+        expected = f"the symbolic '{BATCH_DIM}'" if static_batch is None else f"the static batch {static_batch}"
+        raise invalid(where, f"first dim must be {expected}, got {shape[0]!r}")
