@@ -42,7 +42,7 @@ def profiled_bundle(tmp_path_factory, tiny_bundle):
 
     bundle = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("profiled") / "bundle")
     for engine, batch in (("chain", 1), ("chain", 4), ("auto", 1)):
-        result = cli("profile", bundle, "--engine", engine, "--threads", 1, "--batch-size", batch, "--repeats", 20)
+        result = cli("profile", bundle, "--engine", engine, "--threads", 1, "--batch-size", batch, "--repeats", 60)
         assert result.exit_code == 0, result.output
     return bundle
 
