@@ -85,12 +85,12 @@ def reference_logits(members: list[Path], x: np.ndarray) -> tuple[list[np.ndarra
     return exits[:-1], exits[-1]
 
 
-def leaving_thresholds(exits: list[np.ndarray]) -> list[float]:
+def leaving_thresholds(probabilities: list[np.ndarray]) -> list[float]:
     """Per exit, a max-softmax threshold midway between two scores of the inputs still in, so about SHARE leave there."""
-    alive = np.ones(len(exits[0]), dtype=bool)
+    alive = np.ones(len(probabilities[0]), dtype=bool)
     thresholds = []
-    for logits in exits:
-        scores = _softmax(logits).max(axis=1)
+    for p in probabilities:
+        scores = p.max(axis=1)
         ranked = np.sort(scores[alive])[::-1]
         m = max(1, int(SHARE * len(ranked)))
         thresholds.append(float((ranked[m - 1] + ranked[m]) / 2))
@@ -128,7 +128,7 @@ def tuned(bundle, members, data, tmp_path_factory) -> tuple[Path, np.ndarray, tu
     """A copy of the bundle with thresholds that send some inputs out at every stage, cascade graphs rebuilt for them."""
     x = data[0][:64]
     exits, final = reference_logits(members, x)
-    thresholds = leaving_thresholds(exits)
+    thresholds = leaving_thresholds([_softmax(z) for z in exits])
     out = tmp_path_factory.mktemp("tuned") / "bundle"
     shutil.copytree(bundle, out)
     save_manifest(out, with_exits(load_manifest(out), thresholds=thresholds))
@@ -170,6 +170,27 @@ def test_node_client_runs_the_model_cascade(tuned, tmp_path):
     expected = [line for line in result.output.splitlines() if "\texit " in line]
     assert done.stdout.splitlines() == expected and len(expected) == len(x)
     assert [int(line.rsplit(" ", 1)[1]) for line in expected] == exit_index.tolist()
+
+
+def test_ensemble_at_deferral_matches_hand_computation(bundle, members, data, tmp_path):
+    x = data[0][:64]
+    exits, final = reference_logits(members, x)
+    probabilities = [_softmax(z) for z in exits]
+    means = [np.mean(probabilities[: k + 1], axis=0) for k in range(len(exits))]  # weights all 1
+    thresholds = leaving_thresholds(means)
+    prediction = np.mean([*probabilities, _softmax(final)], axis=0).argmax(axis=1)
+    exit_index = np.full(len(x), len(exits))
+    for k in reversed(range(len(exits))):
+        leaves = means[k].max(axis=1) >= thresholds[k]
+        prediction, exit_index = np.where(leaves, means[k].argmax(axis=1), prediction), np.where(leaves, k, exit_index)
+    assert (np.bincount(exit_index, minlength=5) > 0).all()
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    save_manifest(copy, with_exits(load_manifest(copy), thresholds=thresholds, ensemble="mean"))
+    rebuild_cascade(copy, x)
+    for result in (CascadeRunner(copy).predict(x), GraphRunner(copy).predict(x)):
+        np.testing.assert_array_equal(result.exit_index, exit_index)
+        np.testing.assert_array_equal(result.predictions, prediction)
 
 
 def test_verify_and_no_exit_chain_is_full(bundle, data):
