@@ -14,7 +14,7 @@ from edgeexit.cli.runtime_commands import _load_run_data as load_run_data
 from edgeexit.errors import ConfigError
 from edgeexit.runtime.datasets import DATASETS
 from edgeexit.export.defaults import DEFAULT_OPSET
-from edgeexit.train.augment import AUGMENTS  # these four: no torch needed for --help
+from edgeexit.train.augment import AUGMENT_FROM_EPOCHS, AUGMENTS  # these four: no torch needed for --help
 from edgeexit.train.config import OPTIMIZERS, PLACEMENT_COSTS, PRETRAIN, SCHEDULES, TrainSpec
 
 D = TrainSpec()  # every default of train (pretrain: PRETRAIN), read by the options below
@@ -60,7 +60,8 @@ def data_options(defaults: TrainSpec) -> Any:
         click.option("--augment", type=click.Choice(AUGMENTS.names()), default=defaults.augment,
                      help="Training-split augmentation (val/test never): none; basic = random crop (padded up to 64 px, "
                           "resized above) + horizontal flip where the data set allows it; trivial = basic + "
-                          "TrivialAugmentWide. Default: measured per data size and schedule (model.pt records it)."),
+                          f"TrivialAugmentWide. Default: basic from {AUGMENT_FROM_EPOCHS} epochs on, none below "
+                          "(measured; model.pt records what ran)."),
         click.option("--flip/--no-flip", default=defaults.flip,
                      help="Horizontal flips in basic/trivial (default: the data set's: on for fashionmnist, cifar, "
                           "folder:; off for npz:; refused for digits, mnist, svhn)."),
@@ -101,7 +102,7 @@ def data_options(defaults: TrainSpec) -> Any:
 @click.option("--lambda", "lam", type=float, default=D.lam, show_default=True, help="Weight of the cost term.")
 @click.option("--distill", default=D.distill, metavar="T,ALPHA|off",
               help="Self-distillation: every exit also learns the final classifier's output softened at temperature T "
-                   "(KL, weight ALPHA). Default: the method's (off for all: it did not measure better, benchmarks/README.md).")
+                   "(KL, weight ALPHA). Default: the method's (off for every method; digits figures in benchmarks/README.md).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=D.schedule, show_default=True,
               help="joint: everything trained together; mixed (EENets): the backbone and final classifier alone for the "
                    "first half of the epochs, then everything jointly.")

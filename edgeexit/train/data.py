@@ -2,10 +2,10 @@
 
 `load_data(name)` returns train/val/test torch datasets and a DataInfo recording the input
 shape, normalization and class names that go into model.pt and the manifest. Every split
-holds raw images in [0, 1] and normalizes them as it hands them out (`Prepared`), so
-the training split's augmentation can transform the training split's raw images before normalization
-(edgeexit.train.augment; re-drawn for every item, hence every epoch) while val and test never change. Importing
-this module attaches its loaders to the runtime's DATASETS entries (runtime.datasets.attach).
+holds raw images in [0, 1] and normalizes them as it hands them out (`Prepared`), so the
+training split's augmentation (edgeexit.train.augment) transforms raw images before
+normalization, drawn anew for every item and epoch, while val and test never change.
+Importing this module attaches its loaders to the runtime's DATASETS entries (runtime.datasets.attach).
 """
 from __future__ import annotations
 
@@ -196,8 +196,8 @@ def load_folder_data(root: str, input_size: int | None = None, channels: int | N
     if len(classes) < 2:
         raise InputError(f"image folder {root} needs at least two class subfolders, found {len(classes)}")
     size = input_size or 32
-    transform, mode = _to_tensor(size), ("L" if channels == 1 else "RGB")
-    raw = {split: ImageFiles(*folder_split(root_path, split, classes), transform, mode) for split in SPLITS}
+    to_tensor, mode = _to_tensor(size), ("L" if channels == 1 else "RGB")
+    raw = {split: ImageFiles(*folder_split(root_path, split, classes), to_tensor, mode) for split in SPLITS}
     return _splits(raw, DataInfo((channels, size, size), [0.5] * channels, [0.5] * channels, classes))
 
 
@@ -222,5 +222,5 @@ def training_splits(spec: TrainSpec) -> tuple[DataSplits, TrainSpec]:
     """The splits of spec.data with the training split's augmentation, and the spec with augment and flip resolved."""
     flip = resolve_flip(spec.data, spec.flip)  # a refused flip fails before the data is read
     splits = load_data(spec.data, data_dir=spec.data_dir, download=spec.download, input_size=spec.input_size)
-    augment = spec.augment or default_augment(len(splits.train), splits.info.num_classes, spec.epochs)
+    augment = spec.augment or default_augment(spec.epochs)
     return replace(splits, augment=transform(augment, splits.info.input_shape, flip)), replace(spec, augment=augment, flip=flip)
