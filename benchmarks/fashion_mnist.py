@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Subset
 
 from edgeexit.train.backbones import build_backbone
-from edgeexit.train.config import TrainConfig
+from edgeexit.train.config import PRETRAIN, TrainSpec
 from edgeexit.train.data import DataSplits, load_data
 from edgeexit.export import export_bundle
 from edgeexit.export.cascade_graph import rebuild_cascade
@@ -162,7 +162,7 @@ def train_bundle(splits: DataSplits, args: argparse.Namespace, folder: Path, exi
     spec = get_method(method)
     model = build_model(splits, args.backbone, exit_type, args.placement, args.num_exits, method=method,
                         weights=str(weights) if weights else None)
-    config = TrainConfig(data=f"npz:{args.data}", epochs=args.epochs, loss=loss, lam=args.lam, seed=args.seed,
+    config = TrainSpec(data=f"npz:{args.data}", epochs=args.epochs, loss=loss, lam=args.lam, seed=args.seed,
                          warmup_loss=spec.warmup_loss)
     started = time.perf_counter()
     train_model(model, splits, config, progress=True)
@@ -302,7 +302,7 @@ def backbone_alone(splits: DataSplits, args: argparse.Namespace, work: Path) -> 
     net = build_backbone(args.backbone, splits.info.num_classes, splits.info.input_shape[0])
     started = time.perf_counter()
     with training_env("cpu") as env:
-        fit_backbone(net, splits.train, env, args.epochs, seed=args.seed, progress=False)
+        fit_backbone(net, splits.train, env, dataclasses.replace(PRETRAIN, epochs=args.epochs, seed=args.seed), progress=False)
     path = work / "backbone.pt"
     save_state_dict(net, path)
     progress(f"backbone alone: trained in {time.perf_counter() - started:.0f} s")

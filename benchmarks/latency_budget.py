@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit import workflows
+from edgeexit.train.config import TrainSpec
 from edgeexit.export import export_bundle
 from edgeexit.runtime.calibrate import LatencyTarget, calibrate, stderr_progress
 from edgeexit.runtime.bundle import save_calibration
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         bundle = model.with_suffix("")
         if not model.exists():
             stderr_progress(f"training {args.backbone} on {data} for {args.epochs} epochs")
-            workflows.train(data=data, backbone=args.backbone, input_size=args.input_size, epochs=args.epochs,
-                            out=str(model), progress=False, **TRAINING)
+            workflows.train(TrainSpec(data=data, backbone=args.backbone, input_size=args.input_size, epochs=args.epochs,
+                                      **TRAINING), str(model), progress=False)
         export_bundle(model, bundle)
     spec = load_manifest(bundle).input_spec
     val = tuple(a[: args.val_size] for a in load_eval_data(data, "val", spec))

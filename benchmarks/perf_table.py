@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit import workflows
+from edgeexit.train.config import TrainSpec
 from edgeexit.train.eager import eager_predictor
 from edgeexit.export import export_bundle
 from edgeexit.runtime.bench import run_bench
@@ -44,7 +45,7 @@ def prepare(backbone: str, work: Path, epochs: int, input_size: int, target_drop
     model, bundle = work / f"{backbone}.pt", work / backbone
     if not model.exists():
         stderr_progress(f"training {backbone} for {epochs} epochs")
-        workflows.train(backbone=backbone, epochs=epochs, input_size=input_size, out=str(model), progress=False, **TRAINING)
+        workflows.train(TrainSpec(backbone=backbone, epochs=epochs, input_size=input_size, **TRAINING), str(model), progress=False)
     stderr_progress(f"exporting {backbone}")
     export_bundle(model, bundle)
     runner = CascadeRunner(bundle)

@@ -2,6 +2,7 @@
 exit code 1 and EDGEEXIT_DEBUG, 130 on Ctrl-C, providers, export targets, memory-mapped .npy, image folders, info --json."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -38,8 +39,7 @@ def test_demo_trains_exports_runs_and_prints_the_table(tmp_path, monkeypatch):
     """The demo's whole path on a small configuration (the README's full demo is the slow test below)."""
     from edgeexit import workflows
 
-    monkeypatch.setitem(workflows.DEMO_TRAINING, "backbone", "resnet8")
-    monkeypatch.setitem(workflows.DEMO_TRAINING, "input_size", 16)
+    monkeypatch.setattr(workflows, "DEMO_TRAINING", dataclasses.replace(workflows.DEMO_TRAINING, backbone="resnet8", input_size=16))
     result = invoke("demo", "--out", tmp_path / "demo", "--epochs", "1")
     check_demo(result, tmp_path / "demo")
 
