@@ -33,6 +33,8 @@ class GraphRunner(Runner):
         call); otherwise cascade.onnx, which takes any batch."""
         super().__init__(bundle, device, **options)
         entry = self.manifest.cascade_for(batch_size)
+        if entry is None and not self.manifest.exits:
+            raise BundleError(f"{self.manifest.root} is a static network (no exit) and has no {CASCADE_NAME}: use --engine chain")
         if entry is None:
             raise BundleError(f"{self.manifest.root} has no {CASCADE_NAME} (exported by an older edgeexit): re-export it, or use --engine chain")
         self.graph = entry

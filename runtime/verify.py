@@ -70,7 +70,8 @@ def cascade_check(manifest: Manifest, chain: CascadeRunner, x: np.ndarray, batch
     graph = manifest.cascade_for(batch_size)
     name = f"{CASCADE_NAME if graph is None else graph.file} vs chain decisions"
     if graph is None:
-        return Check(name, SKIP, f"the bundle has no {CASCADE_NAME} (exported by an older edgeexit)")
+        why = "a static network: no exit" if not manifest.exits else "exported by an older edgeexit"
+        return Check(name, SKIP, f"the bundle has no {CASCADE_NAME} ({why})")
     try:
         check_graph_decisions(GraphRunner(manifest, device=chain.device, batch_size=batch_size), chain, {"random": x})
     except EdgeExitError as exc:

@@ -265,6 +265,12 @@ def test_pretrained_static_model_exports_and_is_read_by_weights(members, tmp_pat
     manifest = load_manifest(tmp_path / "static")
     assert len(manifest.stages) == 1 and manifest.exits == [] and manifest.cascade is None
     assert manifest.stages[0].macs.cumulative == manifest.full.macs
+    result = invoke("verify", tmp_path / "static")
+    assert result.exit_code == 0 and "(a static network: no exit)" in result.output, result.output
+    result = invoke("run", tmp_path / "static", "--data", "digits", "--engine", "graph")
+    assert result.exit_code != 0 and "static network (no exit)" in result.output and "\n" not in result.output.strip()
+    result = invoke("calibrate", tmp_path / "static", "--data", "digits", "--target-drop", "1")
+    assert result.exit_code != 0 and "nothing to calibrate" in result.output
     model = load_model(members[0])
     net = build_backbone("resnet8", 10, 1)
     load_backbone_weights(net, members[0])  # what train --weights does with the file
