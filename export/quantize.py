@@ -122,6 +122,8 @@ def quantize_bundle(
             quantize_graph(parent.path(file), staged / file, input_name, stage_input)
             manifest = rehash(manifest, file)
         save_manifest(staged, manifest)
+        if not manifest.exits:  # a static network: nothing to calibrate, no cascade graph
+            return dataclasses.replace(manifest, root=Path(out).resolve())
         progress("re-calibrating the thresholds on the int8 bundle")
         save_calibration(staged, calibrate(CascadeRunner(staged), x, labels, objective, data, progress))
         progress("building cascade.onnx from the int8 stages")

@@ -299,8 +299,8 @@ def quantize(bundle: str, out: str, data: str, data_dir: str | None, split: str,
         from edgeexit.export.quantize import quantize_bundle
     x, labels = load_run_data(load_manifest(bundle).input_spec, data, None, split, data_dir)
     manifest = quantize_bundle(bundle, out, x, labels, objective, {"name": data, "split": split}, stderr_progress)
-    chosen = manifest.calibration["chosen"]
-    click.echo(f"wrote {out}: int8 ({len(manifest.stages)} stages + full.onnx); operating point on {data}/{split}: {describe(chosen)}")
+    point = "" if manifest.calibration is None else f"; operating point on {data}/{split}: {describe(manifest.calibration['chosen'])}"
+    click.echo(f"wrote {out}: int8 ({len(manifest.stages)} stages + full.onnx){point}")
 
 
 COMMANDS = [train, pretrain, export_cmd, static_batch_cmd, quantize, cuts, demo]
