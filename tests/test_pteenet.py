@@ -51,10 +51,12 @@ def pteenet_model(tmp_path_factory, backbone_weights) -> Path:
     the cost term; lambda 1.5 because a 99%-accurate backbone makes deferring nearly free.
     """
     from edgeexit import workflows as api
+    from edgeexit.train.config import TrainSpec
 
     out = tmp_path_factory.mktemp("pteenet") / "model.pt"
-    api.train(method="pteenet", backbone="resnet20", weights=str(backbone_weights), input_size=16, placement="pareto",
-              epochs=6, warmup_epochs=3, lr=1e-2, lam=1.5, branch_channels=16, branch_depth=1, out=str(out), progress=False)
+    api.train(TrainSpec(method="pteenet", backbone="resnet20", weights=str(backbone_weights), input_size=16,
+                        placement="pareto", epochs=6, warmup_epochs=3, lr=1e-2, lam=1.5, branch_channels=16, branch_depth=1),
+              str(out), progress=False)
     return out
 
 
@@ -157,14 +159,15 @@ def test_branches_exit_a_real_share_early(pteenet_bundle, backbone_weights, tmp_
 def test_torchvision_backbone_trains_exports_and_runs(tmp_path):
     from edgeexit import workflows as api
     from edgeexit.export import export_bundle
+    from edgeexit.train.config import TrainSpec
     from edgeexit.train.pretrained import read_state_dict, save_state_dict
     from edgeexit.runtime.cascade import CascadeRunner
     from edgeexit.runtime.datasets import load_eval_data
 
     save_state_dict(build_backbone("torchvision:resnet18", 10, 1), tmp_path / "r18.pt")
-    api.train(method="pteenet", backbone="torchvision:resnet18", weights=str(tmp_path / "r18.pt"), epochs=1,
-              branch_channels=8, branch_depth=1, out=str(tmp_path / "model.pt"), progress=False,
-              **{**SMALL, "exit_at": "layer1.0,layer2.0"})
+    api.train(TrainSpec(method="pteenet", backbone="torchvision:resnet18", weights=str(tmp_path / "r18.pt"), epochs=1,
+                        branch_channels=8, branch_depth=1, **{**SMALL, "exit_at": "layer1.0,layer2.0"}),
+              str(tmp_path / "model.pt"), progress=False)
     manifest = export_bundle(tmp_path / "model.pt", tmp_path / "bundle")
     assert [s.exit.cut for s in manifest.manifest.stages[:-1]] == ["layer1.0", "layer2.0"]
     runner = CascadeRunner(tmp_path / "bundle", threads=1)
