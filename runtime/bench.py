@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from edgeexit.runtime.calibrate import shared_grids
-from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner
-from edgeexit.errors import ConfigError
+from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner, session_options
+from edgeexit.errors import ConfigError, InputError, first_line
 from edgeexit.runtime.graph import open_runner
 from edgeexit.runtime.manifest import load_manifest
 from edgeexit.runtime.profiles import ENGINES
@@ -59,6 +60,39 @@ def bench_runners(bundle: str | os.PathLike, engine: str, batch_size: int = 1, *
     if engine != "both":
         return [first]
     return [first, open_runner(manifest, "chain" if first.engine == "graph" else "graph", batch_size=batch_size, **options)]
+
+
+BASELINE_PREFIX = "baseline:"  # report key of a user's own static model (bench --baseline MODEL.onnx)
+
+
+def onnx_baseline(path: str | os.PathLike, runner: Runner) -> Callable[[np.ndarray], np.ndarray]:
+    """A user's own static classifier (an ONNX file taking the bundle's input) as a bench variant: logits per batch.
+
+    Runs on the runner's device and threads, so it is timed like full.onnx; InputError when the file is missing or
+    not ONNX, ConfigError when it does not take the bundle's input or does not give one logit per class."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"baseline model not found: {path}")
+    try:
+        session = ort.InferenceSession(str(path), session_options(runner.threads), providers=runner.providers)
+    except Exception as exc:  # onnxruntime raises several private exception types
+        raise InputError(f"onnxruntime cannot load baseline {path}: {first_line(exc)}") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    want = list(runner.manifest.input_shape)
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)" or [d if isinstance(d, int) else None for d in inputs[0].shape[1:]] not in (want, [None] * len(want)):
+        got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+        raise ConfigError(f"baseline {path} must take one float input shaped (batch, {', '.join(map(str, want))}) like the bundle; it takes {got}")
+    classes = outputs[0].shape[-1] if outputs and outputs[0].shape else None
+    if isinstance(classes, int) and classes != runner.manifest.num_classes:
+        raise ConfigError(f"baseline {path} gives {classes} logits per input; the bundle has {runner.manifest.num_classes} classes")
+    name, first = inputs[0].name, outputs[0].name
+    return lambda batch: session.run([first], {name: batch})[0]
+
+
+def baseline_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Report keys for baseline files: baseline:STEM, numbered when two files share a stem."""
+    stems = [Path(p).stem for p in paths]
+    return [f"{BASELINE_PREFIX}{stem}" if stems.count(stem) == 1 else f"{BASELINE_PREFIX}{stem}_{i}" for i, stem in enumerate(stems)]
 
 
 def no_exit_call(runner: Runner) -> Callable[[np.ndarray], CascadeResult] | None:
@@ -105,6 +139,9 @@ def run_bench(
         "full_onnx": logits_entry(*timed["full_onnx"], labels),
         **{name: logits_entry(*timed[name], labels) for name in baselines},
     }
+    for name in baselines:  # a user's own model: its MACs are not known here
+        if name.startswith(BASELINE_PREFIX):
+            report[name]["relative_macs"] = None
     for name, engine in engines.items():
         report[name] = cascade_entry(engine, *timed[name], labels)
         report[name]["drift"] = drift_entry(engine, merge_results(timed[name][0]).exit_index)  # exit shares vs calibration's

@@ -101,3 +101,59 @@ def test_bench_times_the_engine_run_uses_and_both_engines(tiny_bundle, tmp_path)
     assert result.exit_code == 0, result.output
     chain = json.loads((tmp_path / "chain" / "bench.json").read_text())
     assert chain["engine"] == "chain" and chain["predicted_latency_ms"] is None and "cascade_chain" not in chain
+
+
+def _linear_classifier(path, input_shape, num_classes, seed=0, channels_in=None):
+    """A hand-made static ONNX classifier: global average pool, then a fixed linear layer."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    c, h, w = input_shape
+    c = channels_in or c
+    weight = np.random.default_rng(seed).normal(size=(num_classes, c)).astype(np.float32)
+    bias = np.linspace(-0.5, 0.5, num_classes, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1)],
+        "baseline", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c, h, w])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", num_classes])],
+        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return weight, bias
+
+
+def test_bench_baseline_is_scored_and_timed_beside_the_cascade(tiny_bundle, tmp_path):
+    from edgeexit.runtime.datasets import load_eval_data
+    from edgeexit.runtime.manifest import load_manifest
+
+    manifest = load_manifest(tiny_bundle)
+    weight, bias = _linear_classifier(tmp_path / "small.onnx", manifest.input_shape, manifest.num_classes)
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--data", "digits", "--threads", "1", "--limit", "40",
+                                       "--sweep-points", "2", "--baseline", str(tmp_path / "small.onnx"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "baseline:small" in result.output
+    report = json.loads((out / "bench.json").read_text())
+    x, labels = load_eval_data("digits", "test", manifest.input_spec)
+    expected = (x[:40].mean(axis=(2, 3)) @ weight.T + bias).argmax(1)
+    entry = report["baseline:small"]
+    assert entry["accuracy"] == pytest.approx(float((expected == labels[:40]).mean()))
+    assert entry["relative_macs"] is None and entry["latency_ms"]["calls"] == 40
+    assert report["speedup"]["baseline:small_over_full_onnx"] > 0
+
+
+def test_bench_baseline_that_does_not_fit_the_bundle_is_one_line(tiny_bundle, tmp_path):
+    from edgeexit.runtime.manifest import load_manifest
+
+    manifest = load_manifest(tiny_bundle)
+    c, h, w = manifest.input_shape
+    _linear_classifier(tmp_path / "rgb.onnx", manifest.input_shape, manifest.num_classes, channels_in=c + 2)
+    _linear_classifier(tmp_path / "classes.onnx", manifest.input_shape, manifest.num_classes + 1)
+    (tmp_path / "junk.onnx").write_bytes(b"not a graph")
+    for name, message in (("rgb.onnx", "must take one float input shaped"), ("classes.onnx", "logits per input"),
+                          ("junk.onnx", "cannot load baseline"), ("missing.onnx", "baseline model not found")):
+        result = CliRunner().invoke(main, ["bench", str(tiny_bundle), "--data", "digits", "--limit", "8",
+                                           "--baseline", str(tmp_path / name), "--out", str(tmp_path / "b")])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

@@ -16,7 +16,7 @@ from edgeexit.runtime.corruptions import CORRUPTIONS, DEFAULT_SEVERITY, MAX_SEVE
 from edgeexit.runtime.datasets import DATASETS, DEFAULT_DATA
 from edgeexit.runtime.drift import DEFAULT_WINDOW, GUARD_MODES
 from edgeexit.runtime.latency import DEFAULT_PERCENTILE, PERCENTILES
-from edgeexit.runtime.bench import BENCH_ENGINES
+from edgeexit.runtime.bench import BASELINE_PREFIX, BENCH_ENGINES
 from edgeexit.runtime.profiles import ENGINES
 from edgeexit.runtime.files import write_json_atomic
 from edgeexit.runtime.policies import ensemble_choices, ensemble_policies
@@ -279,20 +279,23 @@ def _rebuild_graph(bundle: str, x: Any) -> str:
               help="model.pt the bundle was exported from: adds a PyTorch eager baseline (needs torch).")
 @click.option("--eager-device", default="cpu", show_default=True,
               help="torch device of the --model eager baseline: auto, cpu, cuda, cuda:N or mps.")
+@click.option("--baseline", "baseline_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="Your own static model (ONNX, taking the bundle's input), timed and scored beside the cascade; repeatable.")
 @click.option("--limit", type=int, default=None, help="Use only the first N inputs.")
 @click.option("--sweep-points", type=int, default=6, show_default=True, help="Thresholds timed in the sweep.")
 @click.option("--engine", type=click.Choice(BENCH_ENGINES), default="auto", show_default=True,
               help="Cascade engine to time: auto (the one `run` picks), graph, chain, or both (run's first).")
 @click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False), help="Folder for bench.json and PNGs.")
 def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str, threads: int | None, batch_size: int,
-          model_path: str | None, eager_device: str, limit: int | None, sweep_points: int, engine: str, out: str) -> None:
-    """Measure full.onnx vs the cascade (and PyTorch eager) on the same inputs; write bench.json and plots.
+          model_path: str | None, eager_device: str, baseline_paths: tuple[str, ...], limit: int | None, sweep_points: int,
+          engine: str, out: str) -> None:
+    """Measure full.onnx vs the cascade (and your own static models, PyTorch eager) on the same inputs; write bench.json and plots.
 
     The cascade runs on the engine `run` would use (--engine both: that one and the other, interleaved).
 
-    Example: edgeexit bench bundle/ --data digits --threads 1 --batch-size 1 --model model.pt --out bench/
+    Example: edgeexit bench bundle/ --data digits --threads 1 --batch-size 1 --baseline small.onnx --out bench/
     """
-    from edgeexit.runtime.bench import bench_runners, run_bench
+    from edgeexit.runtime.bench import baseline_names, bench_runners, onnx_baseline, run_bench
     from edgeexit.runtime.bench_plots import write_plots
     from edgeexit.runtime.calibrate import stderr_progress
 
@@ -304,7 +307,7 @@ def bench(bundle: str, data: str, data_dir: str | None, split: str, device: str,
     x, labels = _load_run_data(runner.manifest.input_spec, data, None, split, data_dir)
     if limit is not None:
         x, labels = x[:limit], labels[:limit]
-    baselines = {}
+    baselines = {name: onnx_baseline(path, runner) for name, path in zip(baseline_names(baseline_paths), baseline_paths)}
     if model_path is not None:
         with training_extra():
             from edgeexit.train.eager import eager_predictor
@@ -356,13 +359,15 @@ def profile(bundle: str, device: str, threads: int | None, batch_size: int, repe
 
 def format_bench(report: dict) -> str:
     """A small table of a bench report."""
-    rows = ["full_onnx", *(name for name in report if name.startswith("cascade")), *(["pytorch_eager"] if "pytorch_eager" in report else [])]
+    rows = ["full_onnx", *(name for name in report if name.startswith(("cascade", BASELINE_PREFIX))),
+            *(["pytorch_eager"] if "pytorch_eager" in report else [])]
     lines = [f"cascade engine: {report['engine']}",
              f"{'variant':<23}{'accuracy':>9}{'rel. MACs':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'inputs/s':>10}"]
     for name in rows:
         row, lat = report[name], report[name]["latency_ms"]
         acc = "n/a" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-        lines.append(f"{name:<23}{acc:>9}{row['relative_macs']:>10.3f}{lat['p50']:>9.3f}{lat['p95']:>9.3f}"
+        macs = "n/a" if row["relative_macs"] is None else f"{row['relative_macs']:.3f}"
+        lines.append(f"{name:<23}{acc:>9}{macs:>10}{lat['p50']:>9.3f}{lat['p95']:>9.3f}"
                      f"{lat['p99']:>9.3f}{row['throughput_per_s']:>10.0f}")
     speed = report["speedup"]
     for name in (name for name in rows if name.startswith("cascade") and not name.endswith("no_exit")):
