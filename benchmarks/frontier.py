@@ -27,7 +27,6 @@ Results: benchmarks/results/frontier[_quick].json and .png. Take timings on a qu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

@@ -38,7 +38,7 @@ from edgeexit.export import export_bundle
 from edgeexit.export.static_batch import static_batch_bundle
 from edgeexit.runtime.cascade import session_options
 from edgeexit.runtime.files import write_json_atomic
-from edgeexit.runtime.graph import tunable_cascade_bytes
+from edgeexit.runtime.cascade_bytes import tunable_cascade_bytes
 from edgeexit.runtime.manifest import FULL_NAME, load_manifest
 from edgeexit.runtime.report import interleaved_timings
 from edgeexit.train.backbones import build_backbone, resolve_backbone

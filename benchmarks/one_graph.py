@@ -39,8 +39,8 @@ from edgeexit.export import export_bundle
 from edgeexit.export.cascade_graph import write_cascade
 from edgeexit.runtime.calibrate import stderr_progress
 from edgeexit.runtime.cascade import CascadeRunner, session_options
-from edgeexit.runtime.graph import tunable_cascade_bytes
-from edgeexit.runtime.manifest import CASCADE_NAME, load_manifest
+from edgeexit.runtime.cascade_bytes import tunable_cascade_bytes
+from edgeexit.runtime.manifest import load_manifest
 from edgeexit.runtime.bundle import save_manifest
 from edgeexit.runtime.files import write_json_atomic
 from edgeexit.runtime.report import interleaved_timings

@@ -41,7 +41,7 @@ per-exit float64 vectors (thresholds; beta for class exclusion; temperature for 
 entropy; weights for an ensemble at deferral) are constants holding the manifest's values, so a
 bare session (C/C++, Node, Python) takes the image alone and loads without warnings
 (initializers that are also graph inputs make onnxruntime warn at every load). To tune them per call, edgeexit's runtime and the web page run a copy with
-those constants moved into graph inputs (edgeexit.runtime.graph.tunable_cascade_bytes).
+those constants moved into graph inputs (edgeexit.runtime.cascade_bytes.tunable_cascade_bytes).
 """
 from __future__ import annotations
 
@@ -309,7 +309,7 @@ def write_cascade(manifest: Manifest, compact: bool = True, file: str = CASCADE_
     """Build cascade.onnx (or `file`) into the bundle folder; return its manifest record (file, sha256, inputs, outputs).
 
     The record lists the per-exit vectors as inputs after the image, with their defaults, and says that the
-    file holds them as constants (the runtime's copy takes them as inputs: graph.tunable_cascade_bytes)."""
+    file holds them as constants (the runtime's copy takes them as inputs: cascade_bytes.tunable_cascade_bytes)."""
     model = build_cascade(manifest, compact)
     path = manifest.path(file)
     onnx.save(model, str(path))

@@ -9,10 +9,9 @@ name every graph with its sha256. Every command that writes a bundle goes throug
 - a graph file written or rewritten there is recorded with `rehash`; manifest edits are
   functions from records to records (`with_exits`, `with_static_batch`, `with_profile`,
   `with_calibration`), never edits of `to_dict()` output;
-- cascade.onnx's per-exit defaults (thresholds, beta, temperature) are rewritten in place by
-  `with_graph_defaults` (a byte-level edit without the onnx package, kept in runtime/graph.py beside the
-  protobuf helpers that load the tunable copy; writers reach it here); building cascade.onnx itself
-  needs onnx (export/cascade_graph.py);
+- the cascade graphs' per-exit defaults (thresholds, beta, temperature, weights) are rewritten in
+  place by `with_graph_defaults` (a byte-level edit without the onnx package: runtime/cascade_bytes.py);
+  building cascade.onnx itself needs onnx (export/cascade_graph.py);
   `drop_cascade` removes a cascade.onnx that no longer matches the policies;
 - `save_manifest` validates and atomically rewrites manifest.json; in-place edits
   (`save_profile`, `save_calibration`) load, edit and save in one call.
@@ -29,9 +28,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from edgeexit.errors import BundleError
-from edgeexit.runtime.files import sha256_file, write_json_atomic
-from edgeexit.runtime.graph import with_graph_defaults
+from edgeexit.errors import BundleError, ConfigError
+from edgeexit.runtime.files import atomic_write, sha256_file, write_json_atomic
+from edgeexit.runtime.cascade_bytes import replace_default
 from edgeexit.runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec, load_manifest
 from edgeexit.runtime.policies import NO_ENSEMBLE, get_policy, manifest_ensemble
 from edgeexit.runtime.profiles import DeviceProfile
@@ -209,6 +208,25 @@ def drop_cascade(manifest: Manifest) -> Manifest:
 def save_profile(bundle: str | os.PathLike, profile: DeviceProfile) -> Manifest:
     """Add (or replace) `profile` in the bundle's manifest; other profiles stay; atomic rewrite."""
     return save_manifest(bundle, with_profile(load_manifest(bundle, check_hashes=False), profile))
+
+
+def with_graph_defaults(manifest: Manifest, name: str, values: Sequence[float]) -> Manifest:
+    """Rewrite the default of per-exit vector `name` (thresholds, beta, temperature, weights) in every cascade graph
+    file (cascade.onnx, cascade_b1.onnx), each replaced atomically; returns the manifest with the new defaults and
+    sha256s (the caller saves it). Unchanged for bundles without those graphs or without that vector."""
+    for field in ("cascade", "cascade_b1"):
+        entry = getattr(manifest, field)
+        default = None if entry is None else entry.default(name)
+        if default is None:
+            continue
+        if len(values) != len(default):
+            raise ConfigError(f"{entry.file} input '{name}' takes {len(default)} values, got {len(values)}")
+        path = manifest.path(entry.file)
+        content = replace_default(path.read_bytes(), name, default, values, str(path))
+        atomic_write(path, lambda tmp: tmp.write_bytes(content))
+        inputs = tuple(dataclasses.replace(t, default=tuple(float(v) for v in values)) if t.name == name else t for t in entry.inputs)
+        manifest = dataclasses.replace(manifest, **{field: dataclasses.replace(entry, inputs=inputs, sha256=sha256_file(path))})
+    return manifest
 
 
 def save_calibration(bundle: str | os.PathLike, record: dict) -> Manifest:

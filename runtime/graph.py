@@ -1,19 +1,16 @@
 """The cascade as one onnxruntime session: cascade.onnx decides every exit inside the graph."""
 from __future__ import annotations
 
-import dataclasses
 import os
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from edgeexit.runtime.cascade import CascadeResult, CascadeRunner, Runner, check_batch
+from edgeexit.runtime.cascade_bytes import tunable_cascade_bytes
 from edgeexit.errors import BundleError, ConfigError, first_line
-from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, CascadeGraph, Manifest, VECTORS_INPUT, load_manifest
+from edgeexit.runtime.manifest import CASCADE_NAME, CASCADE_OUTPUTS, Manifest, VECTORS_INPUT, load_manifest
 from edgeexit.runtime.profiles import ENGINES
-from edgeexit.runtime.files import sha256_file
 from edgeexit.runtime.policies import GRAPH_VECTORS, Policy, manifest_ensemble
 
 ONNX_DTYPES = {"float32": "tensor(float)", "float64": "tensor(double)", "int64": "tensor(int64)"}
@@ -125,139 +122,3 @@ def open_runner(bundle: str | os.PathLike | Manifest, engine: str = "auto", devi
     if (auto_engine(manifest) if engine == "auto" else engine) == "chain":
         return CascadeRunner(manifest, device, **options)
     return GraphRunner(manifest, device, batch_size, **options)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _fields(buf: bytes) -> list[tuple[int, bytes, bytes]]:
-    """A protobuf message's top-level fields in order: (field number, the field's bytes with its key, payload of a
-    length-delimited field or b"")."""
-    fields, pos = [], 0
-    while pos < len(buf):
-        start = pos
-        key, pos = _read_varint(buf, pos)
-        wire, payload = key & 7, b""
-        if wire == 0:
-            _, pos = _read_varint(buf, pos)
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        elif wire == 2:
-            size, pos = _read_varint(buf, pos)
-            payload, pos = buf[pos : pos + size], pos + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > len(buf):
-            raise ValueError("truncated field")
-        fields.append((key >> 3, buf[start:pos], payload))
-    return fields
-
-
-def _message(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (string, bytes or message) `number`."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _double_vector_input(name: str, size: int) -> bytes:
-    """GraphProto.input (field 11): ValueInfoProto name, TypeProto.tensor_type {elem_type DOUBLE (11), shape [size]}."""
-    dim = _message(1, b"\x08" + _varint(size))  # TensorShapeProto.dim { dim_value }
-    tensor = b"\x08\x0b" + _message(2, dim)
-    return _message(11, _message(1, name.encode()) + _message(2, _message(1, tensor)))
-
-
-def tunable_cascade_bytes(manifest: Manifest, entry: CascadeGraph | None = None) -> bytes:
-    """cascade.onnx (or `entry`'s graph) with its per-exit vectors (thresholds, beta, temperature) as required float64
-    graph inputs.
-
-    The file stores them as constants (so a bare session loads without warnings and runs on the image alone);
-    this copy, made without the onnx package by editing the protobuf fields of the model's graph (drop those
-    initializers, append a graph input per vector after the image), is what GraphRunner and the web page run
-    and feed. Files of older bundles already take them as inputs and come back unchanged."""
-    entry = manifest.cascade if entry is None else entry
-    if entry is None:
-        raise BundleError(f"{manifest.root} has no {CASCADE_NAME} (exported by an older edgeexit): re-export it")
-    path = manifest.path(entry.file)
-    content = path.read_bytes()
-    if entry.vectors == VECTORS_INPUT:
-        return content
-    vectors = {t.name: t for t in entry.inputs[1:]}
-    try:
-        model = _fields(content)
-        graphs = [i for i, (number, _, _) in enumerate(model) if number == 7]  # ModelProto.graph
-        if len(graphs) != 1:
-            raise ValueError("no single graph")
-        kept, found, last_input = [], set(), None
-        for number, raw, payload in _fields(model[graphs[0]][2]):
-            if number == 5:  # GraphProto.initializer; TensorProto.name is field 8
-                name = next((p.decode() for n, _, p in _fields(payload) if n == 8), None)
-                if name in vectors:
-                    found.add(name)
-                    continue
-            if number == 11:
-                last_input = len(kept)
-            kept.append(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not a readable ONNX model ({exc}); re-export the bundle") from None
-    if found != set(vectors) or last_input is None:
-        raise BundleError(f"{path} lacks the constants {sorted(set(vectors) - found)} its manifest lists; re-export the bundle")
-    kept[last_input + 1 : last_input + 1] = [_double_vector_input(t.name, len(t.default)) for t in vectors.values()]
-    graph = _message(7, b"".join(kept))
-    return b"".join(graph if i == graphs[0] else raw for i, (_, raw, _) in enumerate(model))
-
-
-def _initializer_bytes(name: str, values: Sequence[float]) -> bytes:
-    """How onnx serializes the tail of a float64 initializer: field 8 (name), then field 9 (raw_data)."""
-    raw = np.asarray(values, dtype="<f8").tobytes()
-    encoded = name.encode()
-    return b"\x42" + _varint(len(encoded)) + encoded + b"\x4a" + _varint(len(raw)) + raw
-
-
-def with_graph_defaults(manifest: Manifest, name: str, values: Sequence[float]) -> Manifest:
-    """Rewrite the default of per-exit input `name` (thresholds, beta, temperature) in every cascade graph file
-    (cascade.onnx, cascade_b1.onnx); returns the manifest with the new defaults and sha256s (the caller saves it).
-    Unchanged for bundles without those graphs or without that input.
-
-    Runs without the onnx package: the default is a float64 initializer stored as name + raw
-    little-endian bytes, replaced where that byte sequence occurs exactly once (else BundleError)."""
-    for field in ("cascade", "cascade_b1"):
-        entry = getattr(manifest, field)
-        default = None if entry is None else entry.default(name)
-        if default is None:
-            continue
-        if len(values) != len(default):
-            raise ConfigError(f"{entry.file} input '{name}' takes {len(default)} values, got {len(values)}")
-        old, new = _initializer_bytes(name, default), _initializer_bytes(name, values)
-        path = manifest.path(entry.file)
-        content = path.read_bytes()
-        if content.count(old) != 1:
-            raise BundleError(f"cannot locate the default {name} in {path}; re-export the bundle")
-        fd, tmp = tempfile.mkstemp(prefix=f".{entry.file}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(content.replace(old, new))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        inputs = tuple(dataclasses.replace(t, default=tuple(float(v) for v in values)) if t.name == name else t for t in entry.inputs)
-        manifest = dataclasses.replace(manifest, **{field: dataclasses.replace(entry, inputs=inputs, sha256=sha256_file(path))})
-    return manifest

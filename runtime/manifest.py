@@ -365,7 +365,7 @@ class CascadeGraph:
 
     `vectors` says how the file stores the per-exit vectors: VECTORS_CONSTANT (plain initializers, so a
     bare session takes the image alone and loads without warnings; the runtime moves them into graph
-    inputs in memory, graph.tunable_cascade_bytes) or VECTORS_INPUT (bundles written before: initializers
+    inputs in memory, cascade_bytes.tunable_cascade_bytes) or VECTORS_INPUT (bundles written before: initializers
     that are also graph inputs, which onnxruntime warns about at load)."""
 
     sha256: str

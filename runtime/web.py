@@ -6,7 +6,7 @@ The page (examples/web: index.html, app.js, preprocess.js) runs cascade.onnx wit
     /                       the page; /app.js, /preprocess.js its modules
     /ort/FILE               onnxruntime-web's wasm build (examples/web/node_modules, `npm install --ignore-scripts`)
     /bundle/manifest.json   the bundle's manifest (input spec, class names, exits, per-exit vectors)
-    /bundle/cascade.onnx    cascade.onnx with its per-exit vectors as graph inputs (graph.tunable_cascade_bytes):
+    /bundle/cascade.onnx    cascade.onnx with its per-exit vectors as graph inputs (cascade_bytes.tunable_cascade_bytes):
                             onnxruntime-web feeds only the inputs a model lists, and the file holds them as constants
 
 Nothing else is served (no directory listing, no path from the request reaches the file system).
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeexit.errors import BundleError, ConfigError
-from edgeexit.runtime.graph import tunable_cascade_bytes
+from edgeexit.runtime.cascade_bytes import tunable_cascade_bytes
 from edgeexit.runtime.manifest import CASCADE_NAME, MANIFEST_NAME, load_manifest
 
 HOST = "127.0.0.1"

@@ -15,7 +15,7 @@ import handmade
 from edgeexit.cli import main
 from edgeexit.export.cascade_graph import build_cascade, write_cascade
 from edgeexit.runtime import CascadeRunner, ConfigError, GraphRunner, VerificationError, open_runner
-from edgeexit.runtime.graph import tunable_cascade_bytes
+from edgeexit.runtime.cascade_bytes import tunable_cascade_bytes
 from edgeexit.runtime.verify import check_graph_decisions
 from edgeexit.errors import BundleError
 from edgeexit.runtime.manifest import CASCADE_NAME, MANIFEST_NAME, load_manifest

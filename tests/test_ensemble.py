@@ -5,7 +5,6 @@ import dataclasses
 import json
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 

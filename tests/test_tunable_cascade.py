@@ -17,7 +17,7 @@ from edgeexit.cli import main
 from edgeexit.errors import BundleError
 from edgeexit.export.cascade_graph import write_cascade
 from edgeexit.runtime import CascadeRunner, GraphRunner
-from edgeexit.runtime.graph import tunable_cascade_bytes
+from edgeexit.runtime.cascade_bytes import tunable_cascade_bytes
 from edgeexit.runtime.bundle import save_manifest
 from edgeexit.runtime.files import sha256_file
 from edgeexit.runtime.manifest import CASCADE_NAME, VECTORS_CONSTANT, VECTORS_INPUT, load_manifest

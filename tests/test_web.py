@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from edgeexit.cli import main
 from edgeexit.errors import BundleError, ConfigError
 from edgeexit.runtime import web
-from edgeexit.runtime.graph import tunable_cascade_bytes
+from edgeexit.runtime.cascade_bytes import tunable_cascade_bytes
 from edgeexit.runtime.manifest import CASCADE_NAME, MANIFEST_NAME, InputSpec, load_manifest
 
 WEB = Path(__file__).resolve().parent.parent / "examples" / "web"

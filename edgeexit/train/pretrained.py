@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from edgeexit.train.backbones import create_backbone, first_conv_name, resolve_backbone
 from edgeexit.train.data import training_splits
-from edgeexit.errors import ConfigError, EdgeExitError, InputError, first_line
+from edgeexit.errors import EdgeExitError, InputError, first_line
 from edgeexit.extras import require
 from edgeexit.train.config import PRETRAIN, TrainSpec
 from edgeexit.train.hardware import TrainEnv, make_optimizer, optimizer_step, seed_everything, training_env
