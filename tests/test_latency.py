@@ -231,7 +231,7 @@ def test_latency_budget_without_any_profile_says_how_to_measure_one(bundle_copy)
 def test_latency_budget_calibration_via_cli(profiled_bundle):
     name = f"{current_host()}/cpu/t1/b1/chain"
     profile = load_manifest(profiled_bundle).profiles[name]
-    budget = profile.exits[-1].p50 * 2
+    budget = 2 * max(timing.mean for timing in profile.exits)  # the default budget bounds the mean; every exit fits it
     result = cli("calibrate", profiled_bundle, "--latency-budget", budget, "--profile", name)
     assert result.exit_code == 0, result.output
     record = load_manifest(profiled_bundle).calibration
