@@ -305,7 +305,8 @@ def main() -> None:
     log("timing at batch 64")
     time_batch64(points, x, setting.throughput_batches)
     result = {"setting": asdict(setting), "split": "test (calibrated on val)", "test_inputs": int(len(x)),
-              "minutes": (time.time() - started) / 60, "points": [asdict(p) for p in points], "summary": summary(points)}
+              "minutes": (time.time() - started) / 60, "summary": summary(points),
+              "points": [{**asdict(p), "bundle": Path(p.bundle).name} for p in points]}  # bundle folders in --work
     out = Path(args.out or RESULTS / f"{tag}.json")
     write_json_atomic(out, result)
     plot(points, out.with_suffix(".png"))
