@@ -65,10 +65,10 @@ class Setting:
 
 
 FULL = Setting(
-    data=FASHION, epochs=8, static=("resnet8", "resnet14", "resnet20"),
+    data=FASHION, epochs=8, static=("resnet8", "resnet20", "resnet32"),
     early_exit=(("eenet_resnet20", "resnet20", ("--method", "eenet")),
                 ("exclusion_resnet20", "resnet20", ("--method", "exclusion"))),
-    model_cascades=(("resnet8", "resnet20"), ("resnet8", "resnet14"), ("resnet8", "resnet14", "resnet20")),
+    model_cascades=(("resnet8", "resnet20"), ("resnet8", "resnet32"), ("resnet8", "resnet20", "resnet32")),
     timing_inputs=1000, throughput_batches=20,
 )
 QUICK = Setting(
