@@ -92,7 +92,8 @@ def quantize_bundle(
     """Write an int8 copy of an fp32 bundle to `out` (atomically) with thresholds re-calibrated; returns its manifest.
 
     x (float32, normalized, shaped like the bundle's input) calibrates the activation ranges
-    and, with labels, the thresholds; objective defaults to the fp32 bundle's relative MACs on x.
+    and, with labels, the thresholds; objective defaults to the fp32 bundle's relative MACs on x (class exclusion:
+    its accuracy drop on x, since beta is searched for a tolerance).
     """
     parent = load_manifest(bundle)
     if parent.precision != FP32:
@@ -104,7 +105,12 @@ def quantize_bundle(
     _quantization_module()
     fp32 = CascadeRunner(parent)
     if objective is None:
-        objective = ("budget", fp32.relative_macs(fp32.predict(x)))
+        result = fp32.predict(x)
+        if any(e.policy.kind == "exclusion" for e in parent.exits):  # beta is searched for an accuracy tolerance
+            full = (fp32.predict_full(x).argmax(axis=1) == labels).mean()
+            objective = ("target_drop", max(0.0, float(full - (result.predictions == labels).mean()) * 100))
+        else:
+            objective = ("budget", fp32.relative_macs(result))
     ranged = x[:RANGE_SAMPLES]
     progress(f"running the fp32 chain over {len(ranged)} calibration inputs for the activation ranges")
     inputs = chain_inputs(fp32, ranged)

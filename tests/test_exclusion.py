@@ -282,3 +282,14 @@ def test_profiling_the_graph_of_an_exclusion_bundle_points_to_the_chain(exclusio
     assert "cannot be profiled with the exclusion policy" in result.output and "--engine chain" in result.output
     chain = CliRunner().invoke(main, ["profile", str(bundle), "--engine", "chain", "--threads", "1", "--repeats", "4"])
     assert chain.exit_code == 0, chain.output
+
+
+@pytest.mark.slow
+def test_quantize_of_an_exclusion_bundle_keeps_the_fp32_accuracy_drop(exclusion_bundle, digits, tmp_path):
+    pytest.importorskip("onnx")
+    from edgeexit.export.quantize import quantize_bundle
+
+    x, y = digits
+    manifest = quantize_bundle(exclusion_bundle[0], tmp_path / "int8", x, y)
+    assert manifest.precision == "int8" and "target_drop" in manifest.calibration["objective"]
+    assert [e.policy.kind for e in manifest.exits] == ["exclusion"] * len(manifest.exits)
