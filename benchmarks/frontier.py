@@ -27,7 +27,6 @@ Results: benchmarks/results/frontier[_quick].json and .png. Take timings on a qu
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -297,7 +296,6 @@ def main() -> None:
     log(f"evaluating {len(points)} points on {len(x)} test inputs")
     for p in points:
         evaluate(p, x, y)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     rng = np.random.default_rng(0)
     sample = x[rng.permutation(len(x))[: setting.timing_inputs]]
     log(f"timing {len(points)} graphs at batch 1 on {len(sample)} inputs (interleaved)")
