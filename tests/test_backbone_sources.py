@@ -232,6 +232,18 @@ def test_weights_read_timm_and_torchvision_checkpoints(tmp_path, layout):
     torch.testing.assert_close(_outputs(target, x), _outputs(source, x))
 
 
+def test_weights_without_module_versions_load_into_a_module_that_reads_them(tmp_path):
+    """torchvision's MNASNet reads its version from the state_dict's `_metadata`, which .safetensors never holds."""
+    from safetensors.torch import save_file
+
+    source = build_backbone("torchvision:mnasnet0_5", 10, 3)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "mnasnet.safetensors")
+    target = build_backbone("torchvision:mnasnet0_5", 10, 3)
+    load_backbone_weights(target, tmp_path / "mnasnet.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_outputs(target, x), _outputs(source, x))
+
+
 def test_weights_with_wrong_keys_are_one_line_naming_them(tmp_path):
     from safetensors.torch import save_file
 

@@ -67,6 +67,21 @@ class _PathTracer(fx.Tracer):
         return node
 
 
+def _trace(backbone: nn.Module, training: bool) -> fx.GraphModule:
+    """`backbone`'s code traced in train or eval mode. fx fixes a forward's Python branches on `self.training`
+    (functional dropout, stochastic depth, drop path) when it traces, so each mode has its own graph."""
+    tracer = _PathTracer(*_trace_hints())
+    was_training = backbone.training
+    backbone.train(training)
+    try:
+        return fx.GraphModule(backbone, tracer.trace(backbone))
+    except Exception as exc:  # fx raises many error types for untraceable code
+        where = f" in module {tracer.failed_in}" if tracer.failed_in else ""
+        raise ConfigError(f"backbone {type(backbone).__name__} cannot be traced by torch.fx{where}: {first_line(exc)}") from None
+    finally:
+        backbone.train(was_training)
+
+
 def _module_path(node: fx.Node) -> str:
     """The module a node ran in: recorded by _PathTracer, or a torch.export program's nn_module_stack."""
     if "module_path" in node.meta:
@@ -106,23 +121,69 @@ def _in_module(node: fx.Node, module: str) -> bool:
     return path == module or path.startswith(module + ".")
 
 
+class _Trace:
+    """One fx graph of the backbone: its nodes in order, what crosses a node, and the segments between nodes."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        self.module = module
+        self.nodes = list(module.graph.nodes)
+        self.position = {node.name: i for i, node in enumerate(self.nodes)}
+
+    def crossing(self, node: fx.Node) -> list[str]:
+        """Names of tensors from before `node` (other than node) that later nodes still need."""
+        cut = self.position[node.name]
+        needed = []
+        for earlier in self.nodes[: cut + 1]:
+            if earlier is node or earlier.op == "get_attr":
+                continue
+            if any(self.position[user.name] > cut for user in earlier.users):
+                needed.append(earlier.name)
+        return needed
+
+    def last_in(self, module: str) -> fx.Node | None:
+        """The last node that runs in `module`: its output."""
+        return next((n for n in reversed(self.nodes) if _in_module(n, module)), None)
+
+    def segment(self, start: fx.Node | None, stop: fx.Node | None) -> fx.GraphModule:
+        """The graph from after `start` (None: the input) to `stop` (None: the output), reading `start`'s tensor."""
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        first = 0 if start is None else self.position[start.name] + 1
+        last = len(self.nodes) - 1 if stop is None else self.position[stop.name]
+        if start is not None:
+            env[start] = graph.placeholder("x")
+
+        def lookup(node: fx.Node) -> fx.Node:
+            if node not in env and node.op == "get_attr":
+                env[node] = graph.node_copy(node, lookup)
+            return env[node]
+
+        for node in self.nodes[first : last + 1]:
+            if node.op == "output":
+                graph.output(lookup(node.args[0]))
+                break
+            env[node] = graph.node_copy(node, lookup)
+        else:
+            graph.output(env[self.nodes[last]])
+        graph.lint()
+        return fx.GraphModule(self.module, graph)
+
+
 class CutGraph:
-    """A traced backbone with its candidate cut points, ready to be split into segments."""
+    """A traced backbone with its candidate cut points, ready to be split into segments.
+
+    The cut points, shapes and MACs are those of the backbone's eval-mode code (what export writes);
+    `split(..., training=True)` cuts its train-mode code at the same module outputs, for training.
+    """
 
     def __init__(self, backbone: nn.Module, input_shape: Sequence[int], max_depth: int = 2) -> None:
         self.backbone = backbone
         self.input_shape = tuple(input_shape)
         name = type(backbone).__name__
-        if isinstance(backbone, fx.GraphModule):  # already a graph (a torch.export program): cut it as it is
-            self.module = backbone
-        else:
-            tracer = _PathTracer(*_trace_hints())
-            try:
-                graph = tracer.trace(backbone)
-            except Exception as exc:  # fx raises many error types for untraceable code
-                where = f" in module {tracer.failed_in}" if tracer.failed_in else ""
-                raise ConfigError(f"backbone {name} cannot be traced by torch.fx{where}: {first_line(exc)}") from None
-            self.module = fx.GraphModule(backbone, graph)
+        # a torch.export program is already one graph: it is cut as it is
+        self.module = backbone if isinstance(backbone, fx.GraphModule) else _trace(backbone, training=False)
+        self._eval = _Trace(self.module)
+        self._train: _Trace | None = None  # traced when first needed (split(..., training=True))
         was_training = backbone.training
         backbone.eval()
         try:
@@ -133,8 +194,8 @@ class CutGraph:
                               f"{type(exc).__name__}: {first_line(exc)}") from None
         finally:
             backbone.train(was_training)
-        self.nodes = list(self.module.graph.nodes)
-        self._position = {node.name: i for i, node in enumerate(self.nodes)}
+        self.nodes = self._eval.nodes
+        self._position = self._eval.position
         self.full_macs = max(self.nodes[-1].meta["cumulative_macs"], 1)
         self.output_shape = self._output_shape()
         self.candidates = self._find_candidates(max_depth)
@@ -156,14 +217,7 @@ class CutGraph:
 
     def crossing(self, node: fx.Node) -> list[str]:
         """Names of tensors from before `node` (other than node) that later nodes still need."""
-        cut = self._position[node.name]
-        needed = []
-        for earlier in self.nodes[: cut + 1]:
-            if earlier is node or earlier.op == "get_attr":
-                continue
-            if any(self._position[user.name] > cut for user in earlier.users):
-                needed.append(earlier.name)
-        return needed
+        return self._eval.crossing(node)
 
     def _feature_shape(self, node: fx.Node) -> tuple[int, ...] | None:
         meta = node.meta.get("tensor_meta")
@@ -179,9 +233,9 @@ class CutGraph:
         for name in sorted(names, key=lambda n: n.count(".")):
             if not name or name.count(".") >= max_depth:
                 continue
-            inside = [n for n in self.nodes if _in_module(n, name)]
-            if inside:
-                ends[inside[-1].name] = name  # deeper modules come later and win: "layer1.2" over "layer1"
+            last = self._eval.last_in(name)
+            if last is not None:
+                ends[last.name] = name  # deeper modules come later and win: "layer1.2" over "layer1"
         output_pos = len(self.nodes) - 1
         points = []
         for node in self.nodes:
@@ -231,35 +285,31 @@ class CutGraph:
         valid = ", ".join(p.name for p in self.candidates)
         raise ConfigError(f"unknown cut point '{name}'; valid cut points: {valid}")
 
-    def split(self, cut_names: Sequence[str]) -> list[fx.GraphModule]:
-        """Segments of the backbone between consecutive cuts; the last one ends at the logits."""
+    def split(self, cut_names: Sequence[str], training: bool = False) -> list[fx.GraphModule]:
+        """Segments of the backbone between consecutive cuts; the last one ends at the logits. Of its eval-mode code,
+        or with `training` of its train-mode code (dropout and stochastic depth drawing), cut at the same modules."""
         points = [self.resolve(name) for name in cut_names]
         positions = [self._position[p.node] for p in points]
         if positions != sorted(set(positions)):
             raise ConfigError(f"cut points must be distinct and in network order, got {', '.join(cut_names)}")
-        bounds = [None, *[p.node for p in points], None]
-        return [self._segment(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+        trace = self._training_trace() if training else self._eval
+        nodes = [self.nodes[i] for i in positions] if trace is self._eval else [self._training_cut(p) for p in points]
+        bounds = [None, *nodes, None]
+        return [trace.segment(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
-    def _segment(self, start: str | None, stop: str | None) -> fx.GraphModule:
-        graph = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        first = 0 if start is None else self._position[start] + 1
-        last = len(self.nodes) - 1 if stop is None else self._position[stop]
-        if start is not None:
-            env[self.nodes[self._position[start]]] = graph.placeholder("x")
+    def _training_trace(self) -> _Trace:
+        """The backbone's train-mode graph, or the eval-mode one when its code does not depend on the mode."""
+        if self._train is None:
+            same = isinstance(self.backbone, fx.GraphModule)  # a torch.export program has one graph
+            train = self._eval if same else _Trace(_trace(self.backbone, training=True))
+            self._train = self._eval if train.module.code == self.module.code else train
+        return self._train
 
-        def lookup(node: fx.Node) -> fx.Node:
-            if node not in env and node.op == "get_attr":
-                env[node] = graph.node_copy(node, lookup)
-            return env[node]
-
-        for node in self.nodes[first : last + 1]:
-            if node.op == "output":
-                graph.output(lookup(node.args[0]))
-                break
-            env[node] = graph.node_copy(node, lookup)
-        else:
-            graph.output(env[self.nodes[last]])
-        graph.lint()
-        return fx.GraphModule(self.module, graph)
+    def _training_cut(self, point: CutPoint) -> fx.Node:
+        """The output of the cut's module in the train-mode graph; ConfigError unless it is a boundary there too."""
+        node = self._training_trace().last_in(point.name)
+        if node is None or self._training_trace().crossing(node):
+            raise ConfigError(f"cut '{point.name}' is a single-tensor boundary of the backbone in eval mode "
+                              f"but not in train mode; choose another cut point")
+        return node
 

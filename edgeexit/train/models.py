@@ -5,6 +5,7 @@ import itertools
 import os
 import pickle
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ class EarlyExitModel(nn.Module):
     No cuts is a static network (`edgeexit pretrain`): one segment, the whole backbone, and no exit.
 
     The segments are fx graphs that share the backbone's modules, so `backbone` holds the
-    single copy of its weights and its state_dict keys are the plain backbone's.
+    single copy of its weights and its state_dict keys are the plain backbone's. They come in
+    two sets, of the backbone's train-mode and eval-mode code (fx fixes `self.training` branches
+    such as functional dropout when it traces), picked by the backbone's mode.
     """
 
     def __init__(self, config: ModelConfig, backbone: nn.Module | None = None) -> None:
@@ -43,7 +46,8 @@ class EarlyExitModel(nn.Module):
         self.backbone = backbone
         self.cut_graph = CutGraph(self.backbone, config.input_shape)
         self.cut_graph.check_logits(config.num_classes)
-        self._segments = self.cut_graph.split(config.cuts)
+        self._eval_segments = self.cut_graph.split(config.cuts)
+        self._train_segments = self.cut_graph.split(config.cuts, training=True)
         self.cut_shapes = [self.cut_graph.resolve(name).shape for name in config.cuts]
         self.exits = nn.ModuleList(
             build_exit(config.exit_type, shape, config.num_classes, **config.exit_args) for shape in self.cut_shapes
@@ -53,7 +57,8 @@ class EarlyExitModel(nn.Module):
 
     @property
     def segments(self) -> list[nn.Module]:
-        return self._segments
+        """The segments of the backbone's current mode (a frozen backbone's are its eval-mode code)."""
+        return self._train_segments if self.backbone.training else self._eval_segments
 
     def train(self, mode: bool = True) -> "EarlyExitModel":
         """Train mode; a frozen backbone stays in eval so its BatchNorm statistics never change."""
@@ -64,17 +69,18 @@ class EarlyExitModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
         exit_outputs = []
-        for segment, head in zip(self._segments[:-1], self.exits):
+        segments = self.segments
+        for segment, head in zip(segments[:-1], self.exits):
             x = segment(x)
             exit_outputs.append(head(x))
-        return exit_outputs, self._segments[-1](x)
+        return exit_outputs, segments[-1](x)
 
     def stage_macs(self) -> list[tuple[int, int]]:
         """(segment, exit head) MACs of each stage (the final stage's head is 0): the one cost walk behind
         exit_costs and the manifest's per-stage MACs."""
         in_shapes = [self.config.input_shape, *self.cut_shapes]
         heads = [*(count_macs(head, shape) for head, shape in zip(self.exits, self.cut_shapes)), 0]
-        return [(count_macs(segment, shape), head) for segment, shape, head in zip(self._segments, in_shapes, heads)]
+        return [(count_macs(segment, shape), head) for segment, shape, head in zip(self._eval_segments, in_shapes, heads)]
 
     def exit_costs(self) -> list[float]:
         """Relative MACs of leaving at each exit (segments and heads passed so far), final = all."""
@@ -89,9 +95,18 @@ def checkpoint_dict(model: EarlyExitModel, extra: dict | None = None) -> dict:
         "version": MODEL_VERSION,
         "edgeexit_version": __version__,
         "config": model.config.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": cpu_state_dict(model),
         "extra": extra or {},
     }
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's tensors on the CPU with the state_dict's `_metadata` kept: the per-module versions that a
+    module's `_load_from_state_dict` may read (torchvision's MNASNet refuses weights without its version)."""
+    state = module.state_dict()
+    cpu = OrderedDict((key, value.detach().cpu()) for key, value in state.items())
+    cpu._metadata = state._metadata  # type: ignore[attr-defined]  # torch.save and the weights-only loader keep it
+    return cpu
 
 
 def atomic_save(data: Any, path: str | os.PathLike) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from edgeexit.extras import require
 from edgeexit.train.config import PRETRAIN, TrainSpec
 from edgeexit.train.hardware import TrainEnv, make_optimizer, optimizer_step, seed_everything, training_env
 from edgeexit.train.config import ModelConfig
-from edgeexit.train.models import MODEL_FORMAT, EarlyExitModel, atomic_save, save_model
+from edgeexit.train.models import MODEL_FORMAT, EarlyExitModel, atomic_save, cpu_state_dict, save_model
 
 CHECKPOINT_KEYS = ("state_dict", "model")
 STATIC_METHOD = "static"  # model.pt's method for a network with no exits (`edgeexit pretrain`)
@@ -104,12 +105,16 @@ def load_backbone_weights(net: nn.Module, path: str | os.PathLike, name: str = "
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", shapes)) if keys]
     if problems:
         raise InputError(f"weights in {path} do not match {name}: {'; '.join(problems)}")
-    net.load_state_dict(state)
+    # per-module versions (state_dict `_metadata`) rarely survive a weights file (.safetensors has none, the prefix
+    # clean-up above drops them); the module's own are assumed: the key and shape checks above hold them to it
+    versioned = OrderedDict(state)
+    versioned._metadata = expected._metadata  # type: ignore[attr-defined]
+    net.load_state_dict(versioned)
 
 
 def save_state_dict(net: nn.Module, path: str | os.PathLike) -> None:
-    """Write the plain state_dict atomically."""
-    atomic_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)
+    """Write the plain state_dict (with its per-module versions) atomically."""
+    atomic_save(cpu_state_dict(net), path)
 
 
 @torch.no_grad()
