@@ -80,6 +80,20 @@ def pool_globally(model: onnx.ModelProto) -> int:
     return count
 
 
+# ops whose outputs are random draws: in an exported graph, train-mode code (dropout, stochastic depth) that
+# would make every run give other outputs
+RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial"})
+
+
+def refuse_random_ops(model: onnx.ModelProto, name: str) -> None:
+    """VerificationError if the graph draws random numbers: its outputs would change from run to run, and a
+    parity check on small outputs (absolute below 1) could miss it."""
+    drawn = sorted({node.op_type for node in model.graph.node if node.op_type in RANDOM_OPS})
+    if drawn:
+        raise VerificationError(f"{name} draws random numbers ({', '.join(drawn)}): the module ran train-mode code "
+                                f"(dropout, stochastic depth) when it was exported")
+
+
 # one-row Gemm, batch 1, 1 thread, model of that Gemm alone: 256 inputs 4.7 us as x W^T, 5.0 us as W x^T
 # and Transpose; 1,024 inputs 5.5 vs 5.1; 4,096 inputs 8.3 vs 5.3
 BY_ROWS_MIN_INPUTS = 1024
@@ -145,6 +159,7 @@ def export_graph(
         if not ok:
             raise VerificationError(f"onnxsim could not validate the simplified graph for {path.name}")
         model = simplified
+    refuse_random_ops(model, path.name)
     pool_globally(model)
     one_output_gemms_by_rows(model)
     _name_batch_dims(model)
