@@ -16,6 +16,7 @@ Writes benchmarks/results/model_zoo.json and prints a markdown table.
     python benchmarks/model_zoo.py                # every architecture (the lead's run, on a quiet machine)
     python benchmarks/model_zoo.py --quick        # three architectures
     python benchmarks/model_zoo.py --architectures timm:resnet18 --no-timing   # one, without timing
+    python benchmarks/model_zoo.py --architectures timm:resnet18 --merge       # rerun one, keep the file's other rows
 """
 from __future__ import annotations
 
@@ -184,6 +185,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def merged(path: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the results file at `path` with `rows` in place of those of the same architectures (new ones
+    last); SystemExit before any run when the file was measured with other settings (timing, machine, versions)."""
+    earlier = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "architectures": []}
+    differs = [key for key in settings if earlier["settings"].get(key) != settings[key]]
+    if differs:
+        raise SystemExit(f"--merge: {path} was measured with other {', '.join(differs)}; use its settings or rerun every architecture")
+    new = {row["architecture"]: row for row in rows}
+    return [new.pop(row["architecture"], row) for row in earlier["architectures"]] + list(new.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
@@ -191,23 +203,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=200, help="timed inputs per graph (batch 1)")
     parser.add_argument("--no-timing", action="store_true", help="skip step 5 (export and parity only)")
     parser.add_argument("--out", type=Path, default=RESULTS / "model_zoo.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only these architectures' rows in the --out file (measured with the same settings)")
     args = parser.parse_args(argv)
     names = args.architectures.split(",") if args.architectures else QUICK if args.quick else ARCHITECTURES
+    import timm
+    import torchvision
+
+    settings = {"input_shape": list(INPUT_SHAPE), "num_classes": NUM_CLASSES, "exits": "pareto, 2", "method": "eenet",
+                "timing": None if args.no_timing else {"batch": 1, "threads": 1, "samples": args.samples},
+                "machine": platform.machine(), "processor": platform.processor(),
+                "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                             "timm": timm.__version__, "onnxruntime": ort.__version__}}
+    if args.merge:
+        merged(args.out, settings, [])  # refuses a file of other settings before the runs
     torch.set_num_threads(1)
     rows = []
     for name in names:
         with tempfile.TemporaryDirectory(prefix="model_zoo-") as tmp:
             rows.append(run_one(name, Path(tmp), not args.no_timing, args.samples))
-    import timm
-    import torchvision
-
-    report = {"settings": {"input_shape": list(INPUT_SHAPE), "num_classes": NUM_CLASSES, "exits": "pareto, 2",
-                           "method": "eenet", "timing": None if args.no_timing else {"batch": 1, "threads": 1,
-                                                                                  "samples": args.samples},
-                           "machine": platform.machine(), "processor": platform.processor(),
-                           "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                                        "timm": timm.__version__, "onnxruntime": ort.__version__}},
-              "goals": GOALS, "summary": summarize(rows), "architectures": rows}
+    if args.merge:
+        rows = merged(args.out, settings, rows)
+    report = {"settings": settings, "goals": GOALS, "summary": summarize(rows), "architectures": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, report)
     print(markdown(rows))
