@@ -204,6 +204,18 @@ def test_checkpoint_with_code_is_refused(tmp_path):
         train_small(tmp_path, checkpoint_dir=str(ck), resume=True)
 
 
+def test_checkpoint_keeps_module_versions(tmp_path):
+    """A resumed run loads the state_dicts' per-module versions too (torchvision's MNASNet refuses weights without)."""
+    from edgeexit.train.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+
+    state = torch.nn.BatchNorm2d(2).state_dict()  # its `_metadata` holds BatchNorm's version
+    save_checkpoint(tmp_path, Checkpoint(model_config={"m": 1}, run={"r": 2}, epoch=1, model=state, optimizer={},
+                                         scheduler={}, scaler={}, rng={}, best={"loss": 0.5, "model": state}))
+    loaded = load_checkpoint(tmp_path, {"m": 1}, {"r": 2})
+    assert loaded.model._metadata == loaded.best["model"]._metadata == {"": {"version": 2}}
+    assert all(torch.equal(loaded.model[k], v) for k, v in state.items())
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgeexit", "train", *SMALL_ARGS, *args]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,9 @@ def checkpoint_path(directory: str | os.PathLike) -> Path:
 def save_checkpoint(directory: str | os.PathLike, checkpoint: Checkpoint) -> Path:
     """Replace DIR/checkpoint.pt atomically: a run killed mid-write leaves the previous one intact."""
     path = checkpoint_path(directory)
-    atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **asdict(checkpoint)}, path)
+    # the fields as they are: asdict would copy every tensor and drop the state_dicts' per-module versions (`_metadata`)
+    state = {f.name: getattr(checkpoint, f.name) for f in fields(checkpoint)}
+    atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
     return path
 
 
