@@ -80,15 +80,23 @@ def pool_globally(model: onnx.ModelProto) -> int:
     return count
 
 
-# ops whose outputs are random draws: in an exported graph, train-mode code (dropout, stochastic depth) that
-# would make every run give other outputs
+# ops whose outputs are random draws (and Dropout unless its training_mode is a constant false): in an exported
+# graph, train-mode code (dropout, stochastic depth) that would make every run give other outputs
 RANDOM_OPS = frozenset({"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Bernoulli", "Multinomial"})
 
 
 def refuse_random_ops(model: onnx.ModelProto, name: str) -> None:
     """VerificationError if the graph draws random numbers: its outputs would change from run to run, and a
     parity check on small outputs (absolute below 1) could miss it."""
-    drawn = sorted({node.op_type for node in model.graph.node if node.op_type in RANDOM_OPS})
+    constants = {init.name: init for init in model.graph.initializer}
+
+    def draws(node: onnx.NodeProto) -> bool:
+        if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+            mode = constants.get(node.input[2])
+            return mode is None or bool(onnx.numpy_helper.to_array(mode))
+        return node.op_type in RANDOM_OPS
+
+    drawn = sorted({node.op_type for node in model.graph.node if draws(node)})
     if drawn:
         raise VerificationError(f"{name} draws random numbers ({', '.join(drawn)}): the module ran train-mode code "
                                 f"(dropout, stochastic depth) when it was exported")

@@ -215,15 +215,17 @@ def test_exported_graphs_carry_the_rewrites(tiny_bundle):
     assert confidence.op_type == "Transpose" and producer[confidence.input[0]].op_type == "Gemm"
 
 
-def test_export_refuses_a_graph_that_draws_random_numbers(tmp_path):
+@pytest.mark.parametrize("draw, op", [(lambda x: x * (torch.rand_like(x) < 0.5), "RandomUniformLike"),
+                                      (lambda x: torch.nn.functional.dropout(x, 0.2, training=True), "Dropout")])
+def test_export_refuses_a_graph_that_draws_random_numbers(tmp_path, draw, op):
     """Train-mode code in an exported graph (dropout, stochastic depth) is refused by name, whatever the outputs' scale."""
     from edgeexit.export.onnx_graphs import SingleOutput, export_graph
 
     class Noisy(torch.nn.Module):
         def forward(self, x):
-            return x * 1e-6 * (torch.rand_like(x) < 0.5)
+            return draw(x * 1e-6)
 
-    with pytest.raises(VerificationError, match=r"noisy.onnx draws random numbers \(RandomUniformLike\)"):
+    with pytest.raises(VerificationError, match=rf"noisy.onnx draws random numbers \({op}\)"):
         export_graph(Noisy(), torch.zeros(2, 1, 4, 4), tmp_path / "noisy.onnx", "x", ["y"])
     assert not (tmp_path / "noisy.onnx").exists()
     dropout = SingleOutput(torch.nn.Dropout(0.5)).train()  # a dropout module is exported in eval mode: no draw
