@@ -24,6 +24,11 @@ TOLERANCE = 1e-4
 # round different tensors (each graph's own QDQ placement); measured 1e-2 (tiny resnet8) on random
 # inputs, i.e. a few uint8 activation steps.
 TOLERANCES = {"fp32": TOLERANCE, "int8": 5e-2}
+# Share of inputs whose decision cascade.onnx may make differently from the chain. int8: the stages nested
+# in cascade.onnx's If branches are not fused as the standalone stage graphs are, so scores differ by a
+# few uint8 steps and an input within that of a threshold can go the other way (measured: 1 of 128 val
+# inputs on a Fashion-MNIST PTEENet resnet20 bundle, exit 0 vs 1).
+DECISION_SLACK = {"fp32": 0.0, "int8": 0.01}
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,22 +50,26 @@ def check_chain(runner: CascadeRunner, x: np.ndarray, tolerance: float = TOLERAN
 
 def check_graph_decisions(graph: GraphRunner, chain: CascadeRunner, inputs: dict[str, np.ndarray]) -> dict[str, dict]:
     """cascade.onnx must make the chain's decisions: equal predictions and exit indices for each named
-    batch, run whole and one input at a time; VerificationError naming the first difference."""
+    batch, run whole and one input at a time (an int8 bundle: all but DECISION_SLACK of them);
+    VerificationError naming the first difference."""
+    slack = DECISION_SLACK.get(graph.manifest.precision, 0.0)
     report = {}
     for kind, x in inputs.items():
+        differing = {}
         for batch in (len(x), 1):
             for start in range(0, len(x), batch):
                 part = x[start : start + batch]
                 got, want = graph.predict(part), chain.predict(part)
                 for field in ("predictions", "exit_index"):
-                    differ = np.flatnonzero(getattr(got, field) != getattr(want, field))
-                    if differ.size:
-                        i = int(differ[0])
-                        raise VerificationError(
-                            f"{graph.graph.file} differs from the stage chain on {kind} input {start + i} at batch {batch}: "
-                            f"{field} {getattr(got, field)[i]} vs {getattr(want, field)[i]}"
-                        )
-        report[kind] = {"samples": len(x), "batches": [len(x), 1], "exit_counts": chain.predict(x).exit_counts()}
+                    for i in np.flatnonzero(getattr(got, field) != getattr(want, field)):
+                        differing.setdefault(start + int(i), (batch, field, getattr(got, field)[i], getattr(want, field)[i]))
+        if len(differing) > slack * len(x):
+            i, (batch, field, got_value, want_value) = min(differing.items())
+            raise VerificationError(f"{graph.graph.file} differs from the stage chain on {kind} input {i} at batch {batch}: "
+                                    f"{field} {got_value} vs {want_value}"
+                                    + (f" ({len(differing)} differences, {slack:.0%} allowed for int8)" if slack else ""))
+        report[kind] = {"samples": len(x), "batches": [len(x), 1], "exit_counts": chain.predict(x).exit_counts(),
+                        "differing_decisions": len(differing)}
     return report
 
 
