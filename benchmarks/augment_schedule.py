@@ -57,7 +57,7 @@ def main() -> None:
                 print(f"{epochs:>3} epochs  {augment:<6} val {result['val_accuracy']:.4f}  test {result['test_accuracy']:.4f}",
                       file=sys.stderr, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"setup": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"setup": {**{k: str(v) for k, v in vars(args).items()}, "data": args.data.name}, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
