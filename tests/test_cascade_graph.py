@@ -220,3 +220,24 @@ def test_batch1_graph_decides_as_the_chain(handmade_bundles, tmp_path, kind):
     for i in range(len(x)):
         _, p, e = session.run(None, {"input": x[i : i + 1]})
         assert (p[0], e[0]) == (want.predictions[i], want.exit_index[i]), f"input {i}"
+
+
+@pytest.mark.parametrize("precision, differing, fails", [("fp32", 1, True), ("int8", 1, False), ("int8", 3, True)])
+def test_int8_graphs_may_decide_one_percent_differently(bundle, handmade_bundles, precision, differing, fails):
+    x = np.concatenate([handmade_bundles[1]] * 4)[:200]  # 1% of 200 inputs: 2 may differ at int8
+    graph, chain = GraphRunner(bundle), CascadeRunner(bundle)
+    graph.manifest = dataclasses.replace(graph.manifest, precision=precision)
+    honest = graph.predict
+
+    def off_by(part):  # the whole batch comes back with `differing` exit indices changed
+        result = honest(part)
+        if len(part) == len(x):
+            result.exit_index[:differing] = (result.exit_index[:differing] + 1) % (len(graph.manifest.exits) + 1)
+        return result
+
+    graph.predict = off_by
+    if fails:
+        with pytest.raises(VerificationError, match="differs from the stage chain on synthetic input 0 at batch 200"):
+            check_graph_decisions(graph, chain, {"synthetic": x})
+    else:
+        assert check_graph_decisions(graph, chain, {"synthetic": x})["synthetic"]["differing_decisions"] == differing
