@@ -90,8 +90,11 @@ def cli_with(command: str, *args: str, env: dict | None = None) -> subprocess.Po
     """`edgeexit COMMAND` in a subprocess, with COMMAND (Python defining `def command()`) added to the real group."""
     code = (f"import sys, time\nfrom edgeexit.cli import main\n{command}\nmain.command('probe')(command)\n"
             f"sys.argv = ['edgeexit', 'probe', *{list(args)!r}]\nmain()\n")
+    # SIGINT back to its default: a shell starts background jobs (`pytest ... &`) with it ignored, children
+    # inherit that, and Python then installs no KeyboardInterrupt handler, so a Ctrl-C test would hang
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env or {})}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 BOOM = """
