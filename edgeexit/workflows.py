@@ -56,7 +56,8 @@ def train(spec: TrainSpec, out: str = "model.pt", progress: bool = True) -> Trai
     spec = replace(spec, exit_type=spec.exit_type or method.exit_type, loss=spec.loss or method.loss,
                    distill=method.distill if spec.distill is None else spec.distill,
                    num_exits=spec.num_exits or method.num_exits, placement=spec.placement or method.placement, lr=spec.learning_rate,
-                   warmup_loss=method.warmup_loss, head_lr=spec.head_lr if spec.head_lr is not None else method.head_lr)
+                   warmup_loss=method.warmup_loss,
+                   head_lr=spec.head_lr if spec.head_lr is not None else method.head_lr_scale * spec.learning_rate)
     exit_args = {k: v for k, v in (("channels", spec.branch_channels), ("depth", spec.branch_depth)) if v is not None}
     with training_env(spec.device, spec.precision) as env:
         torch.manual_seed(spec.seed)

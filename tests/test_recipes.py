@@ -110,6 +110,7 @@ def test_recipe_is_recorded_in_model_pt_and_shown_by_info(tmp_path):
     assert {k: spec[k] for k in ("augment", "flip", "label_smoothing", "optimizer", "lr", "schedule", "loss", "epochs")} == {
         "augment": "basic", "flip": False, "label_smoothing": 0.1, "optimizer": "sgd", "lr": 0.05, "schedule": "mixed",
         "loss": "v4", "epochs": 2}
+    assert spec["head_lr"] == pytest.approx(0.05 / 3)  # eenet's heads: a third of the backbone's rate, any optimizer
     shown = CliRunner().invoke(main, ["info", str(out)])
     assert shown.exit_code == 0, shown.output
     assert "sgd lr 0.05" in shown.output and "schedule mixed" in shown.output and "augment basic" in shown.output

@@ -107,7 +107,7 @@ class TrainSpec:
     batch_size: int = 64
     optimizer: str = "adamw"
     lr: float | None = None
-    head_lr: float | None = None  # exit heads; None: the method's (Method.head_lr), else lr
+    head_lr: float | None = None  # exit heads; None: the method's share of lr (Method.head_lr_scale)
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     schedule: str = "joint"
