@@ -14,7 +14,8 @@ from edgeexit.cli.runtime_commands import _load_run_data as load_run_data
 from edgeexit.errors import ConfigError
 from edgeexit.runtime.datasets import DATASETS
 from edgeexit.export.defaults import DEFAULT_OPSET
-from edgeexit.train.augment import AUGMENT_FROM_EPOCHS, AUGMENTS  # these four: no torch needed for --help
+# the four modules below need no torch: --help works without the [train] extra
+from edgeexit.train.augment import AUGMENT_FROM_EPOCHS, AUGMENT_MEASURED_IMAGES, AUGMENTS, augment_from_epochs
 from edgeexit.train.config import OPTIMIZERS, PLACEMENT_COSTS, PRETRAIN, SCHEDULES, TrainSpec
 
 D = TrainSpec()  # every default of train (pretrain: PRETRAIN), read by the options below
@@ -60,8 +61,9 @@ def data_options(defaults: TrainSpec) -> Any:
         click.option("--augment", type=click.Choice(AUGMENTS.names()), default=defaults.augment,
                      help="Training-split augmentation (val/test never): none; basic = random crop (padded up to 64 px, "
                           "resized above) + horizontal flip where the data set allows it; trivial = basic + "
-                          f"TrivialAugmentWide. Default: basic from {AUGMENT_FROM_EPOCHS} epochs on, none below "
-                          "(measured; model.pt records what ran)."),
+                          f"TrivialAugmentWide. Default: basic from {AUGMENT_FROM_EPOCHS} epochs on for up to "
+                          f"{AUGMENT_MEASURED_IMAGES:,} training images, later for larger sets ({augment_from_epochs(42000)} "
+                          "epochs at 42,000), none below (measured; model.pt records what ran)."),
         click.option("--flip/--no-flip", default=defaults.flip,
                      help="Horizontal flips in basic/trivial (default: the data set's: on for fashionmnist, cifar, "
                           "folder:; off for npz:; refused for digits, mnist, svhn)."),

@@ -222,5 +222,5 @@ def training_splits(spec: TrainSpec) -> tuple[DataSplits, TrainSpec]:
     """The splits of spec.data with the training split's augmentation, and the spec with augment and flip resolved."""
     flip = resolve_flip(spec.data, spec.flip)  # a refused flip fails before the data is read
     splits = load_data(spec.data, data_dir=spec.data_dir, download=spec.download, input_size=spec.input_size)
-    augment = spec.augment or default_augment(spec.epochs)
+    augment = spec.augment or default_augment(spec.epochs, len(splits.train))
     return replace(splits, augment=transform(augment, splits.info.input_shape, flip)), replace(spec, augment=augment, flip=flip)
