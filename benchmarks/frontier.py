@@ -7,7 +7,9 @@ networks (`edgeexit export SMALL.pt BIG.pt OUT/`), calibrates every cascade on t
 several accuracy drops (`edgeexit calibrate --policy auto`, which also considers ensembles at
 deferral), quantizes everything (`edgeexit quantize`), and then measures, on the test split:
 
-- accuracy and exit histogram of every model and operating point (the runtime's own runners);
+- accuracy and exit histogram of every model and operating point (the runtime's own runners), on the
+  test split and on a shifted copy of it (each image under one corruption family at severity 3, the
+  families taken in turn: inputs unlike the training and calibration data);
 - mean milliseconds per input at batch 1 and 1 thread, and inputs/s at batch 64, in ONE
   interleaved run over bare onnxruntime sessions (static: full.onnx; cascades: the batch-1 graph
   at batch 1 and the compacting cascade.onnx at batch 64, fed their thresholds as inputs). Each
@@ -38,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgeexit.runtime.corruptions import CORRUPTIONS, corrupt_model_ready
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.runtime.files import write_json_atomic
 from edgeexit.runtime.graph import GraphRunner, open_runner
@@ -65,12 +68,12 @@ class Setting:
 
 
 FULL = Setting(
-    data=FASHION, epochs=8, static=("resnet8", "resnet20"),  # resnet32 left out: 14 of the 45 minutes
+    data=FASHION, epochs=8, static=("resnet8", "resnet20", "resnet32"),
     early_exit=(("eenet_resnet20", "resnet20", ("--method", "eenet")),
                 ("exclusion_resnet20", "resnet20", ("--method", "exclusion")),
                 # PTEENet's branches on the static resnet20 above (frozen): full.onnx is that network
                 ("pteenet_resnet20", "resnet20", ("--method", "pteenet", "--weights", "{work}/static_resnet20.pt"))),
-    model_cascades=(("resnet8", "resnet20"),),
+    model_cascades=(("resnet8", "resnet20"), ("resnet8", "resnet32"), ("resnet8", "resnet20", "resnet32")),
     timing_inputs=1000, throughput_batches=20,
 )
 QUICK = Setting(
@@ -95,6 +98,9 @@ class Point:
     accuracy: float = 0.0
     relative_macs: float | None = None
     exit_counts: list[int] = field(default_factory=list)
+    shifted_accuracy: float = 0.0
+    shifted_relative_macs: float | None = None
+    shifted_exit_counts: list[int] = field(default_factory=list)
     ms_per_input: float | None = None
     inputs_per_s: float | None = None
 
@@ -158,19 +164,23 @@ def operating_points(name: str, kind: str, bundle: Path, setting: Setting, reuse
     return points
 
 
-def evaluate(point: Point, x: np.ndarray, y: np.ndarray) -> None:
-    """Accuracy, relative MACs and exit counts on test with the runtime's own runner."""
+def evaluate(point: Point, x: np.ndarray, y: np.ndarray) -> tuple[float, float, list[int]]:
+    """Accuracy, relative MACs and exit counts of one point on (x, y) with the runtime's own runner."""
     if point.kind in ("static", "early-exit-full", "cascade-full"):
         runner = open_runner(point.bundle, engine="chain")
         logits = np.concatenate([runner.predict_full(x[i:i + 256]) for i in range(0, len(x), 256)])
-        point.accuracy = float((logits.argmax(1) == y).mean())
-        point.relative_macs = 1.0
-        return
+        return float((logits.argmax(1) == y).mean()), 1.0, []
     runner = open_runner(point.bundle, engine="graph")
     result = runner.predict(x)
-    point.accuracy = float((result.predictions == y).mean())
-    point.relative_macs = float(runner.relative_macs(result))
-    point.exit_counts = [int(c) for c in result.exit_counts()]
+    return float((result.predictions == y).mean()), float(runner.relative_macs(result)), [int(c) for c in result.exit_counts()]
+
+
+def shifted(x: np.ndarray, mean, std) -> np.ndarray:
+    """The test inputs, each under one corruption family at the default severity (families in turn, seeded)."""
+    out = np.empty_like(x)
+    for k, family in enumerate(CORRUPTIONS):
+        out[k::len(CORRUPTIONS)] = corrupt_model_ready(x[k::len(CORRUPTIONS)], mean, std, family, seed=k)
+    return out
 
 
 def _session(path: Path | bytes) -> ort.InferenceSession:
@@ -248,7 +258,7 @@ def summary(points: list[Point]) -> dict:
             cheaper = [s for s in static if s.ms_per_input <= p.ms_per_input]
             rows.append({
                 "name": p.name, "target_drop": p.target_drop, "policy": p.policy, "accuracy": p.accuracy,
-                "ms_per_input": p.ms_per_input,
+                "ms_per_input": p.ms_per_input, "shifted_accuracy": p.shifted_accuracy,
                 "gain_over_static_at_latency": None if not cheaper else p.accuracy - max(s.accuracy for s in cheaper),
                 "over_static_line": p.accuracy - float(np.interp(p.ms_per_input, line_ms, line_acc)),
                 "reaches_best_static": p.accuracy >= best.accuracy,
@@ -257,33 +267,35 @@ def summary(points: list[Point]) -> dict:
         same_backbone = {s.backbone: s.accuracy for s in static}
         full_vs_static = {p.name: p.accuracy - same_backbone[p.backbone] for p in here
                           if p.kind == "early-exit-full" and p.backbone in same_backbone}
-        out[precision] = {"static": [(s.name, s.accuracy, s.ms_per_input) for s in static],
+        out[precision] = {"static": [(s.name, s.accuracy, s.ms_per_input, s.shifted_accuracy) for s in static],
                           "best_static": best.name, "cascades": rows,
                           "full_onnx_minus_static_same_backbone": full_vs_static}
     return out
 
 
 def plot(points: list[Point], path: Path) -> None:
-    """Accuracy vs mean ms per input, one panel per precision; the static frontier as a line."""
+    """Accuracy vs mean ms per input, one column per precision (clean test above, shifted test below); the static
+    frontier as a line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     precisions = sorted({p.precision for p in points})
-    fig, axes = plt.subplots(1, len(precisions), figsize=(6 * len(precisions), 4.5), squeeze=False)
-    for ax, precision in zip(axes[0], precisions):
-        here = [p for p in points if p.precision == precision]
-        static = sorted((p for p in here if p.kind == "static"), key=lambda p: p.ms_per_input)
-        ax.plot([p.ms_per_input for p in static], [p.accuracy for p in static], "k-o", label="static family")
-        for p in static:
-            ax.annotate(p.name.split()[-1], (p.ms_per_input, p.accuracy), fontsize=7)
-        for name in sorted({p.name for p in here if p.kind not in ("static",)}):
-            group = sorted((p for p in here if p.name == name), key=lambda p: p.ms_per_input)
-            ax.plot([p.ms_per_input for p in group], [p.accuracy for p in group], "o--", label=name)
-        ax.set_title(f"{precision}: batch 1, 1 thread")
-        ax.set_xlabel("mean ms per input (measured)")
-        ax.set_ylabel("test accuracy")
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(2, len(precisions), figsize=(6 * len(precisions), 9), squeeze=False)
+    for row, (field_name, split) in enumerate((("accuracy", "test"), ("shifted_accuracy", "shifted test"))):
+        for ax, precision in zip(axes[row], precisions):
+            here = [p for p in points if p.precision == precision]
+            static = sorted((p for p in here if p.kind == "static"), key=lambda p: p.ms_per_input)
+            ax.plot([p.ms_per_input for p in static], [getattr(p, field_name) for p in static], "k-o", label="static family")
+            for p in static:
+                ax.annotate(p.name.split()[-1], (p.ms_per_input, getattr(p, field_name)), fontsize=7)
+            for name in sorted({p.name for p in here if p.kind != "static"}):
+                group = sorted((p for p in here if p.name == name), key=lambda p: p.ms_per_input)
+                ax.plot([p.ms_per_input for p in group], [getattr(p, field_name) for p in group], "o--", label=name)
+            ax.set_title(f"{precision}, {split}: batch 1, 1 thread")
+            ax.set_xlabel("mean ms per input (measured)")
+            ax.set_ylabel(f"{split} accuracy")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -313,9 +325,11 @@ def main() -> None:
         return
     spec = load_manifest(bundles[0][2], check_hashes=False).input_spec
     x, y = load_eval_data(setting.data, "test", spec)
-    log(f"evaluating {len(points)} points on {len(x)} test inputs")
+    x_shifted = shifted(x, spec.mean, spec.std)
+    log(f"evaluating {len(points)} points on {len(x)} test inputs, clean and shifted")
     for p in points:
-        evaluate(p, x, y)
+        p.accuracy, p.relative_macs, p.exit_counts = evaluate(p, x, y)
+        p.shifted_accuracy, p.shifted_relative_macs, p.shifted_exit_counts = evaluate(p, x_shifted, y)
     rng = np.random.default_rng(0)
     sample = x[rng.permutation(len(x))[: setting.timing_inputs]]
     log(f"timing {len(points)} graphs at batch 1 on {len(sample)} inputs (interleaved)")
@@ -329,11 +343,11 @@ def main() -> None:
     write_json_atomic(out, result)
     plot(points, out.with_suffix(".png"))
     for precision, entry in result["summary"].items():
-        print(f"{precision}: static {[(n, round(a, 4), round(ms, 3)) for n, a, ms in entry['static']]}")
+        print(f"{precision}: static {[(n, round(a, 4), round(ms, 3), round(sa, 4)) for n, a, ms, sa in entry['static']]}")
         for row in entry["cascades"]:
             gain = row["gain_over_static_at_latency"]
             print(f"  {row['name']:<32} drop {row['target_drop']} {row['policy'] or '':<18} acc {row['accuracy']:.4f} "
-                  f"{row['ms_per_input']:.3f} ms  gain {'-' if gain is None else f'{gain * 100:+.2f}'} pts  "
+                  f"{row['ms_per_input']:.3f} ms  shifted {row['shifted_accuracy']:.4f}  gain {'-' if gain is None else f'{gain * 100:+.2f}'} pts  "
                   f"line {row['over_static_line'] * 100:+.2f} pts  "
                   f"x{row['latency_vs_best_static']:.2f} of best static{' (reaches it)' if row['reaches_best_static'] else ''}")
     log(f"wrote {out} ({result['minutes']:.1f} min)")
