@@ -167,7 +167,7 @@ def test_resume_reaches_the_uninterrupted_weights_bitwise(resumed):
 
 @pytest.mark.parametrize("change, message", [
     ({"num_exits": 1}, "was written for another model (cuts"),
-    ({"lr": 0.01}, "other training settings (lr"),
+    ({"lr": 0.01}, ", lr 0.003 vs 0.01); resume with the same ones"),  # head_lr (a third of lr) named first
 ])
 def test_resume_refuses_another_model_or_settings(tmp_path, resumed, change, message):
     import shutil

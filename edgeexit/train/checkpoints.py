@@ -84,11 +84,10 @@ def save_checkpoint(directory: str | os.PathLike, checkpoint: Checkpoint) -> Pat
     return path
 
 
-def _first_difference(have: dict[str, Any], want: dict[str, Any]) -> str | None:
-    for key in sorted(set(have) | set(want)):
-        if have.get(key) != want.get(key):
-            return f"{key} {have.get(key)!r} vs {want.get(key)!r}"
-    return None
+def _differences(have: dict[str, Any], want: dict[str, Any]) -> str | None:
+    """Every key whose value differs, "key old vs new" joined by commas (a changed --lr also moves head_lr)."""
+    keys = [key for key in sorted(set(have) | set(want)) if have.get(key) != want.get(key)]
+    return ", ".join(f"{key} {have.get(key)!r} vs {want.get(key)!r}" for key in keys) or None
 
 
 def load_checkpoint(directory: str | os.PathLike, model_config: dict[str, Any], run: dict[str, Any]) -> Checkpoint | None:
@@ -109,10 +108,10 @@ def load_checkpoint(directory: str | os.PathLike, model_config: dict[str, Any], 
     if not all(name in data for name in names):
         raise InputError(f"{path} lacks {', '.join(sorted(n for n in names if n not in data))}")
     checkpoint = Checkpoint(**{name: data[name] for name in names})
-    differs = _first_difference(checkpoint.model_config, model_config)
+    differs = _differences(checkpoint.model_config, model_config)
     if differs:
         raise InputError(f"{path} was written for another model ({differs}); use another --checkpoint-dir")
-    differs = _first_difference(checkpoint.run, run)
+    differs = _differences(checkpoint.run, run)
     if differs:
         raise InputError(f"{path} was written with other training settings ({differs}); resume with the same ones")
     return checkpoint
