@@ -14,7 +14,7 @@ from edgeexit.cli.runtime_commands import _load_run_data as load_run_data
 from edgeexit.errors import ConfigError
 from edgeexit.runtime.datasets import DATASETS
 from edgeexit.export.defaults import DEFAULT_OPSET
-# the four modules below need no torch: --help works without the [train] extra
+# augment and config need no torch: --help works without the [train] extra
 from edgeexit.train.augment import AUGMENT_FROM_EPOCHS, AUGMENT_MEASURED_IMAGES, AUGMENTS, augment_from_epochs
 from edgeexit.train.config import OPTIMIZERS, PLACEMENT_COSTS, PRETRAIN, SCHEDULES, TrainSpec
 
