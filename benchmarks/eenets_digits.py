@@ -86,7 +86,7 @@ def run_config(data: DataSplits, args: argparse.Namespace, exit_type: str, loss:
     model = build_model(data, args.backbone, exit_type, args.placement, args.num_exits, exit_at=exit_at,
                         backbone_args=backbone_args(args))
     # the recipe of `edgeexit train --method eenet`: its warm-up epoch(s), then the joint loss
-    config = TrainSpec(epochs=args.epochs, loss=loss, lam=args.lam, seed=args.seed,
+    config = TrainSpec(epochs=args.epochs, loss=loss, lam=args.lam, seed=args.seed, optimizer="adamw",
                          warmup_loss=get_method("eenet").warmup_loss)
     start = time.perf_counter()
     history = train_model(model, data, config, progress=False)

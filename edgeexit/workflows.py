@@ -55,13 +55,13 @@ def train(spec: TrainSpec, out: str = "model.pt", progress: bool = True) -> Trai
         raise ConfigError(f"--schedule mixed trains the backbone first; --method {spec.method} keeps it frozen: use joint")
     spec = replace(spec, exit_type=spec.exit_type or method.exit_type, loss=spec.loss or method.loss,
                    distill=method.distill if spec.distill is None else spec.distill,
-                   num_exits=spec.num_exits or method.num_exits, placement=spec.placement or method.placement, lr=spec.learning_rate,
-                   warmup_loss=method.warmup_loss,
-                   head_lr=spec.head_lr if spec.head_lr is not None else method.head_lr_scale * spec.learning_rate)
+                   num_exits=spec.num_exits or method.num_exits, placement=spec.placement or method.placement,
+                   warmup_loss=method.warmup_loss)
     exit_args = {k: v for k, v in (("channels", spec.branch_channels), ("depth", spec.branch_depth)) if v is not None}
     with training_env(spec.device, spec.precision) as env:
         torch.manual_seed(spec.seed)
         splits, spec = training_splits(spec)
+        spec = spec.with_optimizer(len(splits.train), method.head_lr_scale)
         model = build_model(splits, spec.backbone, spec.exit_type, spec.placement, spec.num_exits,
                             exit_at=_split_list(spec.exit_at), method=spec.method, threshold=spec.threshold,
                             exit_args=exit_args, weights=spec.weights, backbone_args=spec.backbone_args,

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from edgeexit.cli import main
 from edgeexit.errors import ConfigError
 from edgeexit.train.augment import AUGMENT_FROM_EPOCHS, AUGMENT_MEASURED_IMAGES, augment_from_epochs, default_augment, resolve_flip
-from edgeexit.train.config import TrainSpec
+from edgeexit.train.config import SGD_FROM_IMAGES, TrainSpec, default_optimizer
 from edgeexit.train.data import training_splits
 from edgeexit.train.trainer import epoch_loss, smoothing_term
 
@@ -74,6 +74,30 @@ def test_default_augmentation_follows_the_measured_rule(tmp_path):
     assert AUGMENT_FROM_EPOCHS < augment_from_epochs(large) <= 45
     assert training_splits(TrainSpec(input_size=8, epochs=AUGMENT_FROM_EPOCHS))[1].augment == "basic"  # digits: ~1,000
     assert training_splits(TrainSpec(input_size=8, epochs=3))[0].augment is None
+
+
+def test_default_optimizer_follows_the_measured_rule():
+    """adamw below SGD_FROM_IMAGES training images (digits: +1.5 points over sgd), the papers' sgd from there on
+    (42,000 Fashion-MNIST images: +0.8); the lr and the heads' lr follow the optimizer chosen; an explicit choice wins."""
+    assert default_optimizer(SGD_FROM_IMAGES) == "sgd" and default_optimizer(SGD_FROM_IMAGES - 1) == "adamw"
+    assert default_optimizer(42000) == "sgd" and default_optimizer(1258) == "adamw"
+    assert TrainSpec().optimizer is None  # `train` has no fixed default; `pretrain` keeps the papers' sgd
+    with pytest.raises(ValueError, match="with_optimizer"):
+        TrainSpec().learning_rate
+    small, large = TrainSpec().with_optimizer(1258, head_lr_scale=1 / 3), TrainSpec().with_optimizer(42000)
+    assert (small.optimizer, small.lr, small.head_lr) == ("adamw", 3e-3, pytest.approx(1e-3))
+    assert (large.optimizer, large.lr, large.head_lr) == ("sgd", 0.05, 0.05)
+    mine = TrainSpec(optimizer="adamw", lr=0.01, head_lr=0.002).with_optimizer(42000, head_lr_scale=1 / 3)
+    assert (mine.optimizer, mine.lr, mine.head_lr) == ("adamw", 0.01, 0.002)
+    assert mine.with_optimizer(10) == mine  # resolving twice changes nothing
+
+
+def test_train_records_the_optimizer_it_chose(tiny_model_path):
+    """digits (1,258 training images) trains with adamw, eenet's heads at a third of its rate; model.pt says so."""
+    from edgeexit.train.models import read_checkpoint
+
+    spec = read_checkpoint(tiny_model_path)["extra"]["train"]
+    assert (spec["optimizer"], spec["lr"]) == ("adamw", 3e-3) and spec["head_lr"] == pytest.approx(1e-3)
 
 
 def test_label_smoothing_term_is_the_smoothed_cross_entropy():

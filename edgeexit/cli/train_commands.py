@@ -16,7 +16,7 @@ from edgeexit.runtime.datasets import DATASETS
 from edgeexit.export.defaults import DEFAULT_OPSET
 # augment and config need no torch: --help works without the [train] extra
 from edgeexit.train.augment import AUGMENT_FROM_EPOCHS, AUGMENT_MEASURED_IMAGES, AUGMENTS, augment_from_epochs
-from edgeexit.train.config import OPTIMIZERS, PLACEMENT_COSTS, PRETRAIN, SCHEDULES, TrainSpec
+from edgeexit.train.config import OPTIMIZERS, PLACEMENT_COSTS, PRETRAIN, SCHEDULES, SGD_FROM_IMAGES, TrainSpec
 
 D = TrainSpec()  # every default of train (pretrain: PRETRAIN), read by the options below
 def parse_json_object(value: str, option: str) -> dict[str, Any]:
@@ -69,8 +69,11 @@ def data_options(defaults: TrainSpec) -> Any:
                           "folder:; off for npz:; refused for digits, mnist, svhn)."),
         click.option("--label-smoothing", type=float, default=defaults.label_smoothing, show_default=True,
                      help="Label smoothing of every classifier's cross-entropy."),
-        click.option("--optimizer", type=click.Choice(OPTIMIZERS.names()), default=defaults.optimizer, show_default=True,
-                     help="adamw, or sgd (momentum 0.9, Nesterov, the papers' setting); weight decay --weight-decay."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS.names()), default=defaults.optimizer,
+                     show_default=defaults.optimizer is not None,
+                     help="adamw, or sgd (momentum 0.9, Nesterov, the papers' setting); weight decay --weight-decay."
+                          + (f" Default: sgd from {SGD_FROM_IMAGES:,} training images on, adamw below (measured; "
+                             "model.pt records what ran)." if defaults.optimizer is None else "")),
         click.option("--lr", type=float, default=defaults.lr,
                      help=f"Learning rate (default: the optimizer's: {', '.join(f'{n} {o.lr:g}' for n, o in OPTIMIZERS.items())})."),
         click.option("--weight-decay", type=float, default=defaults.weight_decay, show_default=True),

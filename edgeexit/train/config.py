@@ -1,7 +1,7 @@
 """Configuration dataclasses (torch-free): what model.pt records and what `edgeexit train` takes, with every default."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from edgeexit.errors import ConfigError
@@ -60,6 +60,18 @@ class Optimizer:
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
 OPTIMIZERS.register("adamw", Optimizer("AdamW", 3e-3))
 OPTIMIZERS.register("sgd", Optimizer("SGD", 0.05, {"momentum": 0.9, "nesterov": True}))  # the papers' (and torchvision's) SGD
+# Measured (`edgeexit train`, eenet resnet20, full.onnx accuracy on test; benchmarks/results/optimizer_choice.json):
+# digits (1,258 training images, 8 epochs) adamw 0.9888 vs sgd 0.9740; 6,000 Fashion-MNIST images (30 epochs,
+# basic) adamw 0.8880 vs sgd 0.8974; all 42,000 (15 epochs, none) adamw 0.9219 vs sgd 0.9303. sgd from the smallest
+# set where it measured better; between 1,258 and 6,000 images nothing was measured.
+SGD_FROM_IMAGES = 6000
+
+
+def default_optimizer(images: int) -> str:
+    """The optimizer `train --optimizer` defaults to for a training split of `images` images (measured, see above)."""
+    return "sgd" if images >= SGD_FROM_IMAGES else "adamw"
+
+
 PLACEMENT_COSTS = ("macs", "latency")  # what placement schemes target: MACs, or latency measured here (export.cut_latency)
 SCHEDULES = ("joint", "mixed")  # mixed: EENets' backbone-first schedule (TrainSpec.schedule)
 MIXED_BACKBONE_SHARE = 0.5  # mixed: the share of the epochs that train the backbone and final classifier alone
@@ -84,7 +96,8 @@ class TrainSpec:
     """One training run: every `edgeexit train` / `pretrain` option with its default (the CLI reads them from here).
 
     None means "the method's" (exit_type, loss, head_lr, warmup_loss), "the optimizer's" (lr),
-    "the data set's" (input_size, flip) or "measured" (augment: train.augment.default_augment).
+    "the data set's" (input_size, flip) or "measured" (augment: train.augment.default_augment; optimizer:
+    default_optimizer, resolved with lr and head_lr by with_optimizer).
     workflows.train and train.data.training_splits fill them in; model.pt records the result.
     """
 
@@ -105,7 +118,7 @@ class TrainSpec:
     distill: str | None = None  # "T,ALPHA" or "off" (parse_distill); None: the method's
     epochs: int = 10
     batch_size: int = 64
-    optimizer: str = "adamw"
+    optimizer: str | None = None
     lr: float | None = None
     head_lr: float | None = None  # exit heads; None: the method's share of lr (Method.head_lr_scale)
     weight_decay: float = 5e-4
@@ -141,14 +154,25 @@ class TrainSpec:
             raise ConfigError(f"unknown placement cost '{self.placement_cost}'; choose from: {', '.join(PLACEMENT_COSTS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule '{self.schedule}'; choose from: {', '.join(SCHEDULES)}")
-        OPTIMIZERS.get(self.optimizer)
+        if self.optimizer is not None:
+            OPTIMIZERS.get(self.optimizer)
         parse_distill(self.distill)
         return self
 
     @property
     def learning_rate(self) -> float:
-        """lr, or the optimizer's default."""
-        return self.lr if self.lr is not None else OPTIMIZERS.get(self.optimizer).lr
+        """lr, or the optimizer's default (once the optimizer is resolved: with_optimizer)."""
+        if self.lr is not None:
+            return self.lr
+        if self.optimizer is None:
+            raise ValueError("the optimizer is chosen from the training split's size: resolve it with with_optimizer first")
+        return OPTIMIZERS.get(self.optimizer).lr
+
+    def with_optimizer(self, images: int, head_lr_scale: float = 1.0) -> "TrainSpec":
+        """The spec with optimizer, lr and head_lr resolved for a training split of `images` images (set ones kept)."""
+        optimizer = self.optimizer or default_optimizer(images)
+        lr = self.lr if self.lr is not None else OPTIMIZERS.get(optimizer).lr
+        return replace(self, optimizer=optimizer, lr=lr, head_lr=self.head_lr if self.head_lr is not None else head_lr_scale * lr)
 
     @property
     def backbone_epochs(self) -> int:

@@ -171,8 +171,10 @@ def train_model(
     `env` says where (device, precision, rank among torchrun's processes; default: one
     float32 CPU process). With config.checkpoint_dir every epoch ends in a checkpoint (the
     best-so-far weights in its `best` slot), and config.resume continues from the one there.
-    The model ends in eval mode on the CPU.
+    The model ends in eval mode on the CPU. An optimizer left open (None) is chosen by the training split's
+    size (TrainSpec.with_optimizer), as `edgeexit train` does.
     """
+    config = config.with_optimizer(len(data.train))
     env = env or TrainEnv(torch.device("cpu"), get_precision("32"))
     seed_everything(config.seed)
     get_loss(config.loss)  # unknown names fail before any training
