@@ -69,7 +69,7 @@ def leave_one_out(runner: CascadeRunner, val: tuple, test_sets: dict, plain: dic
         others = tuple(name for name in CORRUPTIONS if name != family)
         log(f"leave one out: robust on all but {family}")
         record = calibrate(runner, *val, ("target_drop", args.target_drop), progress=lambda message: None,
-                           policy=args.policy, robust=RobustSettings(others, args.severity))
+                           policy=args.policy, robust=RobustSettings(others, args.severity, slack_points=args.shift_slack))
         test = evaluate(record, runner, {CLEAN: test_sets[CLEAN], family: test_sets[family]})
         rows[family] = {"policy": record["policy"], "ensemble": record.get("ensemble"), "thresholds": record["chosen"]["thresholds"],
                         "held_out_drop_points": test[family]["drop_points"], "plain_drop_points": plain_test[family]["drop_points"],
@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--policy", default="auto")
     parser.add_argument("--leave-one-out", action="store_true",
                         help="also: per family, robust calibration on all the others, measured on it")
+    parser.add_argument("--shift-slack", type=float, default=0.0,
+                        help="extra drop in points robust calibration allows on each corrupted set")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images of val and of test")
     parser.add_argument("--tag", default="digits", help="key of this run in the results file")
     parser.add_argument("--out", default=str(RESULTS / "robust_calibration.json"))
@@ -101,7 +103,7 @@ def main() -> None:
     val = tuple(a[: args.limit] for a in load_eval_data(args.data, "val", spec))
     test_x, test_y = (a[: args.limit] for a in load_eval_data(args.data, "test", spec))
     records = {}
-    for mode, robust in (("plain", None), ("robust", RobustSettings(tuple(seen), args.severity))):
+    for mode, robust in (("plain", None), ("robust", RobustSettings(tuple(seen), args.severity, slack_points=args.shift_slack))):
         log(f"calibrating ({mode})")
         records[mode] = calibrate(runner, *val, ("target_drop", args.target_drop), {"name": args.data, "split": "val"},
                                   log, policy=args.policy, robust=robust)
@@ -122,6 +124,7 @@ def main() -> None:
                          "mean_held_out_drop_points": float(np.mean([test[f]["drop_points"] for f in held_out]))}
     summary["extra_clean_macs"] = summary["robust"]["clean_relative_macs"] - summary["plain"]["clean_relative_macs"]
     entry = {"bundle": Path(args.bundle).name, "data": args.data, "target_drop": args.target_drop, "policy": args.policy,
+             "shift_slack_points": args.shift_slack,
              "severity": args.severity, "calibration_families": seen, "held_out_families": held_out,
              "val_samples": int(len(val[1])), "test_samples": int(len(test_y)), "host": platform.machine(), "summary": summary, **results,
              **({} if loo is None else {"leave_one_out": loo})}

@@ -4,7 +4,8 @@ The bundle runs over the calibration inputs once per corruption family (CORRUPTI
 the raw images behind the model-ready inputs), every exit's outputs kept. A RobustSimulator
 replays the cascade on all those sets at the same thresholds; a point's accuracy is the clean
 reference accuracy minus the worst drop over the sets, each drop measured against the final
-stage on that same set (the chained stages compute full.onnx, `edgeexit verify` checks it), and
+stage on that same set (the chained stages compute full.onnx, `edgeexit verify` checks it) less
+the set's slack (points of extra drop the user allows under that corruption, 0 by default), and
 its MACs and exit counts are the clean set's. The calibration search runs on it unchanged: a
 drop target then holds on every set, and among those points the one cheapest on clean data wins.
 """
@@ -32,6 +33,7 @@ class OutputSet:
     exit_outputs: list[dict[str, np.ndarray]]
     final_logits: np.ndarray
     labels: np.ndarray
+    slack_points: float = 0.0  # drop beyond the target this set may show
 
     @property
     def reference_accuracy(self) -> float:
@@ -46,13 +48,17 @@ class RobustSettings:
     families: tuple[str, ...]
     severity: int = DEFAULT_SEVERITY
     seed: int = 0
+    slack_points: float = 0.0  # extra drop allowed on each corrupted set beyond the target
 
     def __post_init__(self) -> None:
         if not self.families:
             raise ConfigError("--robust needs at least one corruption family")
+        if not 0.0 <= self.slack_points <= 100.0:
+            raise ConfigError(f"--shift-slack is in accuracy points, 0 to 100: got {self.slack_points:g}")
 
     def to_dict(self) -> dict:
-        return {"families": list(self.families), "severity": self.severity, "seed": self.seed}
+        return {"families": list(self.families), "severity": self.severity, "seed": self.seed,
+                "slack_points": self.slack_points}
 
 
 def corrupted_sets(runner: CascadeRunner, x: np.ndarray, labels: np.ndarray, settings: RobustSettings,
@@ -63,7 +69,7 @@ def corrupted_sets(runner: CascadeRunner, x: np.ndarray, labels: np.ndarray, set
     for i, family in enumerate(settings.families):
         shifted = corrupt_model_ready(x, spec.mean, spec.std, family, settings.severity, settings.seed + i)
         outputs, final = runner.stage_outputs(shifted)
-        sets.append(OutputSet(family, outputs, final, labels))
+        sets.append(OutputSet(family, outputs, final, labels, settings.slack_points))
         progress(f"corruption {family} (severity {settings.severity}): full.onnx accuracy {sets[-1].reference_accuracy:.4f}")
     return sets
 
@@ -82,11 +88,11 @@ class RobustSimulator:
         return self.sims[0]
 
     def evaluate(self, thresholds: Sequence[float]) -> Point:
-        """The clean point with accuracy replaced by clean reference minus the worst drop over the sets."""
+        """The clean point with accuracy replaced by clean reference minus the worst drop (less slack) over the sets."""
         key = tuple(float(t) for t in thresholds)
         if key not in self.evaluated:
             points = [sim.evaluate(key) for sim in self.sims]
-            worst = max(ref - p.accuracy for ref, p in zip(self.references, points))
+            worst = max(ref - p.accuracy - s.slack_points / 100.0 for ref, p, s in zip(self.references, points, self.sets))
             self.evaluated[key] = Point(key, self.references[0] - worst, points[0].relative_macs, points[0].exit_counts)
         return self.evaluated[key]
 

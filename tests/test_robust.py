@@ -110,6 +110,17 @@ def test_robust_calibration_raises_the_threshold_a_corruption_breaks(scaled_bund
     assert robust["chosen"]["relative_macs"] >= plain["chosen"]["relative_macs"]
     assert robust["chosen"]["met"]
 
+    # slack loosens the corrupted sets' target by that many points, and the clean target still holds
+    slack = drops(plain)[CONFIDENT] / 2
+    loose = calibrate(runner, x, y, ("target_drop", 1.0), robust=RobustSettings((CONFIDENT,), slack_points=slack))
+    assert drops(loose)[CONFIDENT] <= 1.0 + slack + 1e-9 and drops(loose)["clean"] <= 1.0 + 1e-9
+    assert drops(loose)[CONFIDENT] > drops(robust)[CONFIDENT]
+    assert plain["chosen"]["relative_macs"] <= loose["chosen"]["relative_macs"] <= robust["chosen"]["relative_macs"]
+    assert loose["chosen"]["thresholds"][0] < robust["chosen"]["thresholds"][0]
+    assert loose["robust"]["slack_points"] == slack
+    with pytest.raises(ConfigError, match="--shift-slack is in accuracy points"):
+        RobustSettings((CONFIDENT,), slack_points=-1.0)
+
 
 def test_calibrate_robust_and_run_guard_on_the_command_line(scaled_bundle, tmp_path):
     from click.testing import CliRunner
@@ -142,3 +153,5 @@ def test_calibrate_robust_and_run_guard_on_the_command_line(scaled_bundle, tmp_p
 
     result = CliRunner().invoke(cli.main, ["calibrate", str(scaled_bundle), "--target-drop", "1", "--robust", "--families", "fog"])
     assert result.exit_code != 0 and "unknown corruption family 'fog'; choose from:" in result.output
+    result = CliRunner().invoke(cli.main, ["calibrate", str(scaled_bundle), "--target-drop", "1", "--shift-slack", "1"])
+    assert result.exit_code != 0 and "--shift-slack loosens the target of --robust's corrupted sets: add --robust" in result.output

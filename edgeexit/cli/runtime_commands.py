@@ -214,10 +214,13 @@ def verify(bundle: str, device: str, samples: int) -> None:
 @click.option("--families", default=None, help=f"Corruption families for --robust, comma-separated (default: all): {CORRUPTIONS.choices()}.")
 @click.option("--severity", type=click.IntRange(1, MAX_SEVERITY), default=DEFAULT_SEVERITY, show_default=True,
               help="Corruption severity for --robust.")
+@click.option("--shift-slack", type=float, default=None, metavar="POINTS",
+              help="With --robust: extra drop in accuracy points allowed on each corrupted set beyond the target "
+                   "(default 0: the target holds on every set); trades robustness for clean MACs.")
 def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_drop: float | None, budget: float | None,
               latency_budget: float | None, percentile: str, profile_name: str | None, threads: int | None,
               beta: str | None, policy: str | None, ensemble: str | None, robust: bool, families: str | None,
-              severity: int) -> None:
+              severity: int, shift_slack: float | None) -> None:
     """Choose the exit policy, per-exit thresholds and temperatures for an accuracy-drop, MACs-budget or latency-budget
     target and write them into the manifest.
 
@@ -237,10 +240,12 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
 
     if families is not None and not robust:
         raise ConfigError("--families chooses the corruptions of --robust: add --robust")
+    if shift_slack is not None and not robust:
+        raise ConfigError("--shift-slack loosens the target of --robust's corrupted sets: add --robust")
     options = CalibrationOptions(
         objective=parse_objective(target_drop, budget, latency_budget), data={"name": data, "split": split},
         profile=profile_name, percentile=percentile, threads=threads, beta=beta_args(beta), policy=policy, ensemble=ensemble,
-        robust=RobustSettings(tuple(parse_families(families)), severity) if robust else None)
+        robust=RobustSettings(tuple(parse_families(families)), severity, slack_points=shift_slack or 0.0) if robust else None)
     x, labels = _load_run_data(load_manifest(bundle, check_hashes=False).input_spec, data, None, split, data_dir)
     result = calibrate_bundle(bundle, x, labels, options, stderr_progress)
     status = "met" if result.met else "NOT met (closest point chosen)"
