@@ -1,7 +1,7 @@
 """Exit policies: each policy's numpy rule and its ONNX builder, written side by side in one class.
 
 Every policy is one entry in POLICIES, and an entry is one class holding both halves of each rule
-(RULES): `scores`/`graph_scores`, `decide`/`emit`, `start`/`emit_start`, `final`/`emit_final`, ...
+(RULES): `scores`/`graph_scores`, `decide` (or `assess`)/`emit`, `start`/`emit_start`, `final`/`emit_final`, ...
 The numpy half runs in the stage chain and the calibration simulator; the ONNX half builds the
 policy's ops in cascade.onnx through a GraphOps builder that export/cascade_graph.py passes in, so
 this module never imports onnx. Registration refuses a class that defines one half of a rule
@@ -80,25 +80,28 @@ class GraphOps(Protocol):
     def flat(self, column: str) -> str: ...  # an (n, 1) column as (n,) (the batch-1 graph keeps it (1, 1))
 
 
-# (numpy half, ONNX half) of every rule: a class that defines one must define the other
-RULES = (("scores", "graph_scores"), ("cutoff", "graph_cutoff"), ("compare", "graph_compare"), ("decide", "emit"),
+# (numpy half, ONNX half) of every rule: a class that defines one must define the other. A tuple names a half that
+# may be written either way: `emit` is the ONNX half of `decide`, which a policy gives directly or through `assess`
+RULES = (("scores", "graph_scores"), ("cutoff", "graph_cutoff"), ("compare", "graph_compare"), (("decide", "assess"), "emit"),
          ("start", "emit_start"), ("final", "emit_final"), ("tempered", "graph_tempered"),
          ("probabilities", "graph_probabilities"), ("score_probs", "graph_score_probs"), ("ensembled", "graph_ensembled"),
          ("term", "graph_term"), ("combine", "graph_combine"))
 
 
-def _owner(cls: type, name: str) -> type | None:
-    """The class in cls's MRO whose body defines `name`."""
-    return next((base for base in cls.__mro__ if name in vars(base)), None)
+def _owner(cls: type, name: str | tuple[str, ...]) -> type | None:
+    """The class in cls's MRO whose body defines `name` (a tuple: the first class defining any of the names)."""
+    names = (name,) if isinstance(name, str) else name
+    return next((base for base in cls.__mro__ if any(n in vars(base) for n in names)), None)
 
 
 def check_rules(cls: type) -> type:
     """`cls` unless it defines a rule's numpy half without its ONNX half (or the reverse): ValueError naming it."""
     rank = {base: i for i, base in enumerate(cls.__mro__)}
     for pair in RULES:
-        owners = [_owner(cls, name) for name in pair]
+        owners = [_owner(cls, half) for half in pair]
         if owners[0] is not owners[1]:
             defined, missing = pair if rank.get(owners[0], len(rank)) < rank.get(owners[1], len(rank)) else pair[::-1]
+            defined, missing = (h if isinstance(h, str) else "/".join(h) for h in (defined, missing))
             raise ValueError(f"{cls.__name__} defines {defined} without {missing}: a rule needs its numpy and ONNX halves")
     return cls
 
@@ -309,9 +312,20 @@ class Policy:
         """Inverse of `cutoff`: the thresholds whose cutoffs are these scores (for calibration grids)."""
         return scores
 
+    def assess(self, outputs: dict[str, np.ndarray], state: np.ndarray | None):
+        """Each input's score, its prediction and the state passed on: the decision before the threshold."""
+        return self.scores(outputs), outputs["logits"].argmax(axis=1), state
+
     def decide(self, outputs: dict[str, np.ndarray], state: np.ndarray | None):
         """Which inputs exit here, their predictions, and the state passed on."""
-        return self.compare(self.scores(outputs)), outputs["logits"].argmax(axis=1), state
+        scores, predictions, state = self.assess(outputs, state)
+        return self.compare(scores), predictions, state
+
+    @classmethod
+    def thresholds_only_compare(cls) -> bool:
+        """Whether the threshold enters the decision only through `compare` (decide is assess + compare): scores,
+        predictions and state are then the same at every threshold, and the simulator assesses each exit once."""
+        return _owner(cls, "decide") is Policy and cls.has_score()
 
     def emit(self, g: GraphOps, out: dict[str, str], index: int, state: str | None) -> tuple[str, str, str, str | None]:
         """`decide` as ONNX ops on exit `index`'s outputs: (exits bool, prediction int64, scores float (n, C), state)."""
@@ -429,11 +443,11 @@ class ProbabilityPolicy(Policy):
         total = term if state is None else g.node("Add", [state, term], "total")
         return total, rule.graph_combine(g, total, g.per_exit("weights", index, transform=graph_cumulative))
 
-    def decide(self, outputs, state):
+    def assess(self, outputs, state):
         if self.ensemble == NO_ENSEMBLE:
-            return super().decide(outputs, state)
+            return super().assess(outputs, state)
         total, probs = self.ensembled(outputs["logits"], state)
-        return self.compare(self.score_probs(probs)), probs.argmax(axis=1), total
+        return self.score_probs(probs), probs.argmax(axis=1), total
 
     def emit(self, g, out, index, state):
         if self.ensemble == NO_ENSEMBLE:

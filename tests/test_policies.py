@@ -77,8 +77,18 @@ def test_every_policy_registers_its_numpy_rule_and_its_onnx_builder_together():
         def emit(self, g, out, index, state):
             return out["logits"], out["logits"], out["logits"], state
 
-    with pytest.raises(ValueError, match="GraphOnly defines emit without decide"):
+    with pytest.raises(ValueError, match="GraphOnly defines emit without decide/assess"):
         register_policy(GraphOnly)
+
+    @dataclass
+    class AssessOnly(MaxSoftmaxPolicy):  # a new decision through assess needs its ONNX half as well
+        name = "assess_only"
+
+        def assess(self, outputs, state):
+            return outputs["logits"].min(axis=1), outputs["logits"].argmin(axis=1), state
+
+    with pytest.raises(ValueError, match="AssessOnly defines decide/assess without emit"):
+        register_policy(AssessOnly)
 
     @dataclass
     class NoDecision(Policy):
@@ -86,7 +96,22 @@ def test_every_policy_registers_its_numpy_rule_and_its_onnx_builder_together():
 
     with pytest.raises(ValueError, match="no decision"):
         register_policy(NoDecision)
-    assert "numpy_only" not in POLICIES and "graph_only" not in POLICIES and "no_decision" not in POLICIES
+    assert not {"numpy_only", "graph_only", "assess_only", "no_decision"} & set(POLICIES)
+
+
+def test_only_a_threshold_that_just_compares_lets_the_simulator_assess_each_exit_once():
+    from dataclasses import dataclass
+
+    from edgeexit.runtime.policies import POLICIES, ConfidencePolicy
+
+    assert sorted(n for n, cls in POLICIES.items() if cls.thresholds_only_compare()) == ["confidence", "entropy", "max_softmax"]
+
+    @dataclass
+    class ThresholdShapesState(ConfidencePolicy):  # decide overridden: the state may depend on the threshold
+        def decide(self, outputs, state):
+            return super().decide(outputs, state)
+
+    assert not ThresholdShapesState.thresholds_only_compare()
 
 
 def test_policy_lists_are_derived_from_the_entries():
