@@ -56,6 +56,7 @@ class CalibrationOptions:
     policy: str | None = None  # None: the bundle's own; a name; or "auto"
     ensemble: str | None = None  # ensemble at deferral (policies.ensemble_choices); None: as `policy` decides
     robust: RobustSettings | None = None  # hold the target under these corruptions too
+    confidence: float | None = None  # an accuracy-drop target holds at this level (calibrate.check_confidence)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +103,8 @@ def calibrate_bundle(bundle: str | os.PathLike, x: np.ndarray, labels: np.ndarra
     if kind == "latency":
         latency.check_budget(value)
     record = calibrate(runner, x, labels, options.objective, options.data, progress, latency, options.policy,
-                       search_beta=options.beta is None, robust=options.robust, ensemble=options.ensemble)
+                       search_beta=options.beta is None, robust=options.robust, ensemble=options.ensemble,
+                       confidence=options.confidence)
     if options.beta is not None and record["policy"] == "exclusion":
         record["chosen"]["betas"] = [p.args["beta"] for p in runner.policies]
     had_graph = runner.manifest.cascade is not None

@@ -88,12 +88,15 @@ class RobustSimulator:
         return self.sims[0]
 
     def evaluate(self, thresholds: Sequence[float]) -> Point:
-        """The clean point with accuracy replaced by clean reference minus the worst drop (less slack) over the sets."""
+        """The clean point with accuracy replaced by clean reference minus the worst drop (less slack) over the sets, and
+        that set's standard error of the drop."""
         key = tuple(float(t) for t in thresholds)
         if key not in self.evaluated:
             points = [sim.evaluate(key) for sim in self.sims]
-            worst = max(ref - p.accuracy - s.slack_points / 100.0 for ref, p, s in zip(self.references, points, self.sets))
-            self.evaluated[key] = Point(key, self.references[0] - worst, points[0].relative_macs, points[0].exit_counts)
+            drops = [ref - p.accuracy - s.slack_points / 100.0 for ref, p, s in zip(self.references, points, self.sets)]
+            worst = int(np.argmax(drops))
+            self.evaluated[key] = Point(key, self.references[0] - drops[worst], points[0].relative_macs, points[0].exit_counts,
+                                        points[worst].drop_se)
         return self.evaluated[key]
 
     def pareto(self) -> list[Point]:

@@ -29,10 +29,11 @@ class Point:
     accuracy: float
     relative_macs: float
     exit_counts: tuple[int, ...]
+    drop_se: float = 0.0  # standard error of the drop against full.onnx, paired on the same inputs
 
     def as_dict(self) -> dict:
         return {"thresholds": list(self.thresholds), "accuracy": self.accuracy,
-                "relative_macs": self.relative_macs, "exit_counts": list(self.exit_counts)}
+                "relative_macs": self.relative_macs, "exit_counts": list(self.exit_counts), "drop_se": self.drop_se}
 
 
 class CascadeSimulator:
@@ -52,6 +53,7 @@ class CascadeSimulator:
         self.assessed = all(type(p).thresholds_only_compare() for p in self.policies)
         self._cache: dict[tuple, tuple[np.ndarray, np.ndarray, object]] = {}
         self._final: np.ndarray | None = None
+        self._reference_correct = (final_logits.argmax(axis=1) == labels).astype(np.float64)
         self.evaluated: dict[tuple[float, ...], Point] = {}
 
     def _assess(self, k: int) -> tuple[np.ndarray, np.ndarray, object]:
@@ -103,14 +105,23 @@ class CascadeSimulator:
             alive &= ~exits
         if alive.any():
             predictions[alive] = self._final_predictions(key, state)[alive]
-        point = Point(key, float((predictions == self.labels).mean()), float(self.costs[exit_index].mean()),
-                      tuple(np.bincount(exit_index, minlength=last + 1).tolist()))
+        correct = predictions == self.labels
+        point = Point(key, float(correct.mean()), float(self.costs[exit_index].mean()),
+                      tuple(np.bincount(exit_index, minlength=last + 1).tolist()), paired_se(self._reference_correct, correct))
         self.evaluated[key] = point
         return point
 
     def pareto(self) -> list[Point]:
         """Evaluated points no other point beats on both accuracy and MACs, by rising MACs."""
         return pareto_front(self.evaluated.values())
+
+
+def paired_se(reference_correct: np.ndarray, correct: np.ndarray) -> float:
+    """Standard error of mean(reference_correct - correct): the drop's, paired on the same inputs (only the inputs
+    on which the two disagree add to it)."""
+    d = reference_correct - correct
+    n = len(d)
+    return float(math.sqrt(max(float((d * d).mean()) - float(d.mean()) ** 2, 0.0) / max(n - 1, 1))) if n else 0.0
 
 
 def pareto_front(points: Iterable[Point]) -> list[Point]:

@@ -221,3 +221,46 @@ def test_cli_reports_a_target_it_cannot_meet(bundle_copy):
     assert "warning: no candidate meets the target; chose the closest point" in result.stderr
     chosen = load_manifest(bundle_copy).calibration["chosen"]
     assert chosen["met"] is False and chosen["relative_macs"] == pytest.approx(costs[0])
+
+
+def test_drop_se_is_the_paired_standard_error_against_full_onnx():
+    from edgeexit.runtime.simulate import paired_se
+
+    reference = np.array([1, 1, 1, 0, 1, 0, 1, 1], dtype=float)
+    cascade = np.array([1, 0, 1, 1, 1, 0, 0, 1], dtype=bool)
+    d = reference - cascade  # 0, 1, 0, -1, 0, 0, 1, 0
+    assert paired_se(reference, cascade) == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+    assert paired_se(reference, reference.astype(bool)) == 0.0  # no disagreement, no uncertainty about the drop
+    outputs, final, labels = synthetic_outputs()
+    policies = [get_policy("max_softmax")(0.5) for _ in outputs]
+    point = CascadeSimulator(policies, outputs, final, labels, COSTS).evaluate([0.6, 0.6])
+    preds, _ = compacting_reference(policies, outputs, final, [0.6, 0.6])
+    assert point.drop_se == pytest.approx(paired_se((final.argmax(1) == labels).astype(float), preds == labels))
+
+
+@pytest.mark.parametrize("kind", ["max_softmax", "entropy", "confidence"])
+def test_a_confidence_level_keeps_the_target_with_its_margin_and_costs_more(kind):
+    from statistics import NormalDist
+
+    outputs, final, labels = synthetic_outputs(seed=3)
+    make = lambda: [get_policy(kind)(get_policy(kind).threshold_range[0]) for _ in outputs]  # noqa: E731
+    plain = choose_thresholds(make(), outputs, final, labels, COSTS, ("target_drop", 2.0))["chosen"]
+    record = choose_thresholds(make(), outputs, final, labels, COSTS, ("target_drop", 2.0), confidence=0.95)
+    chosen, floor = record["chosen"], record["reference_accuracy"] - 0.02
+    assert record["objective"] == {"target_drop": 2.0, "confidence_level": 0.95}
+    assert chosen["met"] and chosen["drop_se"] > 0
+    assert chosen["accuracy"] - NormalDist().inv_cdf(0.95) * chosen["drop_se"] >= floor - 1e-12
+    assert plain["accuracy"] - NormalDist().inv_cdf(0.95) * plain["drop_se"] < floor  # the plain point has no margin
+    assert chosen["relative_macs"] > plain["relative_macs"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0.5", "--confidence-level", "0.9"], "use it with --target-drop"),
+    (["--target-drop", "0.5", "--confidence-level", "1"], "must be in [0.5, 1)"),
+])
+def test_cli_refuses_a_confidence_level_it_cannot_use(bundle_copy, args, message):
+    before = (bundle_copy / "manifest.json").read_text()
+    result = CliRunner().invoke(main, ["calibrate", str(bundle_copy), "--data", "digits", *args])
+    assert result.exit_code == ConfigError.exit_code and message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert (bundle_copy / "manifest.json").read_text() == before

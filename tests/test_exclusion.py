@@ -233,6 +233,23 @@ def test_beta_search_is_greedy_cheapest_exit_first_and_backs_off_two_steps():
     assert accuracy([betas[0] + 2 * BETA_STEP, 0.0]) <= floor
 
 
+def test_beta_search_at_a_confidence_level_stops_where_the_margin_would_break():
+    from statistics import NormalDist
+
+    from edgeexit.runtime.calibrate import search_betas
+
+    from test_calibrate import synthetic_outputs
+
+    outputs, final, labels = synthetic_outputs()
+    policies = [ExclusionPolicy(0.0) for _ in outputs]
+    plain = search_betas(policies, outputs, final, labels, [0.3, 0.6, 1.0], tolerance=2.0)["chosen"]
+    record = search_betas(policies, outputs, final, labels, [0.3, 0.6, 1.0], tolerance=2.0, confidence=0.9)
+    chosen, floor = record["chosen"], float((final.argmax(1) == labels).mean()) - 0.02
+    assert record["objective"] == {"target_drop": 2.0, "confidence_level": 0.9}
+    assert chosen["met"] and chosen["accuracy"] - NormalDist().inv_cdf(0.9) * chosen["drop_se"] > floor
+    assert chosen["betas"][0] < plain["betas"][0]  # the first exit searched stops earlier (later ones may then go further)
+
+
 def test_beta_search_goes_to_one_when_no_step_costs_accuracy():
     """Exit 0's scores put the true class far ahead of the rest for every input: beta 1 (only the top class left)
     loses nothing, so the search keeps it instead of backing off from a failure that never came."""

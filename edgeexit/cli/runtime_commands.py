@@ -217,10 +217,13 @@ def verify(bundle: str, device: str, samples: int) -> None:
 @click.option("--shift-slack", type=float, default=None, metavar="POINTS",
               help="With --robust: extra drop in accuracy points allowed on each corrupted set beyond the target "
                    "(default 0: the target holds on every set); trades robustness for clean MACs.")
+@click.option("--confidence-level", type=float, default=None, metavar="LEVEL",
+              help="With --target-drop: the drop must hold with this one-sided confidence (e.g. 0.9), a margin of the "
+                   "paired drop's standard errors on the data, so that it holds on new inputs too (default: none).")
 def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_drop: float | None, budget: float | None,
               latency_budget: float | None, percentile: str, profile_name: str | None, threads: int | None,
               beta: str | None, policy: str | None, ensemble: str | None, robust: bool, families: str | None,
-              severity: int, shift_slack: float | None) -> None:
+              severity: int, shift_slack: float | None, confidence_level: float | None) -> None:
     """Choose the exit policy, per-exit thresholds and temperatures for an accuracy-drop, MACs-budget or latency-budget
     target and write them into the manifest.
 
@@ -232,7 +235,7 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     Latency: edgeexit profile bundle/ --threads 1 --batch-size 1, then
       edgeexit calibrate bundle/ --latency-budget 0.5 --percentile 95
     """
-    from edgeexit.runtime.calibrate import describe, stderr_progress
+    from edgeexit.runtime.calibrate import check_confidence, describe, stderr_progress
     from edgeexit.runtime.calibration import CalibrationOptions, calibrate_bundle, parse_objective
     from edgeexit.runtime.corruptions import parse_families
     from edgeexit.runtime.manifest import load_manifest
@@ -242,8 +245,10 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
         raise ConfigError("--families chooses the corruptions of --robust: add --robust")
     if shift_slack is not None and not robust:
         raise ConfigError("--shift-slack loosens the target of --robust's corrupted sets: add --robust")
+    objective = parse_objective(target_drop, budget, latency_budget)
+    check_confidence(confidence_level, objective)
     options = CalibrationOptions(
-        objective=parse_objective(target_drop, budget, latency_budget), data={"name": data, "split": split},
+        objective=objective, data={"name": data, "split": split}, confidence=confidence_level,
         profile=profile_name, percentile=percentile, threads=threads, beta=beta_args(beta), policy=policy, ensemble=ensemble,
         robust=RobustSettings(tuple(parse_families(families)), severity, slack_points=shift_slack or 0.0) if robust else None)
     x, labels = _load_run_data(load_manifest(bundle, check_hashes=False).input_spec, data, None, split, data_dir)
