@@ -24,6 +24,7 @@ for each early-exit network, its full.onnx against the static network of the sam
     python benchmarks/frontier.py                 # Fashion-MNIST (npz:../shared/data/fashion-mnist-60k.npz)
     python benchmarks/frontier.py --quick         # digits, 2 epochs, a path check in minutes
     python benchmarks/frontier.py --reuse         # keep trained models/bundles in --work, re-measure only
+    python benchmarks/frontier.py --reuse --confidence-level 0.9   # the same models, calibrated with a margin
 
 Results: benchmarks/results/frontier[_quick].json and .png. Take timings on a quiet machine.
 """
@@ -143,20 +144,24 @@ def build(setting: Setting, work: Path, reuse: bool) -> list[tuple[str, str, Pat
     return out
 
 
-def operating_points(name: str, kind: str, bundle: Path, setting: Setting, reuse: bool) -> list[Point]:
-    """A static bundle as it is; a cascade calibrated on val for each drop (a copy of the bundle per drop)."""
+def operating_points(name: str, kind: str, bundle: Path, setting: Setting, reuse: bool,
+                     confidence: float | None = None) -> list[Point]:
+    """A static bundle as it is; a cascade calibrated on val for each drop (a copy of the bundle per drop), at a
+    confidence level when given (`calibrate --confidence-level`)."""
     manifest = load_manifest(bundle, check_hashes=False)
     precision, backbone = manifest.precision, manifest.model.backbone
     if kind == "static":
         return [Point(name, kind, precision, str(bundle), backbone)]
     points = [Point(name + " full.onnx", "early-exit-full" if kind == "early-exit" else "cascade-full", precision,
                     str(bundle), backbone)]
+    level = () if confidence is None else ("--confidence-level", str(confidence))
     for drop in DROPS:
-        copy = bundle.with_name(f"{bundle.name}-drop{drop}")
+        copy = bundle.with_name(f"{bundle.name}-drop{drop}" + ("" if confidence is None else f"-c{confidence}"))
         if not (reuse and copy.exists()):
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(bundle, copy)
-            edgeexit("calibrate", str(copy), "--data", setting.data, "--split", "val", "--target-drop", str(drop), "--policy", "auto")
+            edgeexit("calibrate", str(copy), "--data", setting.data, "--split", "val", "--target-drop", str(drop), "--policy", "auto",
+                     *level)
         manifest = load_manifest(copy, check_hashes=False)
         policy = manifest.exits[0].policy
         label = policy.kind + ("" if policy.ensemble == NO_ENSEMBLE else f"+{policy.ensemble}")
@@ -309,6 +314,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep what --work already holds")
     parser.add_argument("--build-only", action="store_true", help="train, export, calibrate, quantize; no measurement "
                         "(then time on a quiet machine with --reuse)")
+    parser.add_argument("--confidence-level", type=float, default=None,
+                        help="calibrate every cascade with this --confidence-level (default: none, plain calibration)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/frontier[_quick].json)")
     args = parser.parse_args()
     setting = QUICK if args.quick else FULL
@@ -319,7 +326,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     bundles = build(setting, work, args.reuse)
-    points = [p for name, kind, bundle in bundles for p in operating_points(name, kind, bundle, setting, args.reuse)]
+    points = [p for name, kind, bundle in bundles
+              for p in operating_points(name, kind, bundle, setting, args.reuse, args.confidence_level)]
     if args.build_only:
         log(f"built {len(points)} points in {(time.time() - started) / 60:.1f} min; measure with --reuse")
         return
@@ -336,7 +344,8 @@ def main() -> None:
     time_batch1(points, sample)
     log("timing at batch 64")
     time_batch64(points, x, setting.throughput_batches)
-    result = {"setting": asdict(setting), "split": "test (calibrated on val)", "test_inputs": int(len(x)),
+    result = {"setting": asdict(setting), "confidence_level": args.confidence_level, "split": "test (calibrated on val)",
+              "test_inputs": int(len(x)),
               "minutes": (time.time() - started) / 60, "summary": summary(points),
               "points": [{**asdict(p), "bundle": Path(p.bundle).name} for p in points]}  # bundle folders in --work
     out = Path(args.out or RESULTS / f"{tag}.json")
