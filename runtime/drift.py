@@ -12,7 +12,8 @@ out of range, each further window raises the thresholds one step toward the valu
 every input, FALLBACK_STEPS steps, the last running full.onnx; back in range it returns to the
 calibrated thresholds, and says so each time). During fallback the monitor still needs the
 calibrated decisions: every `probe_every`-th call also runs the cascade at the calibrated
-thresholds and only that feeds the window (extra work, counted in the report).
+thresholds and only that feeds the window (extra work, counted in the report); the window is then
+checked every window / probe_every probed inputs, so the guard moves at the same pace in the stream.
 """
 from __future__ import annotations
 
@@ -247,7 +248,11 @@ class DriftGuard:
 
     def _watch(self, result: CascadeResult) -> None:
         self.window.add(result.exit_index)
-        if self.window.fresh >= self.settings.window and len(self.window.exits) >= self.settings.window:
+        # During fallback only every probe_every-th call feeds the window; it is checked every window / probe_every
+        # fresh inputs so that the guard still moves once per `window` inputs of the stream (checking only when the
+        # window had been refilled took the digits demo 570 translated inputs to reach full.onnx instead of 190).
+        every = self.settings.window if self.level == 0 else max(1, self.settings.window // self.settings.probe_every)
+        if self.window.fresh >= every and len(self.window.exits) >= self.settings.window:
             self.window.fresh = 0
             self._check()
 

@@ -112,6 +112,24 @@ def test_guard_falls_back_toward_full_onnx_and_returns(calibrated):
     assert all(r > t for r, t in zip(raised, calibrated_thresholds))  # max-softmax: higher keeps more inputs
 
 
+def test_fallback_with_probes_still_steps_once_per_window_of_the_stream(calibrated):
+    """Only every 4th call feeds the window during fallback; the guard still moves one step per WINDOW inputs."""
+    from edgeexit.runtime.cascade import CascadeRunner
+    from edgeexit.runtime.drift import FALLBACK_STEPS, DriftGuard, GuardSettings
+
+    root, _ = calibrated
+    guard = DriftGuard(CascadeRunner(root), GuardSettings("fallback", window=WINDOW, probe_every=4), say=lambda line: None)
+    x = stream(2 * WINDOW, 2 * WINDOW + FALLBACK_STEPS * WINDOW + 16, 0)
+    steps = []  # stream position of each level change
+    for i in range(0, len(x), 16):
+        before = guard.level
+        guard.predict(x[i : i + 16])
+        if guard.level != before:
+            steps.append((i + 16, guard.level))
+    assert [level for _, level in steps] == list(range(1, FALLBACK_STEPS + 1))
+    assert all(b - a <= WINDOW for (a, _), (b, _) in zip(steps, steps[1:]))
+
+
 def test_no_reference_is_one_line_and_changes_nothing(tmp_path):
     from edgeexit.runtime.cascade import CascadeRunner
     from edgeexit.runtime.drift import DriftGuard, GuardSettings
