@@ -16,6 +16,7 @@ from edgeexit.train.hardware import training_env
 from edgeexit.train.methods import get_method
 from edgeexit.train.models import read_checkpoint, save_model
 from edgeexit.train.placement import SCHEMES, check_exit_count, place_exits, scheme_targets
+from edgeexit.train.pretrained import STATIC_METHOD
 from edgeexit.train.assembly import build_model
 from edgeexit.train.trainer import train_model
 
@@ -146,10 +147,13 @@ def describe_model(path: str | Path) -> list[str]:
     if spec:  # written by `edgeexit train`; a model saved from Python may have none
         get = lambda key: spec.get(key, "?")  # noqa: E731  (files from older versions lack the newer keys)
         flip = " + flip" if spec.get("flip") and spec.get("augment") not in (None, "none") else ""
+        if config["method"] == STATIC_METHOD:  # `edgeexit pretrain`: no exit heads, cross-entropy, one-cycle
+            training = f"{get('optimizer')} lr {get('lr')}, weight decay {get('weight_decay')}, one-cycle schedule"
+        else:
+            training = (f"{get('optimizer')} lr {get('lr')} (heads {get('head_lr')}), weight decay {get('weight_decay')}, "
+                        f"schedule {get('schedule')}, loss {get('loss')} (warm-up {get('warmup_loss')} x {get('warmup_epochs')})")
         lines += [f"trained on {get('data')}: {get('epochs')} epochs, batch {get('batch_size')}, seed {get('seed')}",
-                  f"recipe: {get('optimizer')} lr {get('lr')} (heads {get('head_lr')}), weight decay {get('weight_decay')}, "
-                  f"schedule {get('schedule')}, loss {get('loss')} (warm-up {get('warmup_loss')} x {get('warmup_epochs')}), "
-                  f"augment {get('augment')}{flip}, label smoothing {get('label_smoothing')}"]
+                  f"recipe: {training}, augment {get('augment')}{flip}, label smoothing {get('label_smoothing')}"]
     best = history.get("best_epoch", -1)
     if history.get("val_accuracy") and best >= 0:
         lines.append(f"kept epoch {best + 1}: val accuracy {history['val_accuracy'][best]:.4f}")

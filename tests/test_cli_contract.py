@@ -83,6 +83,8 @@ def test_pretrain_writes_weights_that_train_loads(tmp_path):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     load_backbone_weights(net, out)  # strict: every key and shape must match
     assert any((before[k] != v).any() for k, v in net.state_dict().items())
+    info = invoke("info", out)
+    assert info.exit_code == 0 and "recipe: sgd lr 0.05, weight decay 0.0005, one-cycle schedule" in info.output  # the lr that ran
     assert one_error_line(invoke("pretrain", "--backbone", "resnet8", "--epochs", "0", "--out", out), 2)
 
 

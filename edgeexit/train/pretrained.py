@@ -12,6 +12,7 @@ import argparse
 import copy
 import os
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,7 @@ def pretrain_backbone(spec: TrainSpec, out: str | os.PathLike, progress: bool = 
     with training_env(spec.device, spec.precision) as env:
         seed_everything(spec.seed)
         splits, spec = training_splits(spec)
+        spec = replace(spec.with_optimizer(len(splits.train)), head_lr=None)  # model.pt records the lr that ran; no heads
         info = splits.info
         resolved = resolve_backbone(spec.backbone)
         net = create_backbone(resolved, spec.backbone, info.num_classes, info.input_shape[0], **spec.backbone_args)
