@@ -1,7 +1,7 @@
 """The drift guard on a stream that shifts: does it see the shift, and what does fallback buy back?
 
-From an exported bundle: calibrate a scratch copy on --data's val split (`--policy auto --target-drop`, plain,
-as most users do; the calibration records the drift reference). Then, per corruption family, serve a stream in
+From an exported bundle: calibrate a scratch copy on --data's val split (`--policy auto --target-drop`, plain
+as most users do, or `--robust FAMILIES`; the calibration records the drift reference). Then, per corruption family, serve a stream in
 batches of --batch-size: the test images clean, then the same images under that family (--repeats draws, each
 its own seed), run three ways over the same stream: the cascade alone (guard off), the cascade behind
 `--guard fallback` (DriftGuard, window --window), and full.onnx. Per phase (clean, shifted): accuracy, the
@@ -31,6 +31,7 @@ from edgeexit.runtime.cascade import CascadeResult, CascadeRunner
 from edgeexit.runtime.corruptions import CORRUPTIONS, DEFAULT_SEVERITY, corrupt_model_ready, parse_families
 from edgeexit.runtime.datasets import load_eval_data
 from edgeexit.runtime.drift import DEFAULT_WINDOW, DriftGuard, GuardSettings
+from edgeexit.runtime.robust import RobustSettings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEST_SEED = 2000  # the stream's corruptions draw other parameters than any calibration's
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--severity", type=int, default=DEFAULT_SEVERITY)
     parser.add_argument("--target-drop", type=float, default=0.5)
     parser.add_argument("--policy", default="auto")
+    parser.add_argument("--robust", default=None, metavar="FAMILIES",
+                        help="calibrate with --robust on these corruption families instead of plainly")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="drift-guard window (inputs)")
     parser.add_argument("--batch-size", type=int, default=8, help="inputs per call of the stream")
     parser.add_argument("--repeats", type=int, default=1, help="draws of each corruption in the shifted phase")
@@ -111,9 +114,10 @@ def main() -> None:
         spec = CascadeRunner(bundle).manifest.input_spec
         val = tuple(a[: args.limit] for a in load_eval_data(args.data, "val", spec))
         test_x, test_y = (a[: args.limit] for a in load_eval_data(args.data, "test", spec))
-        log(f"calibrating on val (plain, target drop {args.target_drop})")
+        robust = None if args.robust is None else RobustSettings(tuple(parse_families(args.robust)), args.severity)
+        log(f"calibrating on val ({'robust on ' + args.robust if robust else 'plain'}, target drop {args.target_drop})")
         record = calibrate(CascadeRunner(bundle), *val, ("target_drop", args.target_drop), {"name": args.data, "split": "val"},
-                           lambda message: None, policy=args.policy)
+                           lambda message: None, policy=args.policy, robust=robust)
         save_calibration(bundle, record)
         runner = CascadeRunner(bundle)
         spending = Spending(runner)
@@ -134,6 +138,7 @@ def main() -> None:
                 f"{row['fallback']['clean']['windows_out_of_range']} false alarms")
     entry = {"bundle": Path(args.bundle).name, "data": args.data, "target_drop": args.target_drop, "policy": record["policy"],
              "ensemble": record.get("ensemble"), "thresholds": record["chosen"]["thresholds"], "severity": args.severity,
+             "robust_families": None if robust is None else list(robust.families),
              "window": args.window, "batch_size": args.batch_size, "repeats": args.repeats, "test_samples": int(len(test_y)),
              "host": platform.machine(), "streams": streams}
     out = Path(args.out)
