@@ -254,6 +254,16 @@ def test_a_confidence_level_keeps_the_target_with_its_margin_and_costs_more(kind
     assert chosen["relative_macs"] > plain["relative_macs"]
 
 
+def test_cli_calibrate_at_a_confidence_level_reports_the_margin(bundle_copy):
+    result = CliRunner().invoke(main, ["calibrate", str(bundle_copy), "--data", "digits", "--target-drop", "2",
+                                       "--confidence-level", "0.9"])
+    assert result.exit_code == 0, result.output
+    record = load_manifest(bundle_copy).calibration
+    assert record["objective"] == {"target_drop": 2.0, "confidence_level": 0.9}
+    se = record["chosen"]["drop_se"]
+    assert f"standard error {100 * se:.2f} (paired): the target holds at confidence 0.9 with the margin" in result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--budget", "0.5", "--confidence-level", "0.9"], "use it with --target-drop"),
     (["--target-drop", "0.5", "--confidence-level", "1"], "must be in [0.5, 1)"),

@@ -259,6 +259,10 @@ def calibrate(bundle: str, data: str, data_dir: str | None, split: str, target_d
     weights = f" with {mixed['mode']} ensemble, weights {', '.join(f'{w:.3g}' for w in mixed['weights'])}" if "weights" in mixed else ""
     click.echo(f"policy {result.policy}{weights}, temperatures {', '.join(f'{t:.3g}' for t in result.temperatures)}")
     click.echo(f"operating point: {describe(result.chosen)}")
+    if "confidence_level" in result.objective:
+        drop = 100 * (result.reference_accuracy - result.chosen["accuracy"])
+        click.echo(f"drop {drop:.2f} points, standard error {100 * result.chosen['drop_se']:.2f} (paired): the target holds "
+                   f"at confidence {result.objective['confidence_level']:g} {'with' if result.met else 'WITHOUT'} the margin")
     for name, entry in result.record.get("robust", {}).get("sets", {}).items():
         click.echo(f"  {name:<12} full.onnx {entry['reference_accuracy']:.4f}  cascade {entry['accuracy']:.4f}  "
                    f"drop {entry['drop_points']:.2f} points  relative MACs {entry['relative_macs']:.3f}")
