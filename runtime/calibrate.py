@@ -147,7 +147,7 @@ def objective_key(objective: Objective, reference_accuracy: float,
     kind, value = objective
     if kind == "target_drop":
         floor = reference_accuracy - value / 100.0
-        return lambda p: (max(0.0, floor - (p.accuracy - z * p.drop_se) - 1e-12), p.relative_macs, -p.accuracy)
+        return lambda p: (max(0.0, floor - p.accuracy_bound(z) - 1e-12), p.relative_macs, -p.accuracy)
     if kind == "latency":
         if latency is None:
             raise ConfigError("a latency budget needs a device profile (--profile NAME)")
@@ -337,7 +337,7 @@ def search_betas(
     betas = [0.0] * len(policies)
     start = measure(betas)
     floor = start.accuracy - tolerance / 100.0
-    holds = lambda point: point.accuracy - z * point.drop_se > floor  # noqa: E731
+    holds = lambda point: point.accuracy_bound(z) > floor  # noqa: E731
     order = sorted(range(len(policies)), key=lambda k: exit_costs[k])
     steps = int(round(1.0 / BETA_STEP))
     for k in order:

@@ -31,6 +31,10 @@ class Point:
     exit_counts: tuple[int, ...]
     drop_se: float = 0.0  # standard error of the drop against full.onnx, paired on the same inputs
 
+    def accuracy_bound(self, z: float) -> float:
+        """Accuracy less z standard errors of the drop: what an accuracy-drop target at a confidence level compares."""
+        return self.accuracy - z * self.drop_se
+
     def as_dict(self) -> dict:
         return {"thresholds": list(self.thresholds), "accuracy": self.accuracy,
                 "relative_macs": self.relative_macs, "exit_counts": list(self.exit_counts), "drop_se": self.drop_se}
